@@ -1,0 +1,41 @@
+# raylm: the two quickstart commands are `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch, installed before anything that depends on torch so that
+# pip does not resolve a multi-GB CUDA build. Override on GPU machines:
+#   make install TORCH_SPEC="torch==2.13.0"
+TORCH_SPEC ?= torch==2.13.0
+export RAY_USAGE_STATS_ENABLED := 0
+export TOKENIZERS_PARALLELISM := false
+export PYTHONWARNINGS := ignore::DeprecationWarning
+
+.PHONY: install install-dev demo test test-fast clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/raylm demo --config jobs/configs/demo.yaml
+
+test: $(VENV)/.installed-dev
+	$(PY) -m pytest tests
+
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest tests -m "not slow"
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,131 @@
+"""Tokenize formatted examples and pack them into fixed-length training blocks.
+
+Each example becomes ``<eos> prompt answer <eos>`` with labels -100 on the
+leading separator and the prompt. Whole examples are packed first-fit into
+blocks of ``seq_len`` tokens; position ids restart at every example so that
+transformers' packed-sequence masking keeps examples from attending to each
+other. An example longer than a block is split into block-sized chunks (plain
+text) so no token is lost. The tail of a block that no example fits is padded
+with labels -100.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+
+from raylm.data.formatting import FormatError, format_example
+
+IGNORE_INDEX = -100
+
+
+def tokenize_examples(rows: Iterable[dict[str, Any]], tokenizer) -> tuple[list[list[int]], list[list[int]], int]:
+    """Return per-example input ids and labels, plus the number of rows skipped as malformed."""
+    prompts: list[str] = []
+    answers: list[str] = []
+    skipped = 0
+    for row in rows:
+        try:
+            prompt, answer = format_example(row)
+        except FormatError:
+            skipped += 1
+            continue
+        prompts.append(prompt)
+        answers.append(answer)
+    if not prompts:
+        return [], [], skipped
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    all_ids: list[list[int]] = []
+    all_labels: list[list[int]] = []
+    for prompt_tokens, answer_tokens in zip(prompt_ids, answer_ids):
+        ids = [eos, *prompt_tokens, *answer_tokens, eos]
+        labels = [IGNORE_INDEX] * (1 + len(prompt_tokens)) + [*answer_tokens, eos]
+        all_ids.append(ids)
+        all_labels.append(labels)
+    return all_ids, all_labels, skipped
+
+
+def pack_sequences(ids: list[list[int]], labels: list[list[int]], seq_len: int, pad_id: int,
+                   open_blocks: int = 8) -> dict[str, np.ndarray]:
+    """Pack examples into ``[num_blocks, seq_len]`` arrays of input ids, labels and position ids.
+
+    First-fit over a few open blocks: each example (or block-sized chunk of a
+    longer one) goes into the first open block with room, so short examples
+    fill the gaps that long ones leave. Deterministic for a given input order.
+    """
+    blocks: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    open_list: list[list] = []  # [fill, ids, labels, positions]
+
+    def new_block() -> list:
+        return [0, np.full(seq_len, pad_id, dtype=np.int32), np.full(seq_len, IGNORE_INDEX, dtype=np.int32),
+                np.zeros(seq_len, dtype=np.int32)]
+
+    def close(block: list) -> None:
+        fill, block_ids, block_labels, block_positions = block
+        # Pad positions form their own segment so they never look like part of an example.
+        block_positions[fill:] = np.arange(seq_len - fill, dtype=np.int32)
+        blocks.append((block_ids, block_labels, block_positions))
+
+    for example_ids, example_labels in zip(ids, labels):
+        for start in range(0, len(example_ids), seq_len):
+            chunk_ids = example_ids[start : start + seq_len]
+            chunk_labels = example_labels[start : start + seq_len]
+            size = len(chunk_ids)
+            target = next((block for block in open_list if block[0] + size <= seq_len), None)
+            if target is None:
+                if len(open_list) >= open_blocks:
+                    close(open_list.pop(0))
+                target = new_block()
+                open_list.append(target)
+            fill = target[0]
+            target[1][fill : fill + size] = chunk_ids
+            target[2][fill : fill + size] = chunk_labels
+            target[3][fill : fill + size] = np.arange(size, dtype=np.int32)
+            target[0] = fill + size
+            if target[0] == seq_len:
+                open_list.remove(target)
+                close(target)
+    for block in open_list:
+        close(block)
+    if not blocks:
+        empty = np.zeros((0, seq_len), dtype=np.int32)
+        return {"input_ids": empty, "labels": empty.copy(), "position_ids": empty.copy()}
+    return {
+        "input_ids": np.stack([b[0] for b in blocks]),
+        "labels": np.stack([b[1] for b in blocks]),
+        "position_ids": np.stack([b[2] for b in blocks]),
+    }
+
+
+def unpack_segments(packed: dict[str, np.ndarray], pad_id: int) -> list[tuple[list[int], list[int]]]:
+    """Split packed blocks back into their (input ids, labels) segments; the inverse of packing."""
+    segments = []
+    for block_ids, block_labels, block_positions in zip(packed["input_ids"], packed["labels"], packed["position_ids"]):
+        starts = [int(i) for i in np.flatnonzero(block_positions == 0)] + [len(block_ids)]
+        for begin, end in zip(starts, starts[1:]):
+            segment_ids = block_ids[begin:end].tolist()
+            segment_labels = block_labels[begin:end].tolist()
+            if all(t == pad_id for t in segment_ids) and all(l == IGNORE_INDEX for l in segment_labels):
+                continue
+            segments.append((segment_ids, segment_labels))
+    return segments
+
+
+def tokenize_and_pack(batch: dict[str, np.ndarray], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: a batch of rows in, packed blocks out."""
+    columns = list(batch)
+    num_rows = len(batch[columns[0]]) if columns else 0
+    rows = [{column: _to_python(batch[column][i]) for column in columns} for i in range(num_rows)]
+    ids, labels, _ = tokenize_examples(rows, tokenizer)
+    return pack_sequences(ids, labels, seq_len, tokenizer.pad_token_id)
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value

@@ -1,0 +1,137 @@
+"""The Ray Data pipeline: read -> format -> tokenize -> pack, for training and dev splits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raylm.config import JobConfig
+from raylm.data.demo import generate_demo_corpus
+from raylm.data.formatting import FormatError, format_example
+from raylm.data.packing import tokenize_and_pack
+from raylm.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+
+DEMO_CORPUS_VERSION = "1"
+
+
+class DataError(ValueError):
+    """A user-caused data problem (missing path, empty corpus, bad rows under strict mode)."""
+
+
+@dataclass
+class PreparedData:
+    """Everything training and evaluation need from the data stage."""
+
+    train: Any  # ray.data.Dataset of packed blocks
+    dev: Any  # ray.data.Dataset of packed blocks
+    dev_examples: list[dict]  # raw dev rows, for task metrics
+    tokenizer: Any
+    fingerprint: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def apply_mixture(records: list[dict], weights: dict[str, float], seed: int) -> list[dict]:
+    """Resample each task's rows by its mixture weight (1.0 keeps them as they are)."""
+    if not weights:
+        return records
+    rng = random.Random(seed)
+    by_task: dict[str, list[dict]] = {}
+    for record in records:
+        by_task.setdefault(record["task"], []).append(record)
+    mixed: list[dict] = []
+    for task, rows in by_task.items():
+        weight = weights.get(task, 1.0)
+        whole, fraction = divmod(weight, 1.0)
+        mixed.extend(rows * int(whole))
+        mixed.extend(rng.sample(rows, int(round(fraction * len(rows)))))
+    rng.shuffle(mixed)
+    return mixed
+
+
+def load_corpus(job: JobConfig) -> dict[str, list[dict]]:
+    """Return ``{"train": rows, "dev": rows}`` for the configured corpus."""
+    data = job.data
+    if data.corpus != "demo":
+        raise DataError(f"data.corpus: {data.corpus!r} is not supported yet (use 'demo')")
+    corpus = generate_demo_corpus(seed=data.demo_seed, num_train=data.demo_num_train,
+                                  num_dev=data.demo_num_dev, tasks=data.tasks)
+    if not corpus["train"]:
+        raise DataError("the corpus is empty")
+    return corpus
+
+
+def corpus_fingerprint(job: JobConfig) -> str:
+    description = {
+        "corpus": job.data.corpus,
+        "version": DEMO_CORPUS_VERSION,
+        "seed": job.data.demo_seed,
+        "num_train": job.data.demo_num_train,
+        "num_dev": job.data.demo_num_dev,
+        "tasks": job.data.tasks,
+        "mixture": job.data.mixture,
+        "seq_len": job.data.seq_len,
+    }
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_tokenizer(job: JobConfig, train_rows: list[dict]):
+    if job.data.tokenizer_path:
+        return load_tokenizer(job.data.tokenizer_path)
+    if job.model.init_from:
+        return load_tokenizer(job.model.init_from)
+
+    def texts():
+        for row in train_rows:
+            try:
+                prompt, answer = format_example(row)
+            except FormatError:
+                continue
+            yield prompt + answer
+
+    return train_bpe_tokenizer(texts(), job.data.vocab_size)
+
+
+def to_dataset(rows: list[dict], tokenizer, seq_len: int, batch_size: int = 1024):
+    """Rows -> Ray Dataset of packed blocks (lazy; executes when iterated)."""
+    import ray.data
+
+    # One JSON column keeps rows of different tasks (different fields) in one schema.
+    encoded = [{"row": json.dumps(row, ensure_ascii=False)} for row in rows]
+    num_blocks = max(1, min(16, len(encoded) // batch_size))
+    dataset = ray.data.from_items(encoded, override_num_blocks=num_blocks)
+    return dataset.map_batches(
+        _decode_tokenize_pack,
+        fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len},
+        batch_size=batch_size,
+        batch_format="numpy",
+    )
+
+
+def _decode_tokenize_pack(batch, tokenizer, seq_len: int):
+    import numpy as np
+
+    rows = [json.loads(text) for text in batch["row"]]
+    columns = sorted({key for row in rows for key in row})
+    as_columns = {column: np.array([row.get(column) for row in rows], dtype=object) for column in columns}
+    return tokenize_and_pack(as_columns, tokenizer, seq_len)
+
+
+def prepare_data(job: JobConfig) -> PreparedData:
+    """Generate or read the corpus, train/load the tokenizer and build lazy packed datasets."""
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    corpus = load_corpus(job)
+    train_rows = apply_mixture(corpus["train"], job.data.mixture, job.data.shuffle_seed)
+    tokenizer = build_tokenizer(job, train_rows)
+    fingerprint = f"{corpus_fingerprint(job)}-{tokenizer_fingerprint(tokenizer)}"
+    train = to_dataset(train_rows, tokenizer, job.data.seq_len)
+    dev = to_dataset(corpus["dev"], tokenizer, job.data.seq_len)
+    stats = {"num_train_rows": len(train_rows), "num_dev_rows": len(corpus["dev"]),
+             "vocab_size": len(tokenizer)}
+    return PreparedData(train=train, dev=dev, dev_examples=corpus["dev"], tokenizer=tokenizer,
+                        fingerprint=fingerprint, stats=stats)

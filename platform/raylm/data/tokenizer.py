@@ -1,0 +1,76 @@
+"""Byte-level BPE tokenizer training and loading.
+
+The tokenizer is trained with the ``tokenizers`` library and wrapped as a
+transformers fast tokenizer so that it saves and loads with the model folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable
+
+from raylm.data.special_tokens import ALL_SPECIAL_TOKENS, EOS_TOKEN, PAD_TOKEN, TASK_TOKENS
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Train a byte-level BPE tokenizer on ``texts`` and return a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=ALL_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return wrap_tokenizer(tokenizer)
+
+
+def wrap_tokenizer(tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=EOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        additional_special_tokens=list(TASK_TOKENS.values()),
+    )
+    fast.padding_side = "left"
+    return fast
+
+
+def load_tokenizer(path: str | Path):
+    """Load a local tokenizer folder (never from a hub) and make sure raylm's special tokens exist."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    missing = [token for token in TASK_TOKENS.values() if token not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    if tokenizer.eos_token is None:
+        tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def special_token_ids(tokenizer) -> dict[str, int]:
+    return {"bos": tokenizer.eos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A stable hash of the tokenizer's vocabulary and merges."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]

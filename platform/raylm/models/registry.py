@@ -1,0 +1,136 @@
+"""Named model sizes for GPT-2 and Llama architectures, built from transformers configs.
+
+The sizes are product features: ``tiny`` and ``debug`` run on a laptop CPU in
+tests and the demo; the larger ones match the well-known checkpoints' shapes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Each entry holds the shape; vocabulary and context length come from the data config.
+MODEL_SIZES: dict[str, dict[str, dict[str, int]]] = {
+    "gpt2": {
+        "debug": {"num_layers": 2, "hidden_size": 64, "num_heads": 2},
+        "tiny": {"num_layers": 4, "hidden_size": 192, "num_heads": 6},
+        "small": {"num_layers": 12, "hidden_size": 768, "num_heads": 12},  # ~124M with GPT-2 vocab
+        "medium": {"num_layers": 24, "hidden_size": 1024, "num_heads": 16},  # ~350M
+    },
+    "llama": {
+        "debug": {"num_layers": 2, "hidden_size": 64, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 176},
+        "tiny": {"num_layers": 4, "hidden_size": 192, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 512},
+        "160m": {"num_layers": 12, "hidden_size": 768, "num_heads": 12, "num_kv_heads": 12, "intermediate_size": 3072},
+        "1b": {"num_layers": 16, "hidden_size": 2048, "num_heads": 32, "num_kv_heads": 8, "intermediate_size": 8192},
+    },
+}
+
+
+def build_hf_config(arch: str, size: str, vocab_size: int, max_positions: int, dropout: float = 0.0,
+                    bos_token_id: int | None = None, eos_token_id: int | None = None,
+                    pad_token_id: int | None = None) -> Any:
+    """Return the transformers config for a named size."""
+    shape = MODEL_SIZES[arch][size]
+    if arch == "gpt2":
+        from transformers import GPT2Config
+
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=max_positions,
+            n_embd=shape["hidden_size"],
+            n_layer=shape["num_layers"],
+            n_head=shape["num_heads"],
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=True,
+        )
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max_positions,
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_layers"],
+        num_attention_heads=shape["num_heads"],
+        num_key_value_heads=shape["num_kv_heads"],
+        attention_dropout=dropout,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=size in ("debug", "tiny"),
+    )
+
+
+def build_model(model_config, vocab_size: int, max_positions: int, special_ids: dict[str, int] | None = None,
+                seed: int = 0) -> torch.nn.Module:
+    """Build a causal LM from a :class:`raylm.config.ModelConfig`.
+
+    With ``init_from`` the weights come from a local transformers folder (never the
+    hub, never remote code); otherwise a fresh model of the named size is
+    initialised deterministically from ``seed``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if model_config.init_from:
+        folder = Path(model_config.init_from)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model.init_from: folder not found: {folder}")
+        return AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=False, use_safetensors=True
+        )
+    special_ids = special_ids or {}
+    hf_config = build_hf_config(
+        model_config.arch,
+        model_config.size,
+        vocab_size=vocab_size,
+        max_positions=max_positions,
+        dropout=model_config.dropout,
+        bos_token_id=special_ids.get("bos"),
+        eos_token_id=special_ids.get("eos"),
+        pad_token_id=special_ids.get("pad"),
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config)
+    return model
+
+
+def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:
+    """Number of unique parameters; optionally without the token/position embeddings."""
+    seen: set[int] = set()
+    total = 0
+    embedding_ids: set[int] = set()
+    if exclude_embeddings:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                embedding_ids.add(id(module.weight))
+    for param in model.parameters():
+        if id(param) in seen or id(param) in embedding_ids:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+    return total
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the dense weights plus the attention term.
+
+    N counts the non-embedding parameters plus the output projection (which is a
+    real matmul even when tied); the attention term is 12 * layers * hidden * seq_len
+    (PaLM appendix B), covering QK^T and attention-times-V forward and backward.
+    """
+    config = model.config
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    dense = count_parameters(model, exclude_embeddings=True)
+    output_projection = config.vocab_size * hidden
+    if not getattr(config, "tie_word_embeddings", False):
+        # Untied heads are already counted as a Linear layer.
+        output_projection = 0
+    return 6.0 * (dense + output_projection) + 12.0 * layers * hidden * seq_len

@@ -1,0 +1,142 @@
+"""MLflow tracking: runs, metrics, artifacts and the model registry.
+
+The driver creates the run and logs the config as parameters; rank 0 of the
+training workers logs metrics into the same run by id; the driver then logs
+the eval metrics, the model folder and a loss curve, and registers the model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
+    else:
+        out[prefix] = str(value)[:500]
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: str, config: dict[str, Any]) -> str:
+    """Create an MLflow run with the flattened config as params; returns the run id."""
+    from mlflow.entities import Param
+
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=run_name)
+    params: dict[str, str] = {}
+    _flatten("", config, params)
+    items = [Param(key, value) for key, value in params.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[start : start + 100])
+    return run.info.run_id
+
+
+class WorkerTracker:
+    """Metric logging from one training worker (rank 0) into an existing run."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client = _client(tracking_uri)
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()
+                 if isinstance(value, (int, float)) and key != "step"]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def close(self) -> None:
+        pass
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    WorkerTracker(tracking_uri, run_id).log_metrics(metrics, step)
+
+
+def plot_loss_curve(history: Iterable[dict[str, Any]], path: Path) -> Path | None:
+    """Save a PNG of training (and eval) loss against step; None if there is nothing to plot."""
+    rows = [row for row in history if "loss" in row and "step" in row]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    evals = [r for r in rows if r.get("eval_loss") is not None]
+    if evals:
+        axis.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss (nats/token)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def finish_run(tracking_uri: str, run_id: str, model_dir: Path, metrics: dict[str, float],
+               model_name: str | None, extra_artifacts: Iterable[Path] = ()) -> str | None:
+    """Log final metrics and artifacts, register the model; returns the registry URI or None."""
+    client = _client(tracking_uri)
+    log_metrics(tracking_uri, run_id, {key: value for key, value in metrics.items() if isinstance(value, (int, float))})
+    client.log_artifacts(run_id, str(model_dir), artifact_path="model")
+    for artifact in extra_artifacts:
+        if artifact and Path(artifact).is_file():
+            client.log_artifact(run_id, str(artifact))
+    registry_uri = None
+    if model_name:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.create_registered_model(model_name)
+        except MlflowException:
+            pass  # already registered: add a new version
+        source = f"{client.get_run(run_id).info.artifact_uri}/model"
+        version = client.create_model_version(model_name, source=source, run_id=run_id)
+        registry_uri = f"models:/{model_name}/{version.version}"
+    client.set_terminated(run_id, status="FINISHED")
+    return registry_uri
+
+
+def fail_run(tracking_uri: str, run_id: str) -> None:
+    _client(tracking_uri).set_terminated(run_id, status="FAILED")
+
+
+def resolve_model_path(model_path: str, tracking_uri: str | None = None, destination: str | None = None) -> Path:
+    """Turn a model folder or a ``models:/name/version`` URI into a local folder."""
+    if model_path.startswith("models:/"):
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.set_registry_uri(tracking_uri)
+        parts = model_path[len("models:/") :].split("/")
+        if len(parts) != 2:
+            raise ValueError(f"registry URI must look like models:/<name>/<version>: {model_path}")
+        client = _client(tracking_uri or mlflow.get_tracking_uri())
+        version = client.get_model_version(parts[0], parts[1])
+        local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=destination)
+        return Path(local)
+    folder = Path(model_path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    return folder

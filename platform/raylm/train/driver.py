@@ -1,0 +1,84 @@
+"""The TorchTrainer driver: start workers, collect the result, export a model folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raylm.config import JobConfig
+from raylm.data.tokenizer import special_token_ids
+from raylm.train.checkpoint import find_valid_checkpoint, read_state
+from raylm.train.loop import train_loop_per_worker
+
+MODEL_FILES = ("config.json", "generation_config.json")
+
+
+@dataclass
+class TrainingResult:
+    checkpoint_dir: Path
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def run_training(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_run_id: str | None = None) -> TrainingResult:
+    """Run ``train_loop_per_worker`` on ``job.train.num_workers`` Ray Train workers.
+
+    Checkpoints and Ray Train's run state live under ``<run_dir>/ray_results``;
+    starting the same run name again resumes from its latest valid checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    config = job.train
+    resources = {"CPU": config.cpus_per_worker}
+    if config.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "job": job.model_dump(mode="json"),
+            "vocab_size": len(tokenizer),
+            "special_ids": special_token_ids(tokenizer),
+            "mlflow_run_id": mlflow_run_id,
+            "tracking_uri": job.resolved_tracking_uri(),
+        },
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=job.run_name,
+            storage_path=str(job.run_dir / "ray_results"),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+        ),
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        datasets={"train": train_dataset, "dev": dev_dataset},
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    folder, problems = find_valid_checkpoint(result.checkpoint.path)
+    if folder is None:
+        raise RuntimeError("no valid checkpoint: " + "; ".join(problems))
+    history: list[dict[str, Any]] = []
+    if result.metrics_dataframe is not None:
+        history = result.metrics_dataframe.to_dict(orient="records")
+    return TrainingResult(checkpoint_dir=folder, metrics=dict(result.metrics or {}), history=history)
+
+
+def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[str, Any]) -> Path:
+    """Copy weights and config from a checkpoint, add the tokenizer and ``raylm.json``."""
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    model_dir.mkdir(parents=True)
+    for path in Path(checkpoint_dir).iterdir():
+        if path.suffix == ".safetensors" or path.name in MODEL_FILES or path.name.endswith(".safetensors.index.json"):
+            shutil.copy2(path, model_dir / path.name)
+    tokenizer.save_pretrained(model_dir)
+    card = {**card, "trained_steps": read_state(checkpoint_dir).get("step")}
+    (model_dir / "raylm.json").write_text(json.dumps(card, indent=2, default=str))
+    return model_dir

@@ -1,0 +1,168 @@
+"""End-to-end stages, callable from Python, the CLI and job entrypoints alike."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from raylm.config import JobConfig
+
+Log = Callable[[str], None]
+
+
+def _print(message: str) -> None:
+    print(f"[raylm] {message}", flush=True)
+
+
+def ensure_ray(job: JobConfig, log: Log = _print) -> None:
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray sized for the run."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+        log(f"connected to Ray at {address}")
+        return
+    # Logical CPUs: the training workers, plus room for Ray Data tasks and a Serve replica.
+    num_cpus = int(job.train.num_workers * job.train.cpus_per_worker) + 2
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
+    log(f"started a local Ray with {num_cpus} logical CPUs")
+
+
+def train(job: JobConfig, log: Log = _print) -> dict[str, Any]:
+    """Prepare data, train, export the model folder, evaluate, track; returns a summary dict."""
+    from raylm import tracking
+    from raylm.data.pipeline import prepare_data
+    from raylm.eval.runner import evaluate_tasks
+    from raylm.serving.engine import Engine
+    from raylm.train.driver import export_model, run_training
+
+    ensure_ray(job, log)
+    started = time.time()
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    (job.run_dir / "config.yaml").write_text(job.to_yaml())
+    log("preparing data with Ray Data")
+    data = prepare_data(job)
+    log(f"data ready: {data.stats['num_train_rows']} train rows, {data.stats['num_dev_rows']} dev rows, "
+        f"vocab {data.stats['vocab_size']}, fingerprint {data.fingerprint}")
+
+    tracking_uri = job.resolved_tracking_uri()
+    run_id = None
+    if job.tracking.enabled:
+        run_id = tracking.start_run(tracking_uri, job.tracking.experiment, job.run_name, job.model_dump(mode="json"))
+        log(f"MLflow run {run_id} at {tracking_uri}")
+    try:
+        log(f"training {job.model.arch}-{job.model.size} on {job.train.num_workers} workers "
+            f"({job.train.parallel}, {job.train.precision}) for {job.train.max_steps} steps")
+        result = run_training(job, data.train, data.dev, data.tokenizer, mlflow_run_id=run_id)
+        log(f"training done: loss {result.metrics.get('loss', float('nan')):.4f}, "
+            f"eval loss {result.metrics.get('eval_loss', float('nan')):.4f}")
+        card = {
+            "config": job.model_dump(mode="json"),
+            "data_fingerprint": data.fingerprint,
+            "train_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
+        }
+        model_dir = export_model(result.checkpoint_dir, data.tokenizer, job.model_dir, card)
+        log("evaluating on the dev split")
+        engine = Engine.from_directory(model_dir, max_new_tokens=job.eval.max_new_tokens)
+        metrics = evaluate_tasks(engine, data.dev_examples, job.eval.max_examples_per_task,
+                                 job.eval.batch_size, job.eval.max_new_tokens)
+        metrics["eval_loss"] = result.metrics.get("eval_loss")
+        metrics["eval_perplexity"] = result.metrics.get("eval_perplexity")
+        card["eval_metrics"] = metrics
+        (model_dir / "raylm.json").write_text(json.dumps(card, indent=2, default=str))
+        registry_uri = None
+        if run_id:
+            curve = tracking.plot_loss_curve(result.history, job.run_dir / "loss_curve.png")
+            registry_uri = tracking.finish_run(
+                tracking_uri, run_id, model_dir, {k: v for k, v in metrics.items() if v is not None},
+                job.tracking.model_name if job.tracking.register_model else None,
+                extra_artifacts=[curve] if curve else [],
+            )
+            if registry_uri:
+                log(f"registered {registry_uri}")
+    except BaseException:
+        if run_id:
+            tracking.fail_run(tracking_uri, run_id)
+        raise
+    return {
+        "run_name": job.run_name,
+        "model_dir": str(model_dir),
+        "metrics": metrics,
+        "mlflow_run_id": run_id,
+        "tracking_uri": tracking_uri if run_id else None,
+        "registry_uri": registry_uri,
+        "train_seconds": round(time.time() - started, 1),
+    }
+
+
+def evaluate(job: JobConfig, model_path: str, log: Log = _print) -> dict[str, float]:
+    """Evaluate a model folder or registry URI on the configured corpus's dev split."""
+    from raylm.data.pipeline import load_corpus
+    from raylm.eval.runner import evaluate_tasks
+    from raylm.serving.engine import Engine
+    from raylm.tracking import resolve_model_path
+
+    folder = resolve_model_path(model_path, job.resolved_tracking_uri())
+    engine = Engine.from_directory(folder, max_new_tokens=job.eval.max_new_tokens)
+    log(f"evaluating {folder}")
+    rows = load_corpus(job)["dev"]
+    return evaluate_tasks(engine, rows, job.eval.max_examples_per_task, job.eval.batch_size, job.eval.max_new_tokens)
+
+
+DEMO_REQUESTS = {
+    "translate": {"text": "today the big dog sees the red ball."},
+    "qa": {"context": "Anna lives in Berlin. Ben works as a baker. The favorite color of Anna is blue.",
+           "question": "What is the job of Ben?"},
+    "sentiment": {"text": "the plot was not very clever, but the acting was truly wonderful"},
+}
+
+
+def query_endpoints(base_url: str, requests_by_task: dict[str, dict] = DEMO_REQUESTS,
+                    api_key: str | None = None, timeout: float = 60.0) -> dict[str, Any]:
+    """POST one request to each task endpoint and return the JSON answers."""
+    import requests
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    answers = {}
+    for task, body in requests_by_task.items():
+        response = requests.post(f"{base_url}/v1/{task}", json=body, headers=headers, timeout=timeout)
+        response.raise_for_status()
+        answers[task] = {"request": body, "response": response.json()}
+    return answers
+
+
+def demo(job: JobConfig, log: Log = _print) -> Path:
+    """The whole pipeline on the demo corpus; returns the path of the JSON summary."""
+    from ray import serve
+
+    from raylm.serving.app import start_serving
+
+    started = time.time()
+    summary = train(job, log)
+    log("deploying on Ray Serve")
+    base_url = start_serving(summary["registry_uri"] or summary["model_dir"], job.serve,
+                             tracking_uri=summary["tracking_uri"])
+    try:
+        answers = query_endpoints(base_url, api_key=job.serve.api_key)
+    finally:
+        serve.shutdown()
+    summary["endpoint"] = base_url
+    summary["answers"] = answers
+    summary["total_seconds"] = round(time.time() - started, 1)
+    for task, exchange in answers.items():
+        log(f"{task}: {json.dumps(exchange['request'])} -> {json.dumps(exchange['response'], ensure_ascii=False)}")
+    for key in ("sentiment_accuracy", "qa_exact_match", "qa_f1", "translation_bleu", "eval_perplexity"):
+        value = summary["metrics"].get(key)
+        if value is not None:
+            log(f"{key} = {value:.4f}")
+    path = job.run_dir / "summary.json"
+    path.write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    return path

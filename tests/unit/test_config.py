@@ -1,0 +1,122 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raylm.config import ConfigError, JobConfig, apply_overrides, load_config
+from tests.conftest import REPO_ROOT
+
+
+def test_defaults_validate():
+    job = load_config()
+    assert isinstance(job, JobConfig)
+    assert job.serve.host == "127.0.0.1"
+    assert job.train.effective_global_batch_size == job.train.micro_batch_size * job.train.num_workers
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("train:\n  lr: 0.01\n  max_steps: 50\nmodel:\n  size: debug\n")
+    job = load_config(path, ["train.lr=1e-3", "data.tasks=[sentiment, qa]", "serve.port=9001"])
+    assert job.train.lr == pytest.approx(1e-3)
+    assert job.train.max_steps == 50
+    assert job.model.size == "debug"
+    assert job.data.tasks == ["sentiment", "qa"]
+    assert job.serve.port == 9001
+
+
+def test_overrides_do_not_mutate_input():
+    raw = {"train": {"lr": 0.1}}
+    merged = apply_overrides(raw, ["train.lr=0.2"])
+    assert raw["train"]["lr"] == 0.1 and merged["train"]["lr"] == 0.2
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["train.lrr=1"], "config error: train.lrr: unknown key"),
+        (["bogus=1"], "config error: bogus: unknown key"),
+        (["train.lr=-1"], "config error: train.lr: Input should be greater than 0"),
+        (["train.lr=fast"], "config error: train.lr: Input should be a valid number"),
+        (["train.parallel=tp"], "config error: train.parallel: Input should be 'ddp' or 'fsdp'"),
+        (["train.precision=fp8"], "config error: train.precision"),
+        (["model.size=huge"], "config error: model: unknown size 'huge' for gpt2"),
+        (["train.global_batch_size=7"], "config error: train: global_batch_size=7 does not equal"),
+        (["train.warmup_steps=500", "train.max_steps=100"], "config error: train: warmup_steps (500) must be < max_steps"),
+        (["data.tasks=[poetry]"], "config error: data.tasks.0"),
+        (["serve.port=70000"], "config error: serve.port"),
+        (["noequals"], "must look like key.sub=value"),
+        (["train.lr.x=1"], "config error: train.lr: Input should be a valid number"),
+        (["train.lr=1", "train.lr.x=1"], "config error: train.lr.x: lr is not a section"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    message = str(info.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(scalar)
+
+
+def _cli(*args, cwd=REPO_ROOT):
+    return subprocess.run([sys.executable, "-m", "raylm.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT / "platform")}, timeout=120)
+
+
+def test_cli_config_show_resolves_overrides():
+    result = _cli("config", "show", "--config", "jobs/configs/demo.yaml", "train.lr=0.001")
+    assert result.returncode == 0, result.stderr
+    shown = yaml.safe_load(result.stdout)
+    assert shown["train"]["lr"] == 0.001
+    assert JobConfig.model_validate(shown).train.lr == 0.001
+
+
+def test_cli_bad_config_exits_2_with_one_line_before_ray():
+    result = _cli("train", "--config", "jobs/configs/demo.yaml", "train.lrr=1")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["error: config error: train.lrr: unknown key"]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_missing_config_file():
+    result = _cli("train", "--config", "no/such.yaml")
+    assert result.returncode == 2
+    assert "file not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def _repo_yaml_files():
+    files = sorted(REPO_ROOT.glob("jobs/configs/*.yaml")) + sorted(REPO_ROOT.glob("serve/*.yaml"))
+    files.append(REPO_ROOT / "cluster.yaml")
+    return files
+
+
+@pytest.mark.parametrize("path", _repo_yaml_files(), ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_every_repo_yaml_parses(path):
+    assert path.is_file(), path
+    loaded = yaml.safe_load(path.read_text())
+    assert isinstance(loaded, dict)
+    if path.parent.name == "configs":
+        load_config(path)
+    if path.parent.name == "serve":
+        from raylm.config import ServeConfig
+
+        for application in loaded["applications"]:
+            args = dict(application["args"])
+            args.pop("tracking_uri", None)
+            ServeConfig.model_validate(args)

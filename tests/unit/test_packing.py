@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+
+from raylm.data.demo import generate_demo_corpus
+from raylm.data.formatting import FormatError, format_example
+from raylm.data.packing import IGNORE_INDEX, pack_sequences, tokenize_examples, unpack_segments
+from raylm.data.tokenizer import train_bpe_tokenizer
+
+
+@pytest.fixture(scope="module")
+def corpus_and_tokenizer():
+    corpus = generate_demo_corpus(seed=0, num_train=200, num_dev=10)
+    tokenizer = train_bpe_tokenizer((p + a for p, a in map(format_example, corpus["train"])), vocab_size=600)
+    return corpus["train"], tokenizer
+
+
+def test_labels_mask_prompt_only(corpus_and_tokenizer):
+    rows, tokenizer = corpus_and_tokenizer
+    sentiment = next(r for r in rows if r["task"] == "sentiment")
+    ids, labels, skipped = tokenize_examples([sentiment], tokenizer)
+    assert skipped == 0
+    answer = [i for i, l in zip(ids[0], labels[0]) if l != IGNORE_INDEX]
+    assert tokenizer.decode(answer) == " " + sentiment["label"] + tokenizer.eos_token
+    lm = next(r for r in rows if r["task"] == "lm")
+    ids, labels, _ = tokenize_examples([lm], tokenizer)
+    # plain text: everything after the separator and task token is a target
+    assert all(label != IGNORE_INDEX for label in labels[0][2:])
+
+
+def test_packing_invariants(corpus_and_tokenizer):
+    rows, tokenizer = corpus_and_tokenizer
+    ids, labels, _ = tokenize_examples(rows, tokenizer)
+    seq_len = 128
+    packed = pack_sequences(ids, labels, seq_len, tokenizer.pad_token_id)
+    assert packed["input_ids"].shape[1] == seq_len
+    assert packed["input_ids"].shape == packed["labels"].shape == packed["position_ids"].shape
+    # no token lost or duplicated: the segments are exactly the examples (as block-sized chunks)
+    chunks = sorted((tuple(seq_ids[i : i + seq_len]), tuple(seq_labels[i : i + seq_len]))
+                    for seq_ids, seq_labels in zip(ids, labels) for i in range(0, len(seq_ids), seq_len))
+    segments = sorted((tuple(a), tuple(b)) for a, b in unpack_segments(packed, tokenizer.pad_token_id))
+    assert segments == chunks
+    flat_ids = packed["input_ids"].reshape(-1)
+    flat_labels = packed["labels"].reshape(-1)
+    keep = flat_ids != tokenizer.pad_token_id
+    assert keep.sum() == sum(len(seq) for seq in ids)
+    # masks aligned: a label is either ignored or equal to its input token; pads are never targets
+    assert np.all((flat_labels == IGNORE_INDEX) | (flat_labels == flat_ids))
+    assert np.all(flat_labels[~keep] == IGNORE_INDEX)
+    # packing is dense: only block tails are padding
+    assert keep.mean() > 0.9
+    # deterministic
+    again = pack_sequences(ids, labels, seq_len, tokenizer.pad_token_id)
+    assert all(np.array_equal(packed[key], again[key]) for key in packed)
+
+
+def test_long_examples_are_chunked_not_dropped():
+    ids = [list(range(1, 151))]
+    labels = [list(range(1, 151))]
+    packed = pack_sequences(ids, labels, seq_len=64, pad_id=0)
+    assert packed["input_ids"].shape == (3, 64)
+    assert packed["input_ids"].reshape(-1)[:150].tolist() == ids[0]
+
+
+def test_malformed_rows_are_skipped_and_counted(corpus_and_tokenizer):
+    _, tokenizer = corpus_and_tokenizer
+    rows = [{"task": "qa", "context": "x"}, {"task": "sentiment", "text": "ok", "label": 7},
+            {"task": "nope"}, {"task": "translate", "source": "the dog.", "target": "Der Hund."}]
+    ids, labels, skipped = tokenize_examples(rows, tokenizer)
+    assert skipped == 3 and len(ids) == 1
+    with pytest.raises(FormatError):
+        format_example({"task": "sentiment", "text": "", "label": 1})
