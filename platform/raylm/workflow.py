@@ -36,8 +36,16 @@ def ensure_ray(job: JobConfig, log: Log = _print) -> None:
     log(f"started a local Ray with {num_cpus} logical CPUs")
 
 
+def check_inputs(job: JobConfig) -> None:
+    """Fail on missing local inputs before any cluster resource is taken."""
+    for field, value in (("model.init_from", job.model.init_from), ("data.tokenizer_path", job.data.tokenizer_path)):
+        if value and "://" not in value and not Path(value).is_dir():
+            raise FileNotFoundError(f"{field}: folder not found: {value}")
+
+
 def train(job: JobConfig, log: Log = _print) -> dict[str, Any]:
     """Prepare data, train, export the model folder, evaluate, track; returns a summary dict."""
+    check_inputs(job)
     from raylm import tracking
     from raylm.data.pipeline import prepare_data
     from raylm.eval.runner import evaluate_tasks

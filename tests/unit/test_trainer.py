@@ -75,3 +75,19 @@ def test_mixed_precision_steps_run_on_cpu(precision):
     losses = [trainer.train_step(_batches(1, 2, seed=0))["loss"] for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_packed_examples_do_not_attend_to_each_other(arch):
+    """The trainer's forward over a packed block equals forwarding each example alone."""
+    config = TrainConfig(num_workers=1, micro_batch_size=1, max_steps=2, warmup_steps=0)
+    trainer = LMTrainer(build_model(ModelConfig(arch=arch, size="debug"), 128, 32, seed=0), config, torch.device("cpu"))
+    first, second = torch.randint(0, 128, (1, 12)), torch.randint(0, 128, (1, 9))
+    packed = {"input_ids": torch.cat([first, second], 1),
+              # the first token of an example is never a target (in real data it is the separator)
+              "labels": torch.cat([torch.full_like(first, -100), torch.full((1, 1), -100), second[:, 1:]], 1),
+              "position_ids": torch.cat([torch.arange(12), torch.arange(9)]).unsqueeze(0)}
+    alone = {"input_ids": second, "labels": second.clone(), "position_ids": torch.arange(9).unsqueeze(0)}
+    trainer.model.eval()
+    with torch.no_grad():
+        assert trainer._loss_sum(packed).item() == pytest.approx(trainer._loss_sum(alone).item(), rel=1e-5)

@@ -38,11 +38,12 @@ _NEGATIVE = [
 _INTENSIFIERS = ["", "", "very ", "really ", "quite ", "truly ", "rather "]
 _NEGATIONS = ["was not", "was never", "is not", "was hardly"]
 _AFFIRMATIONS = ["was", "is", "felt", "seemed"]
+NEGATION_RATE = 0.3
 
 
 def _clause(rng: random.Random, polarity: int) -> str:
     """A clause whose overall polarity is ``polarity`` (1 positive, 0 negative)."""
-    negated = rng.random() < 0.4
+    negated = rng.random() < NEGATION_RATE
     adjective_polarity = polarity ^ int(negated)
     adjective = rng.choice(_POSITIVE if adjective_polarity else _NEGATIVE)
     verb = rng.choice(_NEGATIONS if negated else _AFFIRMATIONS)
@@ -52,11 +53,11 @@ def _clause(rng: random.Random, polarity: int) -> str:
 def make_sentiment_example(rng: random.Random) -> dict:
     label = rng.randint(0, 1)
     form = rng.random()
-    if form < 0.35:
+    if form < 0.5:
         text = _clause(rng, label)
-    elif form < 0.6:
+    elif form < 0.7:
         text = f"{_clause(rng, 1 - label)}, but {_clause(rng, label)}"
-    elif form < 0.8:
+    elif form < 0.85:
         text = f"although {_clause(rng, 1 - label)}, {_clause(rng, label)}"
     else:
         text = f"{_clause(rng, label)} and {_clause(rng, label)}"

@@ -79,6 +79,6 @@ def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[st
         if path.suffix == ".safetensors" or path.name in MODEL_FILES or path.name.endswith(".safetensors.index.json"):
             shutil.copy2(path, model_dir / path.name)
     tokenizer.save_pretrained(model_dir)
-    card = {**card, "trained_steps": read_state(checkpoint_dir).get("step")}
+    card["trained_steps"] = read_state(checkpoint_dir).get("step")
     (model_dir / "raylm.json").write_text(json.dumps(card, indent=2, default=str))
     return model_dir

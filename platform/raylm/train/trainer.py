@@ -104,7 +104,10 @@ class LMTrainer:
 
     def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self._autocast():
-            logits = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits
+            # No KV cache: with position ids and no cache, transformers builds a block-diagonal
+            # causal mask, so packed examples cannot attend to each other.
+            logits = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
+                                use_cache=False).logits
         shifted_logits = logits[:, :-1, :].float()
         shifted_labels = batch["labels"][:, 1:]
         return F.cross_entropy(

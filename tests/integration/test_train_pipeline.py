@@ -1,0 +1,93 @@
+"""A real 2-worker DDP run on local Ray: data -> train -> export -> eval -> MLflow."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raylm.config import load_config
+
+SMOKE_OVERRIDES = [
+    "data.demo_num_train=300", "data.demo_num_dev=40", "data.seq_len=64", "data.vocab_size=400",
+    "model.size=debug", "train.num_workers=2", "train.micro_batch_size=8", "train.max_steps=40",
+    "train.warmup_steps=4", "train.lr=3e-3", "train.log_every=5", "train.eval_every=20",
+    "train.checkpoint_every=20", "eval.max_examples_per_task=16", "eval.max_new_tokens=8",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_session, tmp_path_factory):
+    from raylm import workflow
+
+    workdir = tmp_path_factory.mktemp("train")
+    job = load_config(None, SMOKE_OVERRIDES + [f"workdir={workdir}", "run_name=ddp2", "tracking.model_name=raylm-test"])
+    summary = workflow.train(job)
+    return job, summary
+
+
+def test_model_folder_is_complete(trained):
+    job, summary = trained
+    model_dir = Path(summary["model_dir"])
+    assert (model_dir / "model.safetensors").is_file()
+    assert not list(model_dir.glob("*.bin")) and not list(model_dir.glob("*.pt"))
+    assert (model_dir / "tokenizer.json").is_file() and (model_dir / "config.json").is_file()
+    card = json.loads((model_dir / "raylm.json").read_text())
+    assert card["config"]["train"]["num_workers"] == 2
+    assert len(card["data_fingerprint"]) > 16
+    for key in ("sentiment_accuracy", "qa_exact_match", "translation_bleu", "eval_loss"):
+        assert key in card["eval_metrics"]
+    assert card["trained_steps"] == 40
+
+
+def test_loss_falls_across_two_workers(trained):
+    job, summary = trained
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=summary["tracking_uri"])
+    history = client.get_metric_history(summary["mlflow_run_id"], "loss")
+    steps = sorted((m.step, m.value) for m in history)
+    assert [s for s, _ in steps][:2] == [5, 10] and steps[-1][0] == 40
+    first, last = steps[0][1], steps[-1][1]
+    assert last < 0.7 * first, steps
+    throughput = client.get_metric_history(summary["mlflow_run_id"], "tokens_per_s")
+    assert throughput and all(m.value > 0 for m in throughput)
+    eval_loss = [m.value for m in sorted(client.get_metric_history(summary["mlflow_run_id"], "eval_loss"),
+                                         key=lambda m: m.step)]
+    assert len(eval_loss) == 2 and eval_loss[-1] < eval_loss[0]
+
+
+def test_mlflow_run_params_and_registry(trained, tmp_path):
+    job, summary = trained
+    import mlflow
+
+    from raylm.tracking import resolve_model_path
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=summary["tracking_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.num_workers"] == "2"
+    assert "translation_bleu" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "model" in artifacts and "loss_curve.png" in artifacts
+    assert summary["registry_uri"].startswith("models:/raylm-test/")
+    local = resolve_model_path(summary["registry_uri"], summary["tracking_uri"], str(tmp_path))
+    assert (Path(local) / "model.safetensors").is_file()
+
+
+def test_checkpoints_kept_and_verified(trained):
+    job, _ = trained
+    from raylm.train.checkpoint import verify_checkpoint
+
+    checkpoints = sorted((job.run_dir / "ray_results").rglob("checkpoint_*/manifest.json"))
+    assert 1 <= len(checkpoints) <= job.train.keep_checkpoints
+    for manifest in checkpoints:
+        verify_checkpoint(manifest.parent)
+
+
+def test_eval_command_matches_training_eval(trained):
+    job, summary = trained
+    from raylm import workflow
+
+    metrics = workflow.evaluate(job, summary["model_dir"])
+    assert metrics["sentiment_accuracy"] == pytest.approx(summary["metrics"]["sentiment_accuracy"])
+    assert metrics["translation_bleu"] == pytest.approx(summary["metrics"]["translation_bleu"])
