@@ -28,10 +28,89 @@ TaskName = Literal["lm", "sentiment", "qa", "translate"]
 ALL_TASKS: tuple[str, ...] = ("lm", "sentiment", "qa", "translate")
 
 
+SOURCE_FORMATS: tuple[str, ...] = ("text", "jsonl", "parquet", "hf")
+# File suffix -> format, for sources that do not name their format. Compressed files
+# (.gz, .bz2, .zst, .lz4) are read through transparently and inferred from the inner suffix.
+_FORMAT_SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl",
+                    ".json": "jsonl", ".parquet": "parquet"}
+_COMPRESSION_SUFFIXES = (".gz", ".bz2", ".zst", ".lz4")
+
+
+def infer_source_format(path: str) -> Optional[str]:
+    """The format a path's suffix implies (``data/*.jsonl.gz`` -> ``jsonl``), or None."""
+    name = path.rstrip("/").lower()
+    for suffix in _COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return _FORMAT_SUFFIXES.get(Path(name).suffix)
+
+
+class DataSourceConfig(_Strict):
+    """One corpus source: files, a glob, a folder, a remote URI or a Hugging Face dataset."""
+
+    path: str = Field(..., min_length=1, description="file, folder, glob, s3:// or gs:// URI, or HF dataset name/folder")
+    format: Optional[Literal["text", "jsonl", "parquet", "hf"]] = Field(
+        None, description="default: inferred from the path's suffix"
+    )
+    task: TaskName = "lm"
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="raylm field -> column in the source, e.g. {source: src, target: tgt}"
+    )
+    split: Optional[str] = Field(None, description="split of a Hugging Face dataset (default 'train')")
+    subset: Optional[str] = Field(None, description="configuration name of a Hugging Face dataset")
+    weight: float = Field(1.0, ge=0, description="sampling weight: 2.0 repeats every row, 0.5 keeps half")
+    text_unit: Literal["file", "paragraph", "line"] = Field(
+        "file", description="what one document is in a text file (documents are separated by EOS)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_format(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("format") is None and isinstance(raw.get("path"), str):
+            inferred = infer_source_format(raw["path"])
+            if inferred is None:
+                raise ValueError(f"cannot infer the format of {raw['path']!r}; set format to one of "
+                                 + ", ".join(SOURCE_FORMATS))
+            raw = {**raw, "format": inferred}
+        return raw
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> "DataSourceConfig":
+        from raylm.data.formatting import TASK_FIELDS
+
+        unknown = sorted(set(self.fields) - set(TASK_FIELDS[self.task]))
+        if unknown:
+            raise ValueError(f"fields: {', '.join(unknown)} not used by task {self.task!r} "
+                             f"(it uses {', '.join(TASK_FIELDS[self.task])})")
+        if self.format == "text" and self.task != "lm":
+            raise ValueError(f"text files hold plain text: task must be 'lm', not {self.task!r}")
+        return self
+
+    def column(self, name: str) -> str:
+        """The source column that holds raylm field ``name``."""
+        return self.fields.get(name, name)
+
+
 class DataConfig(_Strict):
     """Where the text comes from and how it becomes packed token blocks."""
 
-    corpus: str = Field("demo", description="'demo' for the built-in corpus")
+    corpus: Literal["demo", "sources"] = Field(
+        "demo", description="'demo' for the built-in corpus, 'sources' for data.sources (implied by them)"
+    )
+    sources: list[DataSourceConfig] = Field(default_factory=list, description="training corpus sources")
+    dev_sources: list[DataSourceConfig] = Field(default_factory=list, description="dev split sources")
+    dev_fraction: float = Field(
+        0.0, ge=0, lt=1, description="without dev_sources: share of training documents held out as dev"
+    )
+    cache_dir: Optional[str] = Field(
+        None, description="where prepared (tokenized, packed) datasets and tokenizers go; default <workdir>/prepared"
+    )
+    segment_bytes: int = Field(
+        4 << 20, ge=1024, description="files are read and packed in segments of about this many bytes"
+    )
+    tokenizer_sample_bytes: int = Field(
+        64 << 20, ge=1024, description="corpus bytes sampled (spread over all sources) to train the BPE tokenizer"
+    )
     demo_seed: int = 0
     demo_num_train: int = Field(6000, ge=10, description="training examples per task")
     demo_num_dev: int = Field(300, ge=10, description="dev examples per task")
@@ -54,7 +133,24 @@ class DataConfig(_Strict):
                 raise ValueError(f"mixture weight for {task!r} must be >= 0")
         if not self.tasks:
             raise ValueError("tasks must name at least one task")
+        if self.corpus == "sources":
+            if not self.sources:
+                raise ValueError("corpus is 'sources' but sources is empty")
+            if not self.dev_sources and self.dev_fraction == 0:
+                raise ValueError("give dev_sources or a dev_fraction > 0 for the dev split")
+            if self.dev_sources and self.dev_fraction > 0:
+                raise ValueError("give dev_sources or dev_fraction, not both")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sources_imply_corpus(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and raw.get("sources"):
+            corpus = raw.get("corpus", "sources")
+            if corpus == "demo":
+                raise ValueError("sources are listed but corpus is 'demo'; set corpus to 'sources' or drop it")
+            raw = {**raw, "corpus": corpus}
+        return raw
 
 
 class ModelConfig(_Strict):
@@ -64,6 +160,10 @@ class ModelConfig(_Strict):
     size: str = "tiny"
     init_from: Optional[str] = Field(None, description="local transformers checkpoint folder")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    task: Literal["causal_lm", "sequence_classification"] = Field(
+        "causal_lm", description="the head: next-token prediction, or one label per sequence"
+    )
+    num_labels: int = Field(2, ge=2, description="classes for task=sequence_classification")
 
     @model_validator(mode="after")
     def _check_size(self) -> "ModelConfig":
@@ -87,7 +187,9 @@ class TrainConfig(_Strict):
     micro_batch_size: int = Field(16, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     global_batch_size: Optional[int] = Field(
-        None, ge=1, description="if set, must equal micro_batch_size * grad_accum_steps * num_workers"
+        None, ge=1,
+        description="sequences per optimiser step; equals micro_batch_size * grad_accum_steps * num_workers, "
+                    "and grad_accum_steps is derived from it when not given",
     )
     max_steps: int = Field(400, ge=1)
     lr: float = Field(3e-3, gt=0)
@@ -101,10 +203,33 @@ class TrainConfig(_Strict):
     eval_every: int = Field(0, ge=0, description="steps between dev-loss evals; 0 = only at the end")
     eval_batches: int = Field(8, ge=1)
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
-    keep_checkpoints: int = Field(2, ge=1)
-    max_failures: int = Field(0, ge=-1)
+    keep_checkpoints: int = Field(2, ge=1, description="the last K checkpoints are kept")
+    keep_best_checkpoint: bool = Field(True, description="also keep a copy of the checkpoint with the best eval loss")
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts after a failure; -1 = unlimited")
     activation_checkpointing: bool = False
     compile: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_grad_accum(cls, raw: Any) -> Any:
+        """Derive grad_accum_steps from global_batch_size when only the latter is given."""
+        if not isinstance(raw, dict) or raw.get("global_batch_size") is None or "grad_accum_steps" in raw:
+            return raw
+        try:
+            target = int(raw["global_batch_size"])
+            micro = int(raw.get("micro_batch_size", cls.model_fields["micro_batch_size"].default))
+            workers = int(raw.get("num_workers", cls.model_fields["num_workers"].default))
+        except (TypeError, ValueError):
+            return raw  # field validation reports the bad value
+        per_step = micro * workers
+        if per_step > 0 and target > 0:
+            if target % per_step:
+                raise ValueError(
+                    f"global_batch_size={target} does not equal micro_batch_size ({micro}) x grad_accum_steps x "
+                    f"num_workers ({workers}) for any whole grad_accum_steps: it must be a multiple of {per_step}"
+                )
+            raw = {**raw, "grad_accum_steps": target // per_step}
+        return raw
 
     @model_validator(mode="after")
     def _check_batch(self) -> "TrainConfig":

@@ -22,6 +22,9 @@ def ensure_ray(job: JobConfig, log: Log = _print) -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Serve's proxy must import FastAPI and friends within its readiness check; on a busy
+    # 2-core laptop the 5 s default is too short and the proxy is killed and restarted.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
@@ -38,9 +41,12 @@ def ensure_ray(job: JobConfig, log: Log = _print) -> None:
 
 def check_inputs(job: JobConfig) -> None:
     """Fail on missing local inputs before any cluster resource is taken."""
+    from raylm.data.prepare import check_sources
+
     for field, value in (("model.init_from", job.model.init_from), ("data.tokenizer_path", job.data.tokenizer_path)):
         if value and "://" not in value and not Path(value).is_dir():
             raise FileNotFoundError(f"{field}: folder not found: {value}")
+    check_sources(job)
 
 
 def train(job: JobConfig, log: Log = _print) -> dict[str, Any]:
@@ -57,7 +63,7 @@ def train(job: JobConfig, log: Log = _print) -> dict[str, Any]:
     job.run_dir.mkdir(parents=True, exist_ok=True)
     (job.run_dir / "config.yaml").write_text(job.to_yaml())
     log("preparing data with Ray Data")
-    data = prepare_data(job)
+    data = prepare_data(job, log)
     log(f"data ready: {data.stats['num_train_rows']} train rows, {data.stats['num_dev_rows']} dev rows, "
         f"vocab {data.stats['vocab_size']}, fingerprint {data.fingerprint}")
 
@@ -113,16 +119,38 @@ def train(job: JobConfig, log: Log = _print) -> dict[str, Any]:
 
 def evaluate(job: JobConfig, model_path: str, log: Log = _print) -> dict[str, float]:
     """Evaluate a model folder or registry URI on the configured corpus's dev split."""
-    from raylm.data.pipeline import load_corpus
+    from raylm.data.pipeline import load_dev_examples
+    from raylm.data.prepare import check_sources
     from raylm.eval.runner import evaluate_tasks
     from raylm.serving.engine import Engine
     from raylm.tracking import resolve_model_path
 
+    check_sources(job)
     folder = resolve_model_path(model_path, job.resolved_tracking_uri())
     engine = Engine.from_directory(folder, max_new_tokens=job.eval.max_new_tokens)
     log(f"evaluating {folder}")
-    rows = load_corpus(job)["dev"]
+    if job.data.corpus == "sources":
+        ensure_ray(job, log)
+    rows = load_dev_examples(job, job.eval.max_examples_per_task)
     return evaluate_tasks(engine, rows, job.eval.max_examples_per_task, job.eval.batch_size, job.eval.max_new_tokens)
+
+
+def prepare_tokenizer(job: JobConfig, log: Log = _print) -> dict[str, Any]:
+    """Train (or find in the cache) the BPE tokenizer of ``data.sources``; returns its description."""
+    from raylm.data.prepare import prepare_tokenizer as prepare
+
+    check_inputs(job)
+    ensure_ray(job, log)
+    return prepare(job, log)
+
+
+def prepare_data(job: JobConfig, log: Log = _print) -> dict[str, Any]:
+    """Tokenize and pack ``data.sources`` into Parquet with a manifest (or find a matching one); returns the manifest."""
+    from raylm.data.prepare import prepare_dataset
+
+    check_inputs(job)
+    ensure_ray(job, log)
+    return prepare_dataset(job, log)
 
 
 DEMO_REQUESTS = {

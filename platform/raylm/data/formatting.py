@@ -13,9 +13,25 @@ from raylm.data.special_tokens import TASK_TOKENS
 
 SENTIMENT_LABELS = ("negative", "positive")
 
+# The raylm fields each task reads; a source maps them to its own columns (DataSourceConfig.fields).
+TASK_FIELDS: dict[str, tuple[str, ...]] = {
+    "lm": ("text",),
+    "sentiment": ("text", "label"),
+    "qa": ("context", "question", "answers"),
+    "translate": ("source", "target"),
+}
+
 
 class FormatError(ValueError):
     """A row that lacks what its task needs."""
+
+
+class RowProblem(ValueError):
+    """Why one input row is unusable; ``kind`` is a short name used to count problems."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 def _field(row: dict[str, Any], name: str, task: str) -> Any:
@@ -67,3 +83,98 @@ def format_example(row: dict[str, Any]) -> tuple[str, str]:
     if task == "translate":
         return translate_prompt(_field(row, "source", task)), " " + _field(row, "target", task).strip()
     raise FormatError(f"unknown task {task!r}")
+
+
+def _require_text(value: Any, field: str, column: str) -> str:
+    if value is None:
+        raise RowProblem("missing_field", f"missing field {column!r}" + (f" (for {field})" if column != field else ""))
+    if not isinstance(value, str):
+        raise RowProblem("invalid_value", f"field {column!r} is not a string")
+    return value
+
+
+def canonical_row(record: dict[str, Any], task: str, fields: dict[str, str] | None = None) -> dict[str, Any]:
+    """Map a source record to raylm's row for ``task`` (the shape the demo corpus has).
+
+    ``fields`` maps raylm field names to the record's column names. The result
+    always passes :func:`format_example`; anything that would not raises
+    :class:`RowProblem` with a kind: ``missing_field``, ``empty_document`` or
+    ``invalid_value``.
+    """
+    fields = fields or {}
+
+    def get(name: str) -> tuple[Any, str]:
+        column = fields.get(name, name)
+        return record.get(column), column
+
+    if task == "lm":
+        value, column = get("text")
+        text = _require_text(value, "text", column)
+        if not text.strip():
+            raise RowProblem("empty_document", f"field {column!r} is empty")
+        return {"task": "lm", "text": text}
+    if task == "sentiment":
+        value, column = get("text")
+        text = _require_text(value, "text", column)
+        if not text.strip():
+            raise RowProblem("empty_document", f"field {column!r} is empty")
+        label, label_column = get("label")
+        if label is None:
+            raise RowProblem("missing_field", f"missing field {label_column!r}")
+        try:
+            label_word = normalize_label(label)
+        except FormatError as err:
+            raise RowProblem("invalid_value", str(err)) from None
+        return {"task": "sentiment", "text": text, "label": label_word}
+    if task == "qa":
+        row: dict[str, Any] = {"task": "qa"}
+        for name in ("context", "question"):
+            value, column = get(name)
+            row[name] = _require_text(value, name, column)
+            if not row[name].strip():
+                raise RowProblem("empty_document", f"field {column!r} is empty")
+        answers, column = get("answers")
+        if answers is None:
+            raise RowProblem("missing_field", f"missing field {column!r}")
+        if isinstance(answers, dict):
+            texts = answers.get("text")
+            starts = answers.get("answer_start")
+        else:
+            texts, starts = answers, None
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(t, str) for t in texts) \
+                or not str(texts[0]).strip():
+            raise RowProblem("invalid_value", f"field {column!r} has no answer text")
+        texts = [str(t) for t in texts]
+        if isinstance(starts, (list, tuple)) and len(starts) == len(texts):
+            starts = [int(s) for s in starts]
+        else:
+            starts = [row["context"].find(t) for t in texts]
+        row["answers"] = {"text": texts, "answer_start": starts}
+        return row
+    if task == "translate":
+        row = {"task": "translate"}
+        for name in ("source", "target"):
+            value, column = get(name)
+            row[name] = _require_text(value, name, column)
+            if not row[name].strip():
+                raise RowProblem("empty_document", f"field {column!r} is empty")
+        return row
+    raise RowProblem("invalid_value", f"unknown task {task!r}")
+
+
+def example_text(row: dict[str, Any]) -> str:
+    """The model-visible text of a row (prompt and answer), as the tokenizer is trained on it."""
+    prompt, answer = format_example(row)
+    return prompt + answer
+
+
+def example_key(row: dict[str, Any]) -> str:
+    """What makes two rows the same example: the model-visible input of the row (its task and text)."""
+    task = row.get("task")
+    if task == "qa":
+        return f"qa|{row['context']}|{row['question']}"
+    if task == "translate":
+        return f"translate|{row['source']}"
+    return f"{task}|{row.get('text')}"

@@ -7,6 +7,14 @@ transformers' packed-sequence masking keeps examples from attending to each
 other. An example longer than a block is split into block-sized chunks (plain
 text) so no token is lost. The tail of a block that no example fits is padded
 with labels -100.
+
+Plain language-model text from real corpora is packed differently
+(:func:`pack_documents`): documents are concatenated with EOS separators and
+cut into blocks, so only the last block of a packing group has padding.
+
+The label of the first token of every segment (a run of positions that restarts
+at 0) is -100: the model would predict it from the previous segment's last
+token, which it cannot see.
 """
 
 from __future__ import annotations
@@ -37,15 +45,19 @@ def tokenize_examples(rows: Iterable[dict[str, Any]], tokenizer) -> tuple[list[l
         return [], [], skipped
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
+    all_ids, all_labels = example_sequences(prompt_ids, answer_ids, tokenizer.eos_token_id)
+    return all_ids, all_labels, skipped
+
+
+def example_sequences(prompt_ids: list[list[int]], answer_ids: list[list[int]],
+                      eos: int) -> tuple[list[list[int]], list[list[int]]]:
+    """``<eos> prompt answer <eos>`` per example, with labels -100 on the separator and the prompt."""
     all_ids: list[list[int]] = []
     all_labels: list[list[int]] = []
     for prompt_tokens, answer_tokens in zip(prompt_ids, answer_ids):
-        ids = [eos, *prompt_tokens, *answer_tokens, eos]
-        labels = [IGNORE_INDEX] * (1 + len(prompt_tokens)) + [*answer_tokens, eos]
-        all_ids.append(ids)
-        all_labels.append(labels)
-    return all_ids, all_labels, skipped
+        all_ids.append([eos, *prompt_tokens, *answer_tokens, eos])
+        all_labels.append([IGNORE_INDEX] * (1 + len(prompt_tokens)) + [*answer_tokens, eos])
+    return all_ids, all_labels
 
 
 def pack_sequences(ids: list[list[int]], labels: list[list[int]], seq_len: int, pad_id: int,
@@ -73,6 +85,8 @@ def pack_sequences(ids: list[list[int]], labels: list[list[int]], seq_len: int, 
         for start in range(0, len(example_ids), seq_len):
             chunk_ids = example_ids[start : start + seq_len]
             chunk_labels = example_labels[start : start + seq_len]
+            if start:
+                chunk_labels = [IGNORE_INDEX, *chunk_labels[1:]]
             size = len(chunk_ids)
             target = next((block for block in open_list if block[0] + size <= seq_len), None)
             if target is None:
@@ -97,6 +111,48 @@ def pack_sequences(ids: list[list[int]], labels: list[list[int]], seq_len: int, 
         "input_ids": np.stack([b[0] for b in blocks]),
         "labels": np.stack([b[1] for b in blocks]),
         "position_ids": np.stack([b[2] for b in blocks]),
+    }
+
+
+def empty_blocks(seq_len: int) -> dict[str, np.ndarray]:
+    empty = np.zeros((0, seq_len), dtype=np.int32)
+    return {"input_ids": empty, "labels": empty.copy(), "position_ids": empty.copy()}
+
+
+def pack_documents(ids: list[list[int]], labels: list[list[int]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Concatenate sequences in order and cut the stream into ``[num_blocks, seq_len]`` blocks.
+
+    Each sequence is its own attention segment (position ids restart at its
+    first token and at every block start), and a sequence that crosses a block
+    boundary simply continues in the next block. Only the last block is padded
+    (labels -100, positions forming their own segment), so a packing group
+    wastes less than one block. Deterministic for a given input order.
+    """
+    kept = [(np.asarray(i, dtype=np.int32), np.asarray(l, dtype=np.int32)) for i, l in zip(ids, labels) if len(i)]
+    if not kept:
+        return empty_blocks(seq_len)
+    lengths = np.array([len(i) for i, _ in kept], dtype=np.int64)
+    total = int(lengths.sum())
+    num_blocks = -(-total // seq_len)
+    size = num_blocks * seq_len
+    flat_ids = np.full(size, pad_id, dtype=np.int32)
+    flat_labels = np.full(size, IGNORE_INDEX, dtype=np.int32)
+    flat_ids[:total] = np.concatenate([i for i, _ in kept])
+    flat_labels[:total] = np.concatenate([l for _, l in kept])
+    segment_start = np.zeros(size, dtype=bool)
+    segment_start[np.concatenate([[0], np.cumsum(lengths)[:-1]])] = True
+    segment_start[::seq_len] = True
+    if total < size:
+        segment_start[total] = True  # the padding is a segment of its own
+    # A segment's first label would be predicted from the previous segment: mask it.
+    # (At a block start the trainer's label shift already drops it.)
+    flat_labels[segment_start] = IGNORE_INDEX
+    index = np.arange(size)
+    positions = index - np.maximum.accumulate(np.where(segment_start, index, 0))
+    return {
+        "input_ids": flat_ids.reshape(num_blocks, seq_len),
+        "labels": flat_labels.reshape(num_blocks, seq_len),
+        "position_ids": positions.astype(np.int32).reshape(num_blocks, seq_len),
     }
 
 

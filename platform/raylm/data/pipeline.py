@@ -1,4 +1,10 @@
-"""The Ray Data pipeline: read -> format -> tokenize -> pack, for training and dev splits."""
+"""The Ray Data pipeline: read -> format -> tokenize -> pack, for training and dev splits.
+
+Two corpora: the built-in demo corpus (generated in memory, packed on the fly),
+and real sources (``data.sources``), which are prepared once into Parquet with a
+manifest (:mod:`raylm.data.prepare`) and read back lazily by every run whose
+fingerprint matches.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +13,18 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from raylm.config import JobConfig
 from raylm.data.demo import generate_demo_corpus
+from raylm.data.errors import DataError
 from raylm.data.formatting import FormatError, format_example
 from raylm.data.packing import tokenize_and_pack
 from raylm.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
 DEMO_CORPUS_VERSION = "1"
 
-
-class DataError(ValueError):
-    """A user-caused data problem (missing path, empty corpus, bad rows under strict mode)."""
+__all__ = ["DataError", "PreparedData", "prepare_data", "load_corpus", "load_dev_examples"]
 
 
 @dataclass
@@ -56,7 +61,7 @@ def load_corpus(job: JobConfig) -> dict[str, list[dict]]:
     """Return ``{"train": rows, "dev": rows}`` for the configured corpus."""
     data = job.data
     if data.corpus != "demo":
-        raise DataError(f"data.corpus: {data.corpus!r} is not supported yet (use 'demo')")
+        raise DataError("load_corpus holds only the demo corpus in memory; real sources go through prepare_data")
     corpus = generate_demo_corpus(seed=data.demo_seed, num_train=data.demo_num_train,
                                   num_dev=data.demo_num_dev, tasks=data.tasks)
     if not corpus["train"]:
@@ -120,11 +125,17 @@ def _decode_tokenize_pack(batch, tokenizer, seq_len: int):
     return tokenize_and_pack(as_columns, tokenizer, seq_len)
 
 
-def prepare_data(job: JobConfig) -> PreparedData:
+def _quiet(message: str) -> None:
+    del message
+
+
+def prepare_data(job: JobConfig, log: Callable[[str], None] = _quiet) -> PreparedData:
     """Generate or read the corpus, train/load the tokenizer and build lazy packed datasets."""
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    if job.data.corpus == "sources":
+        return _prepare_sources(job, log)
     corpus = load_corpus(job)
     train_rows = apply_mixture(corpus["train"], job.data.mixture, job.data.shuffle_seed)
     tokenizer = build_tokenizer(job, train_rows)
@@ -135,3 +146,37 @@ def prepare_data(job: JobConfig) -> PreparedData:
              "vocab_size": len(tokenizer)}
     return PreparedData(train=train, dev=dev, dev_examples=corpus["dev"], tokenizer=tokenizer,
                         fingerprint=fingerprint, stats=stats)
+
+
+def _prepare_sources(job: JobConfig, log: Callable[[str], None]) -> PreparedData:
+    from raylm.data import prepare
+
+    corpus = prepare.resolve_corpus(job)
+    tokenizer, tokenizer_info = prepare.resolve_tokenizer(job, corpus, log)
+    manifest = prepare.prepare_dataset(job, log, corpus=corpus, tokenizer=tokenizer, tokenizer_info=tokenizer_info)
+    if manifest["cached"]:
+        log(f"reading the prepared dataset {manifest['fingerprint']} (fingerprints match; no tokenizing)")
+        for line in prepare.describe_bad_rows(manifest["bad_rows"]):
+            log(line)
+    train, dev = prepare.open_prepared(manifest, job.data.shuffle_seed)
+    dev_examples = prepare.load_dev_examples(job, job.eval.max_examples_per_task, corpus=corpus)
+    splits = manifest["splits"]
+    stats = {
+        "num_train_rows": splits["train"]["examples"], "num_dev_rows": splits["dev"]["examples"],
+        "num_train_blocks": splits["train"]["blocks"], "num_dev_blocks": splits["dev"]["blocks"],
+        "num_train_tokens": splits["train"]["tokens"], "bad_rows": manifest["bad_rows"]["count"],
+        "vocab_size": len(tokenizer), "cache": "hit" if manifest["cached"] else "miss",
+        "prepared_path": manifest["path"],
+    }
+    return PreparedData(train=train, dev=dev, dev_examples=dev_examples, tokenizer=tokenizer,
+                        fingerprint=manifest["fingerprint"], stats=stats)
+
+
+def load_dev_examples(job: JobConfig, limit_per_task: int) -> list[dict]:
+    """Formatted dev rows for task metrics: the demo corpus's dev split, or up to
+    ``limit_per_task`` rows per task from the dev sources."""
+    if job.data.corpus == "sources":
+        from raylm.data.prepare import load_dev_examples as load_source_dev_examples
+
+        return load_source_dev_examples(job, limit_per_task)
+    return load_corpus(job)["dev"]

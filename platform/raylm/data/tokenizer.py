@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -74,3 +75,43 @@ def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     payload = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """What a Ray Data task needs to tokenize: the fast tokenizer as JSON and its special ids.
+
+    Small and picklable; each worker process builds the Rust tokenizer from it
+    once (:func:`encode_texts` caches it by fingerprint).
+    """
+
+    tokenizer_json: str
+    eos_id: int
+    pad_id: int
+    fingerprint: str
+
+
+def encoder_spec(tokenizer) -> EncoderSpec:
+    """The :class:`EncoderSpec` of a transformers fast tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError("raylm needs a fast (Rust-backed) tokenizer")
+    return EncoderSpec(backend.to_str(), int(tokenizer.eos_token_id), int(tokenizer.pad_token_id),
+                       tokenizer_fingerprint(tokenizer))
+
+
+_BACKENDS: dict[str, object] = {}
+
+
+def encode_texts(spec: EncoderSpec, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens added: the same ids the wrapper's
+    ``tokenizer(texts, add_special_tokens=False)`` gives, with less overhead."""
+    backend = _BACKENDS.get(spec.fingerprint)
+    if backend is None:
+        from tokenizers import Tokenizer
+
+        backend = _BACKENDS[spec.fingerprint] = Tokenizer.from_str(spec.tokenizer_json)
+    if not texts:
+        return []
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [encoding.ids for encoding in encode(texts, add_special_tokens=False)]

@@ -70,22 +70,36 @@ def build_hf_config(arch: str, size: str, vocab_size: int, max_positions: int, d
 
 def build_model(model_config, vocab_size: int, max_positions: int, special_ids: dict[str, int] | None = None,
                 seed: int = 0) -> torch.nn.Module:
-    """Build a causal LM from a :class:`raylm.config.ModelConfig`.
+    """Build the model a :class:`raylm.config.ModelConfig` describes.
 
-    With ``init_from`` the weights come from a local transformers folder (never the
-    hub, never remote code); otherwise a fresh model of the named size is
-    initialised deterministically from ``seed``.
+    ``model.task`` picks the head: a causal LM, or a sequence classifier with
+    ``model.num_labels`` classes. With ``init_from`` the weights come from a local
+    transformers folder (never the hub, never remote code; a missing head, such as
+    a classifier on a pretrained encoder, is initialised from ``seed``) and the
+    token embeddings grow if the tokenizer has more tokens than the checkpoint;
+    otherwise a fresh model of the named size is initialised deterministically
+    from ``seed``.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    classify = getattr(model_config, "task", "causal_lm") == "sequence_classification"
+    auto_class = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
+    head_kwargs = {"num_labels": model_config.num_labels} if classify else {}
+    special_ids = special_ids or {}
+    torch.manual_seed(seed)
     if model_config.init_from:
         folder = Path(model_config.init_from)
         if not folder.is_dir():
             raise FileNotFoundError(f"model.init_from: folder not found: {folder}")
-        return AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=False, use_safetensors=True
+        model = auto_class.from_pretrained(
+            folder, local_files_only=True, trust_remote_code=False, use_safetensors=True, **head_kwargs
         )
-    special_ids = special_ids or {}
+        embeddings = model.get_input_embeddings()
+        if embeddings is not None and vocab_size and vocab_size > embeddings.num_embeddings:
+            model.resize_token_embeddings(vocab_size)
+        if classify and model.config.pad_token_id is None and special_ids.get("pad") is not None:
+            model.config.pad_token_id = special_ids["pad"]
+        return model
     hf_config = build_hf_config(
         model_config.arch,
         model_config.size,
@@ -96,9 +110,12 @@ def build_model(model_config, vocab_size: int, max_positions: int, special_ids: 
         eos_token_id=special_ids.get("eos"),
         pad_token_id=special_ids.get("pad"),
     )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(hf_config)
-    return model
+    for key, value in head_kwargs.items():
+        setattr(hf_config, key, value)
+    if classify and hf_config.pad_token_id is None:
+        # The classifier pools the last non-padding token, which needs a pad id.
+        hf_config.pad_token_id = special_ids.get("eos", 0) or 0
+    return auto_class.from_config(hf_config)
 
 
 def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -> int:
@@ -121,16 +138,19 @@ def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -
 def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: 6N for the dense weights plus the attention term.
 
-    N counts the non-embedding parameters plus the output projection (which is a
-    real matmul even when tied); the attention term is 12 * layers * hidden * seq_len
-    (PaLM appendix B), covering QK^T and attention-times-V forward and backward.
+    N counts the non-embedding parameters plus a tied output projection (a real
+    vocabulary-sized matmul even though its weight is the embedding); an untied
+    head is already a Linear layer in N, and a classifier has no vocabulary head.
+    The attention term is 12 * layers * hidden * seq_len (PaLM appendix B),
+    covering QK^T and attention-times-V, forward and backward.
     """
     config = model.config
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     dense = count_parameters(model, exclude_embeddings=True)
-    output_projection = config.vocab_size * hidden
-    if not getattr(config, "tie_word_embeddings", False):
-        # Untied heads are already counted as a Linear layer.
-        output_projection = 0
+    output_projection = 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is not None and embeddings is not None and head.weight is embeddings.weight:
+        output_projection = head.weight.shape[0] * head.weight.shape[1]
     return 6.0 * (dense + output_projection) + 12.0 * layers * hidden * seq_len

@@ -5,11 +5,10 @@ JSON ``{"error": "..."}`` with a 4xx status; when ``serve.api_key`` is set every
 route but /healthz needs ``Authorization: Bearer <key>``.
 """
 
-from __future__ import annotations
 
 import hmac
 import time
-from typing import Any
+from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -68,7 +67,7 @@ api = create_api()
 class RaylmModel:
     """One replica: loads a model folder (or registry URI) into an :class:`Engine`."""
 
-    def __init__(self, model_path: str, serve_config: dict[str, Any], tracking_uri: str | None = None):
+    def __init__(self, model_path: str, serve_config: dict, tracking_uri: Optional[str] = None):
         import torch
 
         from raylm.config import ServeConfig

@@ -2,21 +2,31 @@
 
 A checkpoint folder holds the model (``save_pretrained``, safetensors), an
 ``optimizer.pt`` with optimiser/scheduler/scaler state (plain tensors, loaded
-with ``weights_only=True``), ``rng.pt``, ``trainer_state.json`` and a
-``manifest.json`` with the SHA-256 of every file. A folder whose manifest is
-missing or does not match is treated as corrupt and skipped.
+with ``weights_only=True``), ``rng.pt``, ``trainer_state.json`` (step, data
+position, eval loss), ``history.jsonl`` (the metrics logged so far) and a
+``manifest.json`` with the SHA-256 of every file, written last. A folder whose
+manifest is missing or does not match is treated as corrupt or partial and
+skipped in favour of the newest older checkpoint that verifies.
+
+Checkpoints may live on any pyarrow filesystem (local disk, NFS, S3, GCS): the
+candidates are listed and, when remote, downloaded through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import re
+import posixpath
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
+HISTORY_FILE = "history.jsonl"
+CHECKPOINT_PREFIX = "checkpoint_"
+BEST_CHECKPOINT = "best_checkpoint"
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -62,30 +72,98 @@ def read_state(folder: str | Path) -> dict[str, Any]:
     return json.loads((Path(folder) / STATE_FILE).read_text())
 
 
-_STEP_PATTERN = re.compile(r"checkpoint_(\d+)")
+def read_history(folder: str | Path) -> list[dict[str, Any]]:
+    path = Path(folder) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def checkpoint_candidates(latest: str | Path) -> list[Path]:
-    """The latest checkpoint folder first, then its older siblings, newest first.
+def _filesystem_and_path(path: str, filesystem=None):
+    import pyarrow.fs
 
-    Ray Train names checkpoint folders ``checkpoint_<timestamp>``; we order by the
-    training step recorded in each folder, falling back to the folder name.
+    if filesystem is not None:
+        return filesystem, str(path)
+    if "://" in str(path):
+        return pyarrow.fs.FileSystem.from_uri(str(path))
+    return pyarrow.fs.LocalFileSystem(), str(Path(path).resolve())
+
+
+def _is_local(filesystem) -> bool:
+    import pyarrow.fs
+
+    return isinstance(filesystem, pyarrow.fs.LocalFileSystem)
+
+
+def _read_step(filesystem, folder: str) -> float:
+    try:
+        with filesystem.open_input_stream(posixpath.join(folder, STATE_FILE)) as stream:
+            return float(json.loads(stream.read())["step"])
+    except Exception:  # unreadable state sorts last; verification rejects it anyway
+        return -1.0
+
+
+def checkpoint_candidates(latest: str | Path, filesystem=None) -> list[str]:
+    """The latest checkpoint folder first, then its ``checkpoint_*`` siblings, newest step first.
+
+    Ray Train names checkpoint folders ``checkpoint_<...>`` under the run's
+    storage folder; the order comes from the step each folder records.
     """
-    latest_path = Path(latest)
-    siblings = [p for p in latest_path.parent.glob("checkpoint_*") if p.is_dir() and p != latest_path]
+    import pyarrow.fs
 
-    def step_of(path: Path) -> float:
-        try:
-            return float(read_state(path)["step"])
-        except Exception:  # unreadable state sorts last; verification rejects it anyway
-            return -1.0
-
-    siblings.sort(key=step_of, reverse=True)
+    filesystem, latest_path = _filesystem_and_path(str(latest), filesystem)
+    latest_path = latest_path.rstrip("/")
+    parent = posixpath.dirname(latest_path)
+    try:
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
+    except OSError:
+        infos = []
+    siblings = [
+        info.path.rstrip("/") for info in infos
+        if info.type == pyarrow.fs.FileType.Directory
+        and posixpath.basename(info.path.rstrip("/")).startswith(CHECKPOINT_PREFIX)
+        and info.path.rstrip("/") != latest_path
+    ]
+    siblings.sort(key=lambda folder: _read_step(filesystem, folder), reverse=True)
     return [latest_path, *siblings]
 
 
+@contextlib.contextmanager
+def open_valid_checkpoint(latest: str | Path, filesystem=None) -> Iterator[tuple[Path | None, list[str]]]:
+    """Yield ``(local folder, problems)`` for the newest checkpoint that verifies, starting at ``latest``.
+
+    Remote checkpoints are downloaded to a temporary folder that lives as long
+    as the context. ``problems`` describes every candidate that was skipped;
+    the folder is None when none verifies.
+    """
+    filesystem, latest_path = _filesystem_and_path(str(latest), filesystem)
+    problems: list[str] = []
+    with contextlib.ExitStack() as stack:
+        found: Path | None = None
+        for candidate in checkpoint_candidates(latest_path, filesystem):
+            if _is_local(filesystem):
+                folder = Path(candidate)
+            else:
+                import pyarrow.fs
+
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="raylm-ckpt-")))
+                try:
+                    pyarrow.fs.copy_files(candidate, str(folder), source_filesystem=filesystem)
+                except OSError as err:
+                    problems.append(f"checkpoint {candidate} could not be read: {err}")
+                    continue
+            try:
+                verify_checkpoint(folder)
+            except CorruptCheckpointError as err:
+                problems.append(str(err))
+                continue
+            found = folder
+            break
+        yield found, problems
+
+
 def find_valid_checkpoint(latest: str | Path) -> tuple[Path | None, list[str]]:
-    """Return the newest checkpoint that verifies, and messages about any that did not."""
+    """Return the newest local checkpoint that verifies, and messages about any that did not."""
     problems: list[str] = []
     for candidate in checkpoint_candidates(latest):
         try:
@@ -93,5 +171,28 @@ def find_valid_checkpoint(latest: str | Path) -> tuple[Path | None, list[str]]:
         except CorruptCheckpointError as err:
             problems.append(str(err))
             continue
-        return candidate, problems
+        return Path(candidate), problems
     return None, problems
+
+
+def publish_folder(local_folder: str | Path, destination: str, filesystem=None) -> None:
+    """Replace ``destination`` (on ``filesystem``) with a copy of ``local_folder``.
+
+    Not atomic: a copy cut short has a missing or mismatched manifest and is
+    rejected by :func:`verify_checkpoint`, as every checkpoint is.
+    """
+    import pyarrow.fs
+
+    filesystem, destination = _filesystem_and_path(destination, filesystem)
+    if filesystem.get_file_info(destination).type != pyarrow.fs.FileType.NotFound:
+        filesystem.delete_dir(destination)
+    filesystem.create_dir(destination, recursive=True)
+    manifest = Path(local_folder) / MANIFEST
+    # The manifest goes last so that a reader never sees a complete-looking partial copy.
+    for path in sorted(Path(local_folder).rglob("*"), key=lambda p: p == manifest):
+        if path.is_file():
+            target = posixpath.join(destination, path.relative_to(local_folder).as_posix())
+            filesystem.create_dir(posixpath.dirname(target), recursive=True)
+            with path.open("rb") as source, filesystem.open_output_stream(target) as sink:
+                while chunk := source.read(1 << 22):
+                    sink.write(chunk)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raylm.config import JobConfig
-from raylm.data.tokenizer import special_token_ids
-from raylm.train.checkpoint import find_valid_checkpoint, read_state
+from raylm.train.checkpoint import BEST_CHECKPOINT, find_valid_checkpoint, read_history, read_state, verify_checkpoint, \
+    CorruptCheckpointError
 from raylm.train.loop import train_loop_per_worker
 
 MODEL_FILES = ("config.json", "generation_config.json")
@@ -21,27 +21,53 @@ class TrainingResult:
     checkpoint_dir: Path
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
+    best_checkpoint_dir: Path | None = None
+    problems: list[str] = field(default_factory=list)
 
 
-def run_training(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_run_id: str | None = None) -> TrainingResult:
+def experiment_dir(job: JobConfig) -> Path:
+    """Where Ray Train keeps this run's checkpoints and state."""
+    return job.run_dir / "ray_results" / job.run_name
+
+
+def _tokenizer_facts(tokenizer) -> tuple[int, dict[str, int]]:
+    if tokenizer is None:
+        return 0, {}
+    from raylm.data.tokenizer import special_token_ids
+
+    return len(tokenizer), special_token_ids(tokenizer)
+
+
+def run_training(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_run_id: str | None = None,
+                 seq_len: int | None = None) -> TrainingResult:
     """Run ``train_loop_per_worker`` on ``job.train.num_workers`` Ray Train workers.
 
     Checkpoints and Ray Train's run state live under ``<run_dir>/ray_results``;
-    starting the same run name again resumes from its latest valid checkpoint.
+    starting the same run name again resumes from its latest valid checkpoint
+    (with any worker count). A failed worker group is restarted from the latest
+    checkpoint up to ``train.max_failures`` times. ``seq_len`` overrides
+    ``data.seq_len`` for the FLOP count when the datasets use another length
+    (e.g. padded classification rows).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     config = job.train
     resources = {"CPU": config.cpus_per_worker}
     if config.use_gpu:
         resources["GPU"] = 1
+    vocab_size, special_ids = _tokenizer_facts(tokenizer)
+    # Ordered, deterministic shards: a restarted worker sees the same rows in the same
+    # order, so skipping the consumed micro-batches resumes the data stream exactly.
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "job": job.model_dump(mode="json"),
-            "vocab_size": len(tokenizer),
-            "special_ids": special_token_ids(tokenizer),
+            "vocab_size": vocab_size,
+            "special_ids": special_ids,
+            "seq_len": seq_len,
             "mlflow_run_id": mlflow_run_id,
             "tracking_uri": job.resolved_tracking_uri(),
         },
@@ -51,10 +77,12 @@ def run_training(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_r
             name=job.run_name,
             storage_path=str(job.run_dir / "ray_results"),
             failure_config=FailureConfig(max_failures=config.max_failures),
+            # No score attribute: Ray keeps the K most recent; the loop keeps the best apart.
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
         ),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         datasets={"train": train_dataset, "dev": dev_dataset},
+        dataset_config=DataConfig(execution_options=ingest),
     )
     result = trainer.fit()
     if result.error is not None:
@@ -64,10 +92,16 @@ def run_training(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_r
     folder, problems = find_valid_checkpoint(result.checkpoint.path)
     if folder is None:
         raise RuntimeError("no valid checkpoint: " + "; ".join(problems))
-    history: list[dict[str, Any]] = []
-    if result.metrics_dataframe is not None:
+    best = experiment_dir(job) / BEST_CHECKPOINT
+    try:
+        verify_checkpoint(best)
+    except CorruptCheckpointError:
+        best = None
+    history = read_history(folder)
+    if not history and result.metrics_dataframe is not None:
         history = result.metrics_dataframe.to_dict(orient="records")
-    return TrainingResult(checkpoint_dir=folder, metrics=dict(result.metrics or {}), history=history)
+    return TrainingResult(checkpoint_dir=folder, metrics=dict(result.metrics or {}), history=history,
+                          best_checkpoint_dir=best, problems=problems)
 
 
 def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[str, Any]) -> Path:

@@ -1,7 +1,17 @@
-"""The per-worker function Ray Train runs: small, and delegating to :class:`LMTrainer`."""
+"""The per-worker function Ray Train runs: small, and delegating to :class:`LMTrainer`.
+
+Per step it gathers ``grad_accum_steps`` micro-batches from this worker's
+shard and calls ``LMTrainer.train_step``. Every ``log_every`` steps it reports
+metrics (rank 0 also logs them to MLflow); every ``eval_every`` steps it
+evaluates on the dev shard; every ``checkpoint_every`` steps and at the end it
+writes a checkpoint through ``ray.train.report``. On a (re)start it resumes
+from the newest checkpoint that verifies, at the same step, learning rate and
+data position.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import tempfile
@@ -14,7 +24,7 @@ import torch
 
 from raylm.config import JobConfig
 from raylm.models.registry import build_model, flops_per_token
-from raylm.train.checkpoint import find_valid_checkpoint, verify_checkpoint, CorruptCheckpointError
+from raylm.train.checkpoint import BEST_CHECKPOINT, open_valid_checkpoint, publish_folder, read_history
 from raylm.train.metrics import ThroughputMeter, device_peak_flops
 from raylm.train.trainer import LMTrainer
 
@@ -25,39 +35,56 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _restore(trainer: LMTrainer, checkpoint, rank: int) -> dict[str, Any]:
-    """Load the newest checkpoint that passes its manifest check; {} when none does."""
+def _log(rank: int, message: str) -> None:
+    if rank == 0:
+        print(f"[raylm] {message}", flush=True)
+
+
+def restore_trainer(trainer: LMTrainer, checkpoint, rank: int) -> dict[str, Any]:
+    """Load the newest checkpoint that passes its manifest check; {} when there is none.
+
+    ``checkpoint`` is the ``ray.train.Checkpoint`` Ray Train hands a (re)started
+    worker group. If it is corrupt or partial, older sibling checkpoints of the
+    same run are tried, newest first. The returned state carries the history of
+    logged metrics up to the checkpoint and the step it was saved at.
+    """
     if checkpoint is None:
         return {}
-    local_path = Path(checkpoint.path)
-    if local_path.is_dir():
-        folder, problems = find_valid_checkpoint(local_path)
+    with open_valid_checkpoint(checkpoint.path, getattr(checkpoint, "filesystem", None)) as (folder, problems):
         for problem in problems:
-            if rank == 0:
-                print(f"[raylm] skipping corrupt checkpoint: {problem}", flush=True)
+            _log(rank, f"skipping corrupt checkpoint: {problem}")
         if folder is None:
+            _log(rank, "no valid checkpoint found: starting from scratch")
             return {}
         state = trainer.load_checkpoint(folder)
-    else:
-        with checkpoint.as_directory() as directory:
-            try:
-                verify_checkpoint(directory)
-            except CorruptCheckpointError as err:
-                if rank == 0:
-                    print(f"[raylm] skipping corrupt checkpoint: {err}", flush=True)
-                return {}
-            state = trainer.load_checkpoint(Path(directory))
-    if rank == 0:
-        print(f"[raylm] resumed from step {state['step']} ({folder if local_path.is_dir() else checkpoint.path})",
-              flush=True)
+        state["history"] = read_history(folder)
+        state["restored_from"] = str(folder)
+    _log(rank, f"resumed from step {state['step']} ({state['restored_from']})")
     return state
 
 
-def _batches(shard, micro_batch_size: int, seed: int, start_epoch: int, skip: int) -> Iterator[tuple[int, int, dict]]:
-    """Endless micro-batches from this worker's shard, as (epoch, index in epoch, batch).
+def resume_position(state: dict[str, Any], world_size: int, micro_batch_size: int) -> tuple[int, int]:
+    """(epoch, micro-batches to skip in it) for this worker after a restore.
+
+    With the same worker count and micro-batch size the shards are the same, so
+    the position is exact. With a different count the same fraction of the
+    epoch is skipped: each worker's equal shard holds 1/world_size of it.
+    """
+    epoch = int(state.get("epoch", 0))
+    position = int(state.get("batches_in_epoch", 0))
+    saved_rows = position * int(state.get("world_size", world_size)) * int(state.get("micro_batch_size",
+                                                                                        micro_batch_size))
+    return epoch, round(saved_rows / (world_size * micro_batch_size))
+
+
+def iterate_micro_batches(shard, micro_batch_size: int, seed: int, start_epoch: int,
+                          skip: int) -> Iterator[tuple[int, int, dict]]:
+    """Endless micro-batches from this worker's shard, as (epoch, batches consumed in epoch, batch).
 
     Every worker runs the same number of steps and its shard is split with
-    equal=True, so no worker waits on another at an epoch boundary.
+    equal=True, so no worker waits on another at an epoch boundary. The local
+    shuffle is seeded by epoch, so a resumed worker replays the same order and
+    skips what it had already consumed.
     """
     epoch = start_epoch
     while True:
@@ -90,12 +117,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
+    seq_len = int(loop_config.get("seq_len") or job.data.seq_len)
     _seed_everything(config.seed)
-    model = build_model(job.model, loop_config["vocab_size"], job.data.seq_len, loop_config["special_ids"],
-                        seed=config.seed)
-    trainer = LMTrainer(model, config, device)
-    state = _restore(trainer, ray.train.get_checkpoint(), rank)
-    _seed_everything(config.seed + 1000 * rank + trainer.step)
+    model = build_model(job.model, loop_config["vocab_size"], seq_len, loop_config["special_ids"], seed=config.seed)
+    model_flops_per_token = flops_per_token(model, seq_len)
+    trainer = LMTrainer(model, config, device, task=job.model.task)
+    state = restore_trainer(trainer, ray.train.get_checkpoint(), rank)
+    resumed_from_step = trainer.step
+    if not state.get("rng_restored"):
+        _seed_everything(config.seed + 1000 * rank + trainer.step)
+    history: list[dict[str, Any]] = list(state.get("history", []))
+    best_eval_loss = state.get("best_eval_loss")
 
     tracker = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
@@ -103,20 +135,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         tracker = WorkerTracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
 
-    meter = ThroughputMeter(flops_per_token(trainer.base_model, job.data.seq_len),
-                            device_peak_flops(config.precision, device), world)
+    meter = ThroughputMeter(model_flops_per_token, device_peak_flops(config.precision, device), world)
     train_shard = ray.train.get_dataset_shard("train")
     dev_shard = ray.train.get_dataset_shard("dev")
-    batch_stream = _batches(train_shard, config.micro_batch_size, config.seed + rank,
-                            int(state.get("epoch", 0)), int(state.get("batches_in_epoch", 0)))
-    epoch, position = int(state.get("epoch", 0)), int(state.get("batches_in_epoch", 0))
+    epoch, position = resume_position(state, world, config.micro_batch_size)
+    batch_stream = iterate_micro_batches(train_shard, config.micro_batch_size, config.seed + rank, epoch, position)
 
     def dev_batches():
-        produced = 0
-        for batch in dev_shard.iter_torch_batches(batch_size=config.micro_batch_size, drop_last=True):
+        # Equal shards and the same batch size give every worker the same number of
+        # batches, which FSDP's collectives in forward require.
+        for produced, batch in enumerate(dev_shard.iter_torch_batches(batch_size=config.micro_batch_size)):
             if produced >= config.eval_batches:
                 break
-            produced += 1
             yield batch
 
     while trainer.step < config.max_steps:
@@ -129,8 +159,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step = trainer.step
         is_last = step >= config.max_steps
         should_log = step % config.log_every == 0 or is_last
-        should_eval = is_last or (config.eval_every and step % config.eval_every == 0)
-        should_checkpoint = is_last or (config.checkpoint_every and step % config.checkpoint_every == 0)
+        should_eval = is_last or bool(config.eval_every and step % config.eval_every == 0)
+        should_checkpoint = is_last or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
         if not (should_log or should_eval or should_checkpoint):
             continue
         metrics: dict[str, Any] = {
@@ -140,25 +170,43 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "lr": step_metrics["lr"],
             "grad_norm": step_metrics["grad_norm"],
             "skipped_steps": step_metrics["skipped_steps"],
+            "resumed_from_step": resumed_from_step,
             **meter.read(),
         }
-        meter.reset()
         if should_eval:
-            eval_loss = trainer.evaluate(dev_batches())
-            metrics["eval_loss"] = eval_loss
-            metrics["eval_perplexity"] = float(np.exp(min(eval_loss, 50.0)))
+            metrics.update(trainer.evaluate(dev_batches()))
+        history.append({key: value for key, value in metrics.items() if isinstance(value, (int, float))})
         if tracker is not None:
             tracker.log_metrics(metrics, step)
-        if rank == 0:
-            shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
-            print(f"[raylm] {shown}", flush=True)
-        if should_checkpoint:
-            with tempfile.TemporaryDirectory() as directory:
-                trainer.save_checkpoint(Path(directory), {"epoch": epoch, "batches_in_epoch": position,
-                                                          "eval_loss": metrics.get("eval_loss")})
-                checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-                ray.train.report(metrics, checkpoint=checkpoint)
-        else:
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
+        _log(rank, shown)
+        if not should_checkpoint:
             ray.train.report(metrics)
+            meter.reset()
+            continue
+        eval_loss = metrics.get("eval_loss")
+        is_best = eval_loss is not None and math.isfinite(eval_loss) and (
+            best_eval_loss is None or eval_loss < best_eval_loss)
+        if is_best:
+            best_eval_loss = eval_loss
+        with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as directory:
+            trainer.save_checkpoint(
+                Path(directory),
+                {"epoch": epoch, "batches_in_epoch": position, "micro_batch_size": config.micro_batch_size,
+                 "eval_loss": eval_loss, "best_eval_loss": best_eval_loss, "time": time.time()},
+                history=history,
+            )
+            checkpoint = None
+            if rank == 0:
+                checkpoint = ray.train.Checkpoint.from_directory(directory)
+                if is_best and config.keep_best_checkpoint:
+                    storage = context.get_storage()
+                    publish_folder(directory, os.path.join(storage.experiment_fs_path, BEST_CHECKPOINT),
+                                   storage.storage_filesystem)
+            # Step in the folder name for people browsing storage; the time keeps names unique
+            # when a run resumes from an older checkpoint and reaches the same step again.
+            ray.train.report(metrics, checkpoint=checkpoint,
+                             checkpoint_dir_name=f"checkpoint_step{step:08d}_{int(time.time() * 1000)}")
+        meter.reset()
     if tracker is not None:
         tracker.close()

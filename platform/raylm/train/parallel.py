@@ -1,9 +1,11 @@
 """Distributed setup and parallelism, applied to a built model from outside the model code.
 
-``apply_parallelism`` wraps a model for DDP or shards it with FSDP2
-(``fully_shard`` on every transformer block, then the root). Ray Train has
-already created the process group (gloo on CPU, NCCL on GPU) before the worker
-function runs.
+``parallelize`` is the one place a model is prepared for training: activation
+checkpointing per block, ``torch.compile`` per block, then DDP or FSDP2
+(``fully_shard`` on every transformer block, then the root), in the order
+torchtitan uses. Ray Train has already created the process group (gloo on CPU,
+NCCL on GPU) before the worker function runs; without a process group (a
+single process, e.g. unit tests) the model is left unwrapped.
 """
 
 from __future__ import annotations
@@ -14,13 +16,19 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if is_distributed() else 0
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
@@ -29,9 +37,23 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def gather_objects(value) -> list | None:
+    """Every rank's ``value`` on rank 0 (None elsewhere); ``[value]`` without a process group."""
+    if world_size() == 1:
+        return [value]
+    gathered = [None] * world_size() if rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated decoder blocks of a transformers causal LM (GPT-2 ``h``, Llama ``layers``)."""
-    for path in ("transformer.h", "model.layers", "bert.encoder.layer", "encoder.layer"):
+    """The repeated blocks of a transformers model (GPT-2 ``h``, Llama ``layers``, BERT ``encoder.layer``)."""
+    for path in ("transformer.h", "model.layers", "bert.encoder.layer", "encoder.layer", "h", "layers"):
         module = model
         try:
             for part in path.split("."):
@@ -44,35 +66,86 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def apply_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each block's activations in backward instead of storing them."""
-    if hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``torch.compile`` each transformer block in place.
+
+    Per-block compilation keeps FSDP2's hooks and transformers' mask building
+    outside the compiled graphs (no graph breaks on them), keeps parameter names
+    unchanged for state dicts, and lets every identical block reuse one graph.
+    """
+    for block in transformer_blocks(model):
+        block.compile()
+
+
+def apply_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def apply_fsdp(model: torch.nn.Module, precision: str = "fp32") -> torch.nn.Module:
+    """Shard ``model`` in place with FSDP2: each transformer block, then the root.
+
+    With bf16/fp16 the policy keeps fp32 sharded master weights and optimizer
+    state, casts the gathered parameters for compute, and reduces gradients in
+    fp32. The root's ``fully_shard`` takes the remaining parameters (embeddings,
+    final norm, head); tied embeddings stay one parameter.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dtype = MIXED_DTYPES.get(precision)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    blocks = transformer_blocks(model)
+    for index, block in enumerate(blocks):
+        # The last block is resharded by the root right after it anyway.
+        fully_shard(block, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def parallelize(model: torch.nn.Module, parallel: str, device: torch.device, precision: str = "fp32",
+                activation_checkpointing: bool = False, compile: bool = False) -> torch.nn.Module:
+    """Prepare a built model for training on ``device``; returns the module to call.
+
+    ``parallel`` is "ddp" or "fsdp". Under FSDP the model is sharded in place, so
+    the returned module is ``model`` itself; under DDP it is the DDP wrapper.
+    """
+    if parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"unknown parallel mode {parallel!r}")
+    model = model.to(device)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        compile_blocks(model)
+    if not is_distributed():
+        return model
+    if parallel == "fsdp":
+        return apply_fsdp(model, precision)
+    if world_size() == 1:
+        return model
+    return apply_ddp(model, device)
 
 
 def apply_parallelism(model: torch.nn.Module, parallel: str, device: torch.device,
                       precision: str = "fp32") -> torch.nn.Module:
-    """Return ``model`` wrapped for ``parallel`` ("ddp" or "fsdp") on ``device``."""
-    model = model.to(device)
-    if world_size() == 1 and parallel == "ddp":
-        return model
-    if parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
+    """Back-compatible name for :func:`parallelize` without checkpointing or compilation."""
+    return parallelize(model, parallel, device, precision)
 
-        device_ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids)
-    if parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        # FSDP2 keeps fp32 master weights and casts for compute; reductions stay in fp32.
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
-        for block in transformer_blocks(model):
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-        return model
-    raise ValueError(f"unknown parallel mode {parallel!r}")
+def is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (an FSDP2 model is its own module)."""
     return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
 
 

@@ -4,7 +4,19 @@
 gradient accumulation, loss normalisation and gradient sync live in one place.
 The loss is a sum over label tokens divided by the number of label tokens in
 the whole global batch (all micro-batches on all workers), which makes k
-micro-batches of size b give the same update as one batch of size k*b.
+micro-batches of size b give the same update as one batch of size k*b, and N
+workers give the same update as one worker on the same global batch.
+
+Two tasks share the loop: ``causal_lm`` (next-token loss on packed blocks with
+position ids, labels -100 where no loss is wanted) and
+``sequence_classification`` (one label per padded sequence, with an attention
+mask); for the latter "label tokens" are labelled sequences.
+
+Checkpoints are portable across worker counts and parallel modes: weights are
+saved unsharded with ``save_pretrained`` (safetensors) and the optimiser state
+as a full, parameter-name-keyed state dict (``torch.distributed.checkpoint``'s
+state-dict API), so a checkpoint written by N FSDP workers loads on M DDP
+workers and vice versa.
 """
 
 from __future__ import annotations
@@ -14,16 +26,22 @@ import json
 import math
 import random
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from raylm.train import parallel
-from raylm.train.checkpoint import STATE_FILE, write_manifest
+from raylm.train.checkpoint import HISTORY_FILE, STATE_FILE, write_manifest
 
 IGNORE_INDEX = -100
+BATCH_KEYS = ("input_ids", "labels", "position_ids", "attention_mask")
+TASKS = ("causal_lm", "sequence_classification")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model it is loaded into (different architecture or size)."""
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -59,29 +77,45 @@ def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float):
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip by the global gradient norm; under FSDP2 the norm is reduced across shards."""
+    """Clip by the global gradient norm and return it (before clipping).
+
+    Under FSDP2 the gradients are DTensor shards: the norm of the local shards is
+    reduced across workers (``full_tensor``) before the clip coefficient is
+    applied, so every worker scales by the norm of the whole gradient.
+    """
     params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if not params:
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
     if hasattr(norm, "full_tensor"):  # DTensor under FSDP2
         norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
+
+
+def infer_task(model: torch.nn.Module) -> str:
+    return "sequence_classification" if type(model).__name__.endswith("ForSequenceClassification") else "causal_lm"
 
 
 class LMTrainer:
     """Owns everything a worker needs for one optimiser step and for saving/restoring it."""
 
-    def __init__(self, model: torch.nn.Module, train_config, device: torch.device):
+    def __init__(self, model: torch.nn.Module, train_config, device: torch.device, task: str | None = None):
         self.config = train_config
         self.device = device
         self.precision = train_config.precision
-        self.base_model = model
-        if train_config.activation_checkpointing:
-            parallel.apply_activation_checkpointing(model)
-        self.model = parallel.apply_parallelism(model, train_config.parallel, device, self.precision)
-        if train_config.compile:
-            self.model = torch.compile(self.model)
+        self.task = task or infer_task(model)
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        self.model = parallel.parallelize(
+            model, train_config.parallel, device, self.precision,
+            activation_checkpointing=train_config.activation_checkpointing, compile=train_config.compile,
+        )
+        self.fsdp = parallel.is_fsdp(self.model)
+        # The transformers model: the DDP wrapper's inner module, or the (sharded) model itself.
+        self.base_model = parallel.unwrap(self.model)
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, train_config.weight_decay),
+            param_groups(self.base_model, train_config.weight_decay),
             lr=train_config.lr,
             betas=tuple(train_config.betas),
             fused=device.type == "cuda",
@@ -89,37 +123,63 @@ class LMTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(train_config.warmup_steps, train_config.max_steps, train_config.min_lr_ratio)
         )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.scaler = self._make_scaler()
         self.step = 0
         self.skipped_steps = 0
 
     # ----------------------------------------------------------------- precision
 
+    def _make_scaler(self):
+        enabled = self.precision == "fp16"
+        if enabled and self.fsdp:
+            # Each worker sees only its gradient shards; the sharded scaler all-reduces
+            # "found inf" so that every worker skips (or takes) the same steps.
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(self.device.type)
+        return torch.amp.GradScaler(self.device.type, enabled=enabled)
+
     def _autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        if dtype is None or self.config.parallel == "fsdp":
+        dtype = parallel.MIXED_DTYPES.get(self.precision)
+        if dtype is None or self.fsdp:
             # FSDP2 casts parameters itself through its MixedPrecisionPolicy.
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def _loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    # ----------------------------------------------------------------- loss
+
+    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self._autocast():
-            # No KV cache: with position ids and no cache, transformers builds a block-diagonal
-            # causal mask, so packed examples cannot attend to each other.
-            logits = self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
-                                use_cache=False).logits
-        shifted_logits = logits[:, :-1, :].float()
-        shifted_labels = batch["labels"][:, 1:]
+            if self.task == "sequence_classification":
+                return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            # No KV cache and no attention mask: with position ids, transformers builds a
+            # block-diagonal causal mask, so packed examples cannot attend to each other.
+            return self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
+                              use_cache=False).logits
+
+    def _targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.task == "sequence_classification":
+            return batch["labels"].reshape(-1)
+        return batch["labels"][:, 1:]
+
+    def _loss_sum(self, batch: dict[str, torch.Tensor], logits: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self._logits(batch) if logits is None else logits
+        if self.task == "causal_lm":
+            logits = logits[:, :-1, :]
+        targets = self._targets(batch)
         return F.cross_entropy(
-            shifted_logits.reshape(-1, shifted_logits.size(-1)),
-            shifted_labels.reshape(-1),
+            logits.float().reshape(-1, logits.size(-1)),
+            targets.reshape(-1),
             ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
 
+    def _num_targets(self, batch: dict[str, torch.Tensor]) -> int:
+        return int((self._targets(batch) != IGNORE_INDEX).sum())
+
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {key: torch.as_tensor(value).to(self.device, dtype=torch.long, non_blocking=True)
-                for key, value in batch.items() if key in ("input_ids", "labels", "position_ids")}
+                for key, value in batch.items() if key in BATCH_KEYS}
 
     # ----------------------------------------------------------------- training
 
@@ -127,11 +187,11 @@ class LMTrainer:
         """One optimiser step over the given micro-batches; returns loss, lr, grad norm, token counts."""
         self.model.train()
         batches = [self._to_device(batch) for batch in micro_batches]
-        local_label_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
-        counts = torch.tensor([local_label_tokens], dtype=torch.float64, device=self.device)
-        global_label_tokens = float(parallel.all_reduce_sum(counts).item())
+        counts = torch.tensor([float(sum(self._num_targets(b) for b in batches))], dtype=torch.float64,
+                              device=self.device)
+        global_targets = float(parallel.all_reduce_sum(counts).item())
         # DDP and FSDP average gradients over workers, hence the world-size factor.
-        normaliser = max(global_label_tokens, 1.0) / parallel.world_size()
+        normaliser = max(global_targets, 1.0) / parallel.world_size()
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         for index, batch in enumerate(batches):
             is_last = index == len(batches) - 1
@@ -140,7 +200,7 @@ class LMTrainer:
                 self.scaler.scale(loss_sum / normaliser).backward()
             loss_total += loss_sum.detach().double()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm(self.model, self.config.max_grad_norm)
+        grad_norm = clip_grad_norm(self.base_model, self.config.max_grad_norm)
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -153,7 +213,7 @@ class LMTrainer:
         loss_total = parallel.all_reduce_sum(loss_total)
         tokens = sum(int(b["input_ids"].numel()) for b in batches)
         return {
-            "loss": float(loss_total.item()) / max(global_label_tokens, 1.0),
+            "loss": float(loss_total.item()) / max(global_targets, 1.0),
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens": tokens,
@@ -161,35 +221,53 @@ class LMTrainer:
         }
 
     @torch.no_grad()
-    def evaluate(self, batches) -> float:
-        """Mean per-token loss over ``batches`` across all workers."""
+    def evaluate(self, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        """Mean loss over ``batches`` across all workers, with perplexity (LM) or accuracy (classifier).
+
+        Every worker must call it with the same number of batches (it all-reduces once at the end).
+        """
         self.model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, targets, correct
         for batch in batches:
             batch = self._to_device(batch)
-            totals[0] += self._loss_sum(batch).double()
-            totals[1] += float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            logits = self._logits(batch)
+            totals[0] += self._loss_sum(batch, logits).double()
+            totals[1] += self._num_targets(batch)
+            if self.task == "sequence_classification":
+                targets = self._targets(batch)
+                mask = targets != IGNORE_INDEX
+                totals[2] += float((logits.argmax(-1)[mask] == targets[mask]).sum())
         totals = parallel.all_reduce_sum(totals)
-        return float(totals[0] / totals[1].clamp(min=1))
+        count = float(totals[1])
+        loss = float(totals[0]) / count if count else float("nan")
+        metrics = {"eval_loss": loss}
+        if self.task == "sequence_classification":
+            metrics["eval_accuracy"] = float(totals[2]) / count if count else float("nan")
+        else:
+            metrics["eval_perplexity"] = float(math.exp(min(loss, 50.0)))
+        return metrics
 
     # ----------------------------------------------------------------- state
 
-    def full_model_state(self) -> dict[str, torch.Tensor]:
-        """The complete (unsharded) model state dict, on CPU; collective under FSDP."""
-        if self.config.parallel == "fsdp" and parallel.world_size() > 1:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def _state_dict_options(self, **kwargs):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-            return get_model_state_dict(self.base_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {key: value.detach().cpu() for key, value in parallel.unwrap(self.model).state_dict().items()}
+        # Under FSDP the full state is gathered onto rank 0's CPU only.
+        return StateDictOptions(full_state_dict=True, cpu_offload=parallel.is_distributed(), **kwargs)
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """The complete (unsharded) model state dict on CPU; collective under FSDP (empty off rank 0)."""
+        if not self.fsdp:
+            return {key: value.detach().cpu() for key, value in self.base_model.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(self.model, options=self._state_dict_options())
 
     def full_optimizer_state(self) -> dict[str, Any]:
-        if self.config.parallel == "fsdp" and parallel.world_size() > 1:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        """The optimiser state keyed by parameter name, unsharded; collective under FSDP."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-            return get_optimizer_state_dict(
-                self.base_model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-            )
-        return self.optimizer.state_dict()
+        return get_optimizer_state_dict(self.model, self.optimizer, options=self._state_dict_options())
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -200,73 +278,98 @@ class LMTrainer:
             "skipped_steps": self.skipped_steps,
         }
 
-    def save_checkpoint(self, folder: Path, extra_state: dict[str, Any]) -> None:
-        """Write a checkpoint folder (rank 0 writes; every rank must call it under FSDP)."""
+    def save_checkpoint(self, folder: Path, extra_state: dict[str, Any],
+                        history: Sequence[dict[str, Any]] = ()) -> None:
+        """Write a checkpoint folder; every rank must call it (it gathers), rank 0 writes."""
         model_state = self.full_model_state()
         trainer_state = self.state_dict()
+        rng_states = parallel.gather_objects(capture_rng_state())
         if parallel.rank() != 0:
             return
+        folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        model = parallel.unwrap(self.base_model)
-        model.save_pretrained(folder, state_dict=model_state, safe_serialization=True)
+        self.base_model.save_pretrained(folder, state_dict=model_state, safe_serialization=True)
         torch.save(
             {key: trainer_state[key] for key in ("optimizer", "scheduler", "scaler")},
             folder / "optimizer.pt",
         )
-        torch.save(capture_rng_state(), folder / "rng.pt")
-        state = {"step": self.step, "skipped_steps": self.skipped_steps, **extra_state}
+        torch.save({"world_size": len(rng_states), "ranks": rng_states}, folder / "rng.pt")
+        state = {"step": self.step, "skipped_steps": self.skipped_steps, "world_size": parallel.world_size(),
+                 "task": self.task, **extra_state}
         (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
+        if history:
+            (folder / HISTORY_FILE).write_text("".join(json.dumps(row) + "\n" for row in history))
         write_manifest(folder)
 
-    def load_checkpoint(self, folder: Path) -> dict[str, Any]:
-        """Restore model, optimiser, schedule, scaler and RNG state; returns the saved trainer state."""
-        from safetensors.torch import load_file
-
-        weights = {}
-        for shard in sorted(Path(folder).glob("*.safetensors")):
-            weights.update(load_file(str(shard)))
-        if self.config.parallel == "fsdp" and parallel.world_size() > 1:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
+    def _check_loaded_keys(self, weights: dict[str, torch.Tensor]) -> None:
+        """Fail clearly unless every parameter is in ``weights`` (tied copies may be absent)."""
+        names_by_param: dict[int, list[str]] = {}
+        for name, param in self.base_model.named_parameters(remove_duplicate=False):
+            names_by_param.setdefault(id(param), []).append(name)
+        missing = [names[0] for names in names_by_param.values() if not any(name in weights for name in names)]
+        if missing:
+            raise CheckpointMismatchError(
+                f"checkpoint lacks {len(missing)} parameter(s) of this model (first: {missing[0]}); "
+                "was it saved from a different architecture or size?"
             )
 
-            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False, strict=False)
-            set_model_state_dict(self.base_model, weights, options=options)
+    def load_checkpoint(self, folder: Path) -> dict[str, Any]:
+        """Restore model, optimiser, schedule, scaler and (same world size) RNG state.
+
+        Returns the saved trainer state plus ``rng_restored``: whether this rank's
+        RNG state was restored (only possible with the same number of workers).
+        """
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        folder = Path(folder)
+        weights: dict[str, torch.Tensor] = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            weights.update(load_file(str(shard)))
+        self._check_loaded_keys(weights)
+        if self.fsdp:
+            # Every rank holds the full state and keeps its own shards of it.
+            set_model_state_dict(self.model, weights, options=self._state_dict_options(strict=False))
         else:
-            parallel.unwrap(self.model).load_state_dict(weights, strict=False)
-        saved = torch.load(Path(folder) / "optimizer.pt", map_location="cpu", weights_only=True)
-        if self.config.parallel == "fsdp" and parallel.world_size() > 1:
-            set_optimizer_state_dict(self.base_model, self.optimizer, saved["optimizer"], options=options)
-        else:
-            self.optimizer.load_state_dict(saved["optimizer"])
+            result = self.base_model.load_state_dict(weights, strict=False)
+            if result.unexpected_keys:
+                raise CheckpointMismatchError(f"checkpoint has unknown parameter {result.unexpected_keys[0]}")
+            tie = getattr(self.base_model, "tie_weights", None)
+            if callable(tie):
+                tie()
+        saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"],
+                                 options=self._state_dict_options())
         self.scheduler.load_state_dict(saved["scheduler"])
-        self.scaler.load_state_dict(saved["scaler"])
-        # Tied weights are saved once; re-tie after loading.
-        tie = getattr(parallel.unwrap(self.base_model), "tie_weights", None)
-        if callable(tie) and self.config.parallel != "fsdp":
-            tie()
-        rng_path = Path(folder) / "rng.pt"
-        if rng_path.is_file():
-            restore_rng_state(torch.load(rng_path, map_location="cpu", weights_only=True))
-        state = json.loads((Path(folder) / STATE_FILE).read_text())
+        if saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        state = json.loads((folder / STATE_FILE).read_text())
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        state["rng_restored"] = False
+        rng_path = folder / "rng.pt"
+        if rng_path.is_file():
+            rng = torch.load(rng_path, map_location="cpu", weights_only=True)
+            if int(rng.get("world_size", 0)) == parallel.world_size():
+                restore_rng_state(rng["ranks"][parallel.rank()])
+                state["rng_restored"] = True
         return state
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG state as plain tensors, loadable with ``weights_only=True``."""
+    """Python, numpy, torch (and CUDA) RNG state as plain tensors, loadable with ``weights_only=True``."""
     version, python_state, gauss = random.getstate()
     _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "python": torch.tensor(python_state, dtype=torch.int64),
         "python_meta": [version, gauss],
         "numpy_keys": torch.from_numpy(numpy_keys.astype(np.int64)),
         "numpy_meta": [int(numpy_pos), int(numpy_has_gauss), float(numpy_gauss)],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
@@ -275,3 +378,5 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(int(v) for v in state["python"].tolist()), gauss))
     pos, has_gauss, cached = state["numpy_meta"]
     np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

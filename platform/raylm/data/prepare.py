@@ -1,0 +1,423 @@
+"""Preparing real corpora: the tokenizer, and the tokenized, packed dataset in Parquet with a manifest.
+
+``raylm prepare tokenizer`` trains a byte-level BPE tokenizer on a sample of the
+configured sources, streamed through Ray Data. ``raylm prepare data`` reads,
+checks, formats, tokenizes and packs every source with Ray Data and writes the
+blocks to ``<cache_dir>/<fingerprint>/{train,dev}/*.parquet`` plus
+``manifest.json`` (source fingerprints, tokenizer hash, token and block counts,
+bad rows). The fingerprint covers the sources' files, the tokenizer and every
+setting that changes the blocks, so a training run whose fingerprint matches
+reads the Parquet back lazily instead of tokenizing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from raylm.config import DataSourceConfig, JobConfig
+from raylm.data.errors import DataError, find_data_error
+from raylm.data.segments import MAX_PROBLEM_EXAMPLES, SourcePlan, pack_segments, sample_texts, segment_rows
+from raylm.data.sources import ResolvedSource, check_local_paths, read_segments, resolve_source
+from raylm.data.tokenizer import encoder_spec, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+
+# Bump when a change to reading, formatting or packing changes the blocks for the same input.
+PIPELINE_VERSION = "1"
+MANIFEST = "manifest.json"
+
+Log = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    del message
+
+
+def configured_sources(job: JobConfig) -> tuple[list[tuple[str, DataSourceConfig]], list[tuple[str, DataSourceConfig]]]:
+    """``(train, dev)`` source configs with the config path of each, for messages."""
+    train = [(f"data.sources[{i}]", source) for i, source in enumerate(job.data.sources)]
+    dev = [(f"data.dev_sources[{i}]", source) for i, source in enumerate(job.data.dev_sources)]
+    return train, dev
+
+
+def check_sources(job: JobConfig) -> None:
+    """Fail on missing local source paths before any cluster resource is taken."""
+    if job.data.corpus != "sources":
+        return
+    train, dev = configured_sources(job)
+    check_local_paths(train + dev)
+
+
+@dataclass
+class ResolvedCorpus:
+    train: list[ResolvedSource]
+    dev: list[ResolvedSource]
+
+
+def resolve_corpus(job: JobConfig) -> ResolvedCorpus:
+    if job.data.corpus != "sources":
+        raise DataError("data.sources is empty: raylm prepare reads real corpora (the demo corpus is generated "
+                        "in memory at train time)")
+    train, dev = configured_sources(job)
+    return ResolvedCorpus(train=[resolve_source(name, config) for name, config in train],
+                          dev=[resolve_source(name, config) for name, config in dev])
+
+
+def prepared_root(job: JobConfig) -> str:
+    """Where prepared datasets and trained tokenizers live (``data.cache_dir``, default ``<workdir>/prepared``)."""
+    if job.data.cache_dir:
+        return job.data.cache_dir if "://" in job.data.cache_dir else str(Path(job.data.cache_dir).resolve())
+    return str(Path(job.workdir).resolve() / "prepared")
+
+
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def source_plans(job: JobConfig, corpus: ResolvedCorpus, role: str) -> list[tuple[ResolvedSource, SourcePlan]]:
+    """The passes that produce split ``role``: every dev source, or the held-out share of every train source."""
+    data = job.data
+    if role == "dev" and corpus.dev:
+        sources = [(index, source, 0.0) for index, source in enumerate(corpus.dev)]
+        count_problems = True
+    else:
+        sources = [(index, source, data.dev_fraction) for index, source in enumerate(corpus.train)]
+        count_problems = role == "train"
+    plans = []
+    for index, source, holdout in sources:
+        config = source.config
+        weight = config.weight * data.mixture.get(config.task, 1.0) if role == "train" else 1.0
+        plans.append((source, SourcePlan(
+            index=index, label=config.path, format=source.read_format, task=config.task,
+            fields=tuple(sorted(config.fields.items())), text_unit=config.text_unit, role=role,
+            holdout=holdout, weight=weight, seed=data.shuffle_seed, strict=data.strict,
+            count_problems=count_problems)))
+    return plans
+
+
+def _run_ray(action: Callable[[], Any]) -> Any:
+    """Run a Ray Data execution, turning a DataError raised inside a task into a plain one-line DataError."""
+    try:
+        return action()
+    except DataError:
+        raise
+    except Exception as err:
+        found = find_data_error(err)
+        if found is not None:
+            raise DataError(str(found)) from None
+        raise
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_key(job: JobConfig, corpus: ResolvedCorpus) -> str:
+    return _hash({"version": PIPELINE_VERSION, "vocab_size": job.data.vocab_size,
+                  "sample_bytes": job.data.tokenizer_sample_bytes, "seed": job.data.shuffle_seed,
+                  "dev_fraction": job.data.dev_fraction, "sources": [s.fingerprint for s in corpus.train]})
+
+
+def train_tokenizer_on_sources(job: JobConfig, corpus: ResolvedCorpus, log: Log = _quiet):
+    """Train a BPE tokenizer on a sample of the training sources streamed through Ray Data.
+
+    Each document is kept with probability ``tokenizer_sample_bytes / corpus
+    bytes`` (by a hash of the document, so every source is represented and the
+    sample is the same every time); the driver only sees the sampled text, one
+    batch at a time. Returns ``(tokenizer, stats)``.
+    """
+    total = sum(source.num_bytes for source in corpus.train)
+    fraction = min(1.0, job.data.tokenizer_sample_bytes / max(total, 1))
+    # Sampling weights repeat rows; the tokenizer should see each document once.
+    datasets = [read_segments(source, job.data.segment_bytes).map_batches(
+        sample_texts, fn_kwargs={"plan": replace(plan, weight=1.0), "fraction": fraction}, batch_size=1,
+        batch_format="numpy")
+        for source, plan in source_plans(job, corpus, "train")]
+    sampled = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    stats = {"sampled_texts": 0, "sampled_chars": 0, "sample_fraction": fraction}
+
+    def texts():
+        for batch in sampled.iter_batches(batch_size=256, batch_format="numpy"):
+            for text in batch["text"]:
+                stats["sampled_texts"] += 1
+                stats["sampled_chars"] += len(text)
+                yield text
+
+    log(f"training a {job.data.vocab_size}-token BPE tokenizer on {fraction:.1%} of {total / 1e6:.1f} MB")
+    tokenizer = _run_ray(lambda: train_bpe_tokenizer(texts(), job.data.vocab_size))
+    if stats["sampled_texts"] == 0:
+        raise DataError("the corpus is empty: no usable rows to train the tokenizer on")
+    return tokenizer, stats
+
+
+def resolve_tokenizer(job: JobConfig, corpus: ResolvedCorpus, log: Log = _quiet) -> tuple[Any, dict[str, Any]]:
+    """The tokenizer for a sources corpus: ``data.tokenizer_path``, ``model.init_from``, or a BPE
+    tokenizer trained on the corpus (cached under the prepared root, keyed by the sources' fingerprints)."""
+    if job.data.tokenizer_path:
+        return load_tokenizer(job.data.tokenizer_path), {"origin": "data.tokenizer_path",
+                                                         "path": str(Path(job.data.tokenizer_path).resolve())}
+    if job.model.init_from:
+        return load_tokenizer(job.model.init_from), {"origin": "model.init_from",
+                                                     "path": str(Path(job.model.init_from).resolve())}
+    folder = Path(prepared_root(job)) / "tokenizers" / tokenizer_key(job, corpus)
+    info_path = folder / "raylm_tokenizer.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        return load_tokenizer(folder), {**info, "origin": "cache", "path": str(folder)}
+    if "://" in str(folder):
+        raise DataError("data.cache_dir: a remote cache needs data.tokenizer_path (train it with a local cache_dir)")
+    tokenizer, stats = train_tokenizer_on_sources(job, corpus, log)
+    staging = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tokenizer.save_pretrained(staging)
+    info = {"vocab_size": len(tokenizer), "hash": tokenizer_fingerprint(tokenizer),
+            "sources": [source.describe() for source in corpus.train], **stats}
+    (staging / "raylm_tokenizer.json").write_text(json.dumps(info, indent=2))
+    _publish(staging, folder)
+    return load_tokenizer(folder), {**info, "origin": "trained", "path": str(folder)}
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Move a finished folder into place; if another process got there first, keep theirs."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(staging, final)
+    except OSError:
+        if not (final / MANIFEST).exists() and not (final / "raylm_tokenizer.json").exists():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def prepare_tokenizer(job: JobConfig, log: Log = _quiet) -> dict[str, Any]:
+    """``raylm prepare tokenizer``: resolve (train if needed) the corpus tokenizer; returns its description."""
+    corpus = resolve_corpus(job)
+    tokenizer, info = resolve_tokenizer(job, corpus, log)
+    return {**info, "vocab_size": len(tokenizer), "hash": tokenizer_fingerprint(tokenizer)}
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def dataset_fingerprint(job: JobConfig, corpus: ResolvedCorpus, tokenizer_hash: str) -> str:
+    data = job.data
+    return _hash({
+        "version": PIPELINE_VERSION,
+        "train": [s.fingerprint for s in corpus.train],
+        "dev": [s.fingerprint for s in corpus.dev],
+        "tokenizer": tokenizer_hash,
+        "seq_len": data.seq_len,
+        "dev_fraction": data.dev_fraction,
+        "mixture": data.mixture,
+        "seed": data.shuffle_seed,
+        "segment_bytes": data.segment_bytes,
+        "strict": data.strict,
+    })
+
+
+def _report_collector():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ReportCollector:
+        """Keeps the last report per segment (a retried task replaces, never adds)."""
+
+        def __init__(self):
+            self.reports: dict = {}
+
+        def add(self, key, report) -> None:
+            self.reports[tuple(key)] = report
+
+        def all(self) -> list:
+            return list(self.reports.values())
+
+    return ReportCollector.remote()
+
+
+def packed_dataset(job: JobConfig, corpus: ResolvedCorpus, role: str, tokenizer, collector=None):
+    """A lazy Ray Dataset of packed blocks for split ``role`` (the union over its sources)."""
+    spec = encoder_spec(tokenizer)
+    datasets = [read_segments(source, job.data.segment_bytes).map_batches(
+        pack_segments, fn_kwargs={"plan": plan, "encoder": spec, "seq_len": job.data.seq_len, "collector": collector},
+        batch_size=1, batch_format="numpy")
+        for source, plan in source_plans(job, corpus, role)]
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def summarize_reports(reports: list[dict[str, Any]], seq_len: int) -> dict[str, Any]:
+    """Totals per split and per source, problems by kind, and the first few problems (by file and line)."""
+    counters = ("rows", "examples", "tokens", "label_tokens", "blocks", "padding_tokens")
+    splits: dict[str, dict[str, Any]] = {}
+    problems: dict[str, int] = {}
+    examples: list = []
+    for report in reports:
+        split = splits.setdefault(report["role"], {**{c: 0 for c in counters}, "segments": 0, "by_source": {}})
+        source = split["by_source"].setdefault(str(report["source"]), {c: 0 for c in counters})
+        split["segments"] += 1
+        for counter in counters:
+            split[counter] += report[counter]
+            source[counter] += report[counter]
+        for kind, count in report["problems"].items():
+            problems[kind] = problems.get(kind, 0) + count
+        examples.extend(report["problem_examples"])
+    for split in splits.values():
+        capacity = split["blocks"] * seq_len
+        split["padding_fraction"] = round(split["padding_tokens"] / capacity, 6) if capacity else 0.0
+    examples.sort(key=lambda example: (example[0], example[1]))
+    return {
+        "splits": splits,
+        "bad_rows": {
+            "count": sum(problems.values()),
+            "by_kind": dict(sorted(problems.items())),
+            "first": [{"location": location, "kind": kind, "message": message}
+                      for _, _, location, kind, message in examples[:MAX_PROBLEM_EXAMPLES]],
+        },
+    }
+
+
+def describe_bad_rows(bad_rows: dict[str, Any]) -> list[str]:
+    """Lines for a log: the count by kind, then the first few with file and line."""
+    if not bad_rows["count"]:
+        return []
+    kinds = ", ".join(f"{kind}: {count}" for kind, count in bad_rows["by_kind"].items())
+    lines = [f"skipped {bad_rows['count']} bad rows ({kinds})"]
+    lines.extend(f"  {item['location']}: {item['message']}" for item in bad_rows["first"])
+    return lines
+
+
+def read_manifest(folder: str) -> Optional[dict[str, Any]]:
+    """The manifest of a prepared dataset folder, or None when there is none (or it is unreadable)."""
+    filesystem, root = _filesystem(folder)
+    try:
+        with filesystem.open_input_stream(f"{root}/{MANIFEST}") as stream:
+            return json.loads(stream.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _filesystem(folder: str):
+    import pyarrow.fs as pafs
+
+    if "://" in folder:
+        return pafs.FileSystem.from_uri(folder)
+    return pafs.LocalFileSystem(), folder
+
+
+def _write_manifest(folder: str, manifest: dict[str, Any]) -> None:
+    filesystem, root = _filesystem(folder)
+    with filesystem.open_output_stream(f"{root}/{MANIFEST}") as stream:
+        stream.write(json.dumps(manifest, indent=2).encode("utf-8"))
+
+
+def prepare_dataset(job: JobConfig, log: Log = _quiet, corpus: ResolvedCorpus | None = None,
+                    tokenizer=None, tokenizer_info: dict | None = None) -> dict[str, Any]:
+    """``raylm prepare data``: write the packed dataset and its manifest unless a matching one exists.
+
+    Returns the manifest, with ``"cached": True`` when an existing one matched.
+    Raises :class:`DataError` when a split ends up empty or, under
+    ``data.strict``, at the first bad row.
+    """
+    import ray
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    corpus = corpus or resolve_corpus(job)
+    if tokenizer is None:
+        tokenizer, tokenizer_info = resolve_tokenizer(job, corpus, log)
+    tokenizer_hash = tokenizer_fingerprint(tokenizer)
+    fingerprint = dataset_fingerprint(job, corpus, tokenizer_hash)
+    root = prepared_root(job)
+    folder = f"{root}/{fingerprint}"
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.get("fingerprint") == fingerprint:
+        log(f"prepared dataset found: {folder}")
+        return {**manifest, "cached": True}
+
+    remote = "://" in root
+    staging = folder if remote else f"{root}/{fingerprint}.tmp-{uuid.uuid4().hex[:8]}"
+    started = time.time()
+    collector = _report_collector()
+    try:
+        for role in ("train", "dev"):
+            log(f"tokenizing and packing the {role} split with Ray Data")
+            dataset = packed_dataset(job, corpus, role, tokenizer, collector)
+            _run_ray(lambda: dataset.write_parquet(f"{staging}/{role}"))
+        summary = summarize_reports(ray.get(collector.all.remote()), job.data.seq_len)
+    except BaseException:
+        if not remote:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        ray.kill(collector)
+    for line in describe_bad_rows(summary["bad_rows"]):
+        log(line)
+    for role in ("train", "dev"):
+        split = summary["splits"].get(role, {"blocks": 0})
+        if split["blocks"] == 0:
+            if not remote:
+                shutil.rmtree(staging, ignore_errors=True)
+            bad = summary["bad_rows"]
+            detail = f"; {bad['count']} bad rows skipped, first: {bad['first'][0]['location']}: " \
+                     f"{bad['first'][0]['message']}" if bad["count"] else ""
+            raise DataError(f"the {role} split is empty: no usable rows in the configured sources{detail}")
+    manifest = {
+        "fingerprint": fingerprint,
+        "pipeline_version": PIPELINE_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(time.time() - started, 2),
+        "path": folder,
+        "seq_len": job.data.seq_len,
+        "sources": [source.describe() for source in corpus.train],
+        "dev_sources": [source.describe() for source in corpus.dev],
+        "dev_fraction": job.data.dev_fraction,
+        "mixture": job.data.mixture,
+        "tokenizer": {"hash": tokenizer_hash, "vocab_size": len(tokenizer), **(tokenizer_info or {})},
+        **summary,
+    }
+    _write_manifest(staging, manifest)
+    if not remote:
+        _publish(Path(staging), Path(folder))
+    log(f"prepared dataset written: {folder}")
+    return {**manifest, "cached": False}
+
+
+def open_prepared(manifest: dict[str, Any], seed: int):
+    """Lazy Ray Datasets ``(train, dev)`` over a prepared dataset's Parquet files.
+
+    The training files are read in a seeded random order (a new order every
+    epoch), which mixes the sources; rows within a file keep their order.
+    """
+    import ray.data
+    from ray.data import FileShuffleConfig
+
+    train = ray.data.read_parquet(f"{manifest['path']}/train", shuffle=FileShuffleConfig(seed=seed))
+    dev = ray.data.read_parquet(f"{manifest['path']}/dev")
+    return train, dev
+
+
+def load_dev_examples(job: JobConfig, limit_per_task: int, corpus: ResolvedCorpus | None = None) -> list[dict]:
+    """Up to ``limit_per_task`` formatted dev rows of each task (not plain LM text), for task metrics."""
+    import ray.data
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    corpus = corpus or resolve_corpus(job)
+    rows: list[dict] = []
+    taken: dict[str, int] = {}
+    for source, plan in source_plans(job, corpus, "dev"):
+        if plan.task == "lm":
+            continue
+        wanted = limit_per_task - taken.get(plan.task, 0)
+        if wanted <= 0:
+            continue
+        dataset = read_segments(source, job.data.segment_bytes).map_batches(
+            segment_rows, fn_kwargs={"plan": plan}, batch_size=1, batch_format="numpy").limit(wanted)
+        found = [json.loads(item["row"]) for item in _run_ray(dataset.take_all)]
+        taken[plan.task] = taken.get(plan.task, 0) + len(found)
+        rows.extend(found)
+    return rows
