@@ -20,6 +20,8 @@ from raylm.config import ConfigError, JobConfig, load_config
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, tune and serve language models on Ray.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
 app.add_typer(config_app, name="config")
+prepare_app = typer.Typer(no_args_is_help=True, help="Train the corpus tokenizer; tokenize and pack the corpus.")
+app.add_typer(prepare_app, name="prepare")
 
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file")
 OverridesArgument = typer.Argument(None, help="dotted overrides, e.g. train.lr=1e-3")
@@ -60,6 +62,26 @@ def _run(fn, *args):
 def config_show(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
     """Print the resolved config (defaults + YAML + overrides) as YAML."""
     typer.echo(_load(config, overrides).to_yaml(), nl=False)
+
+
+@prepare_app.command("tokenizer")
+def prepare_tokenizer(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
+    """Train a byte-level BPE tokenizer on a sample of data.sources (cached); prints its description as JSON."""
+    job = _load(config, overrides)
+    from raylm import workflow
+
+    info = _run(workflow.prepare_tokenizer, job)
+    typer.echo(json.dumps(info, indent=2, default=str))
+
+
+@prepare_app.command("data")
+def prepare_data(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
+    """Tokenize and pack data.sources into Parquet with a manifest; prints the manifest as JSON."""
+    job = _load(config, overrides)
+    from raylm import workflow
+
+    manifest = _run(workflow.prepare_dataset, job)
+    typer.echo(json.dumps(manifest, indent=2, default=str))
 
 
 @app.command()

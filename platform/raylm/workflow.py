@@ -144,7 +144,7 @@ def prepare_tokenizer(job: JobConfig, log: Log = _print) -> dict[str, Any]:
     return prepare(job, log)
 
 
-def prepare_data(job: JobConfig, log: Log = _print) -> dict[str, Any]:
+def prepare_dataset(job: JobConfig, log: Log = _print) -> dict[str, Any]:
     """Tokenize and pack ``data.sources`` into Parquet with a manifest (or find a matching one); returns the manifest."""
     from raylm.data.prepare import prepare_dataset
 

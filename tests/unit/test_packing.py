@@ -35,7 +35,9 @@ def test_packing_invariants(corpus_and_tokenizer):
     assert packed["input_ids"].shape[1] == seq_len
     assert packed["input_ids"].shape == packed["labels"].shape == packed["position_ids"].shape
     # no token lost or duplicated: the segments are exactly the examples (as block-sized chunks)
-    chunks = sorted((tuple(seq_ids[i : i + seq_len]), tuple(seq_labels[i : i + seq_len]))
+    # (a continuation chunk's first label is masked: it would be predicted across segments)
+    chunks = sorted((tuple(seq_ids[i : i + seq_len]),
+                     tuple(([IGNORE_INDEX] if i else seq_labels[i : i + 1]) + seq_labels[i + 1 : i + seq_len]))
                     for seq_ids, seq_labels in zip(ids, labels) for i in range(0, len(seq_ids), seq_len))
     segments = sorted((tuple(a), tuple(b)) for a, b in unpack_segments(packed, tokenizer.pad_token_id))
     assert segments == chunks
@@ -59,6 +61,9 @@ def test_long_examples_are_chunked_not_dropped():
     packed = pack_sequences(ids, labels, seq_len=64, pad_id=0)
     assert packed["input_ids"].shape == (3, 64)
     assert packed["input_ids"].reshape(-1)[:150].tolist() == ids[0]
+    # continuation chunks start a new segment whose first label is masked; the rest are kept
+    assert packed["position_ids"][1, 0] == 0 and packed["labels"][1, 0] == IGNORE_INDEX
+    assert packed["labels"][1, 1:].tolist() == ids[0][65:128]
 
 
 def test_malformed_rows_are_skipped_and_counted(corpus_and_tokenizer):

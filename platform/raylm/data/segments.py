@@ -54,7 +54,7 @@ def segment_schema():
 # --------------------------------------------------------------------------- reading
 
 
-def _find_cut(buffer: bytes, target: int, unit: str, eof: bool) -> tuple[int, bool] | None:
+def _find_cut(buffer: bytes, target: int, unit: str) -> tuple[int, bool] | None:
     """Where to end the next segment in ``buffer`` (offset, cut inside a document), or None to read on."""
     if len(buffer) < target:
         return None
@@ -69,8 +69,8 @@ def _find_cut(buffer: bytes, target: int, unit: str, eof: bool) -> tuple[int, bo
         return None
     cut = newline + 1
     inside_document = unit in ("paragraph", "file")
-    if inside_document and cut == len(buffer) and not eof:
-        return None  # wait: if the file ends here, the document ends here too
+    if inside_document and cut == len(buffer):
+        return None  # read on: if the file ends here, the document ends here too
     return cut, inside_document
 
 
@@ -109,7 +109,7 @@ def iter_line_segments(stream: BinaryIO, segment_bytes: int, unit: str = "line",
             else:
                 eof = True
         while True:
-            cut = _find_cut(buffer, segment_bytes, unit, eof)
+            cut = _find_cut(buffer, segment_bytes, unit)
             if cut is None:
                 break
             offset, inside = cut
