@@ -57,7 +57,8 @@ def test_task_endpoints_answer(base_url):
     assert translated.status_code == 200, translated.text
     assert isinstance(translated.json()["translation"], str)
     answered = _post(base_url, "/v1/qa", {"context": "Anna lives in Oslo.", "question": "Where does Anna live?"})
-    assert answered.status_code == 200 and isinstance(answered.json()["answer"], str)
+    # extractive: even an untrained model can only quote the passage
+    assert answered.status_code == 200 and answered.json()["answer"] in "Anna lives in Oslo."
     sentiment = _post(base_url, "/v1/sentiment", {"text": "the movie was great"})
     body = sentiment.json()
     assert sentiment.status_code == 200 and body["label"] in ("positive", "negative") and 0.5 <= body["score"] <= 1

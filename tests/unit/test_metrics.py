@@ -27,3 +27,16 @@ def test_bleu_is_sacrebleu_corpus_bleu():
     partial = bleu(["Der Hund sieht den Ball.", "Heute kauft die Frau das Auto."], refs)
     assert 20 < partial < 80
     assert bleu(["x y z", "q"], refs) < 5
+
+
+def test_span_constrained_decoding_mask():
+    from raylm.serving.engine import _span_mask
+
+    source = [[5, 6, 7, 5, 8]]
+    eos = 0
+    first = _span_mask(source, [[]], 10, eos)[0]
+    assert sorted(int(i) for i in (first == 0).nonzero()) == [5, 6, 7, 8]
+    after_five = _span_mask(source, [[5]], 10, eos)[0]
+    assert sorted(int(i) for i in (after_five == 0).nonzero()) == [0, 6, 8]
+    after_five_six = _span_mask(source, [[5, 6]], 10, eos)[0]
+    assert sorted(int(i) for i in (after_five_six == 0).nonzero()) == [0, 7]

@@ -67,10 +67,19 @@ class Engine:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
-        """Greedy-decode a continuation of each prompt, stopping at end-of-text or a newline."""
+    def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None,
+                 spans_of: Sequence[str] | None = None) -> list[str]:
+        """Greedy-decode a continuation of each prompt, stopping at end-of-text or a newline.
+
+        With ``spans_of`` (one text per prompt), decoding is constrained so that the
+        output is a contiguous span of that text's tokens: extractive answers can
+        only quote the passage, never invent a value that is not in it.
+        """
         if not prompts:
             return []
+        sources = None
+        if spans_of is not None:
+            sources = self.tokenizer([" " + text.strip() for text in spans_of], add_special_tokens=False)["input_ids"]
         budget = min(max_new_tokens or self.max_new_tokens, self.max_positions // 2)
         input_ids, attention_mask = self._left_pad(self._encode(prompts, reserve=budget))
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -89,7 +98,10 @@ class Engine:
                     **{self._cache_kwarg: past},
                 )
                 past = getattr(out, self._cache_kwarg)
-                next_ids = out.logits[:, -1, :].argmax(dim=-1)
+                logits = out.logits[:, -1, :]
+                if sources is not None:
+                    logits = logits + _span_mask(sources, generated, logits.shape[-1], eos).to(logits.device)
+                next_ids = logits.argmax(dim=-1)
                 for row, token in enumerate(next_ids.tolist()):
                     if not finished[row]:
                         if token == eos:
@@ -143,10 +155,25 @@ class Engine:
     def answer_questions(self, contexts: Sequence[str], questions: Sequence[str],
                          max_new_tokens: int | None = None) -> list[str]:
         prompts = [qa_prompt(context, question) for context, question in zip(contexts, questions)]
-        return self.generate(prompts, max_new_tokens=max_new_tokens or 16)
+        return self.generate(prompts, max_new_tokens=max_new_tokens or 16, spans_of=contexts)
 
     def translate(self, sources: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
         return self.generate([translate_prompt(source) for source in sources], max_new_tokens=max_new_tokens)
+
+
+def _span_mask(sources: list[list[int]], generated: list[list[int]], vocab_size: int, eos: int) -> torch.Tensor:
+    """Additive logit mask allowing only tokens that keep each output a span of its source."""
+    mask = torch.full((len(sources), vocab_size), float("-inf"))
+    for row, (source, prefix) in enumerate(zip(sources, generated)):
+        k = len(prefix)
+        if k == 0:
+            allowed = set(source)
+        else:
+            allowed = {source[i + k] for i in range(len(source) - k) if source[i : i + k] == prefix}
+            allowed.add(eos)
+        allowed.discard(-1)
+        mask[row, [token for token in allowed if token < vocab_size]] = 0.0
+    return mask
 
 
 def read_model_card(path: str | Path) -> dict:
