@@ -108,7 +108,7 @@ def test_bad_rows_are_counted_located_and_skipped():
         ("/data/reviews.jsonl:7", "malformed_json"),
         ("/data/reviews.jsonl:8", "invalid_value"),
     }
-    assert rows == 7  # the non-UTF-8 line never became a row; the blank line is not one
+    assert rows == 2  # usable rows; the six bad ones are problems, the blank line is neither
     assert [e.location for e in examples] == ["/data/reviews.jsonl:1", "/data/reviews.jsonl:9"]
 
 
@@ -140,9 +140,17 @@ def test_text_documents_by_unit():
     segment = read_bytes_segments(data, "t.txt", 1 << 20, "line")[0]
     docs = [e.row["text"] for e in segment_examples(segment, _plan(format="text", task="lm", text_unit="line"))[0]]
     assert docs == ["First para", "still first.", "Second para.", "Third."]
-    examples, problems, _ = segment_examples(
-        read_bytes_segments(b" \n\n", "blank.txt", 1 << 20, "file")[0], _plan(format="text", task="lm"))
-    assert not examples and [(p.location, p.kind) for p in problems] == [("blank.txt:1", "empty_document")]
+    for unit in ("file", "paragraph", "line"):
+        examples, problems, _ = segment_examples(read_bytes_segments(b" \n\n", "blank.txt", 1 << 20, unit)[0],
+                                                 _plan(format="text", task="lm", text_unit=unit))
+        assert not examples and [(p.location, p.kind) for p in problems] == [("blank.txt:1", "empty_document")]
+    # blank lines at the start of a longer file are not an empty file
+    segments = read_bytes_segments(b"\n" * 300 + b"text\n", "late.txt", 100, "paragraph")
+    assert len(segments) > 1
+    plan = _plan(format="text", task="lm", text_unit="paragraph")
+    results = [segment_examples(s, plan) for s in segments]
+    assert not any(problems for _, problems, _ in results)
+    assert [e.row["text"] for examples, _, _ in results for e in examples] == ["text"]
 
 
 def test_a_document_over_several_segments_keeps_all_its_text():

@@ -11,9 +11,11 @@ def find_data_error(error: BaseException) -> DataError | None:
     """The :class:`DataError` a Ray Data task raised, dug out of Ray's wrappers; None if there is none.
 
     Ray re-raises a task's exception as ``RayTaskError(UserCodeException)``
-    whose text is a remote traceback; the original error is further down the
-    cause chain. The user should see its one-line message, not the traceback.
+    whose text is the remote traceback; depending on the path the original
+    error object is further down the cause chain or only in that text. The
+    user should see its one-line message, not the traceback.
     """
+    marker = f"{__name__}.DataError: "
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
     while pending:
@@ -23,5 +25,8 @@ def find_data_error(error: BaseException) -> DataError | None:
         seen.add(id(current))
         if isinstance(current, DataError) and type(current).__module__ == __name__:
             return current
+        for line in str(current).splitlines():
+            if line.strip().startswith(marker):
+                return DataError(line.strip()[len(marker):])
         pending.extend([getattr(current, "cause", None), current.__cause__, current.__context__])
     return None

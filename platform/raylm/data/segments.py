@@ -47,6 +47,7 @@ def segment_schema():
         ("doc_start", pa.int64()),  # ...on this line
         ("continued", pa.bool_()),  # the last document goes on in the next segment
         ("last_doc_start", pa.int64()),  # ...and started on this line
+        ("ends_file", pa.bool_()),  # the last segment of its file
         ("payload", pa.large_binary()),
     ])
 
@@ -116,14 +117,14 @@ def iter_line_segments(stream: BinaryIO, segment_bytes: int, unit: str = "line",
             segment, buffer = buffer[:offset], buffer[offset:]
             last_start = _last_document_start(segment, first_line, unit, continues, doc_start) if inside else 0
             yield {"first_line": first_line, "continues": continues, "doc_start": doc_start,
-                   "continued": inside, "last_doc_start": last_start, "payload": segment}
+                   "continued": inside, "last_doc_start": last_start, "ends_file": False, "payload": segment}
             emitted = True
             first_line += segment.count(b"\n")
             continues, doc_start = inside, last_start
         if eof:
             if buffer or not emitted:
                 yield {"first_line": first_line, "continues": continues, "doc_start": doc_start,
-                       "continued": False, "last_doc_start": 0, "payload": buffer}
+                       "continued": False, "last_doc_start": 0, "ends_file": True, "payload": buffer}
             return
 
 
@@ -142,7 +143,7 @@ def iter_columnar_segments(batches: Iterable, segment_bytes: int) -> Iterator[di
             for piece in pending:
                 writer.write_batch(piece)
         return {"first_line": first_row, "continues": False, "doc_start": 0, "continued": False,
-                "last_doc_start": 0, "payload": sink.getvalue().to_pybytes()}
+                "last_doc_start": 0, "ends_file": False, "payload": sink.getvalue().to_pybytes()}
 
     for batch in batches:
         for offset in range(0, batch.num_rows, COLUMNAR_SLICE_ROWS):
@@ -245,18 +246,20 @@ def _decode_text(payload: bytes, path: str, first_line: int, problems: list[Prob
 _LEADING_BLANK_LINES = re.compile(r"^(?:[ \t\r\f\v]*\n)+")
 
 
-def _text_examples(segment: dict[str, Any], plan: SourcePlan, problems: list[Problem]) -> tuple[list[Example], int]:
+def _text_examples(segment: dict[str, Any], plan: SourcePlan, problems: list[Problem]) -> list[Example]:
     path, first_line = segment["path"], int(segment["first_line"])
     continues, continued = bool(segment["continues"]), bool(segment["continued"])
     examples: list[Example] = []
-    documents = 0
+    if first_line == 1 and segment["ends_file"] and not segment["payload"].strip():
+        problems.append(Problem(path, 1, "empty_document", "empty document (no text in the file)"))
+        return examples
     if plan.text_unit == "line":
         for number, line in _decode_lines(segment["payload"], path, first_line, problems):
             line = line.rstrip("\r")
             if line.strip():
                 row = {"task": "lm", "text": line}
                 examples.append(Example(row, example_key(row), f"{path}:{number}"))
-        return examples, len(examples)
+        return examples
     text = _decode_text(segment["payload"], path, first_line, problems)
     if plan.text_unit == "paragraph":
         parts = _BLANK_RUN_TEXT.split(text)
@@ -268,11 +271,7 @@ def _text_examples(segment: dict[str, Any], plan: SourcePlan, problems: list[Pro
         body = _LEADING_BLANK_LINES.sub("", part) if starts else part
         body = body.rstrip() if ends else body
         if not body.strip():
-            if plan.text_unit == "file" and starts and ends:
-                documents += 1
-                problems.append(Problem(path, 1, "empty_document", "empty document (no text in the file)"))
             continue
-        documents += starts
         row = {"task": "lm", "text": body}
         if plan.text_unit == "file":
             key = f"{path}:1"
@@ -283,17 +282,15 @@ def _text_examples(segment: dict[str, Any], plan: SourcePlan, problems: list[Pro
         else:
             key = example_key(row)
         examples.append(Example(row, key, f"{path}:{first_line}", starts=starts, ends=ends))
-    return examples, documents
+    return examples
 
 
 def _record_examples(records: Iterable[tuple[Problem, Any]], plan: SourcePlan,
-                     problems: list[Problem]) -> tuple[list[Example], int]:
+                     problems: list[Problem]) -> list[Example]:
     """``records`` pairs a row's place (as an empty Problem) with the parsed record or a Problem."""
     examples: list[Example] = []
-    count = 0
     fields = plan.field_map
     for place, record in records:
-        count += 1
         if isinstance(record, Problem):
             problems.append(record)
             continue
@@ -303,7 +300,7 @@ def _record_examples(records: Iterable[tuple[Problem, Any]], plan: SourcePlan,
             problems.append(Problem(place.path, place.number, problem.kind, str(problem), place.unit))
             continue
         examples.append(Example(row, example_key(row), place.location))
-    return examples, count
+    return examples
 
 
 def _jsonl_records(segment: dict[str, Any], problems: list[Problem]) -> Iterator[tuple[Problem, Any]]:
@@ -334,7 +331,7 @@ def _columnar_records(segment: dict[str, Any], plan: SourcePlan) -> Iterator[tup
 
 
 def segment_examples(segment: dict[str, Any], plan: SourcePlan) -> tuple[list[Example], list[Problem], int]:
-    """Parse, check and format one segment; returns ``(examples, problems, rows read)``.
+    """Parse, check and format one segment; returns ``(examples, problems, usable rows read)``.
 
     The examples are the ones this pass keeps (train or dev, by a hash of each
     document when dev is carved out of the source), each repeated by the
@@ -343,14 +340,15 @@ def segment_examples(segment: dict[str, Any], plan: SourcePlan) -> tuple[list[Ex
     """
     problems: list[Problem] = []
     if plan.format == "text":
-        examples, count = _text_examples(segment, plan, problems)
+        examples = _text_examples(segment, plan, problems)
     elif plan.format == "jsonl":
-        examples, count = _record_examples(_jsonl_records(segment, problems), plan, problems)
+        examples = _record_examples(_jsonl_records(segment, problems), plan, problems)
     else:
-        examples, count = _record_examples(_columnar_records(segment, plan), plan, problems)
+        examples = _record_examples(_columnar_records(segment, plan), plan, problems)
     if problems and plan.strict:
         first = min(problems, key=_problem_order)
         raise DataError(f"{first} (data.strict is true)")
+    count = sum(1 for example in examples if example.starts)  # usable rows (a document split over segments once)
     if plan.holdout > 0:
         in_dev = plan.role == "dev"
         examples = [e for e in examples if (unit_interval(plan.seed, "dev", e.key) < plan.holdout) == in_dev]
