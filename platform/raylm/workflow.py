@@ -62,6 +62,10 @@ def train(job: JobConfig, log: Log = _print) -> dict[str, Any]:
     started = time.time()
     job.run_dir.mkdir(parents=True, exist_ok=True)
     (job.run_dir / "config.yaml").write_text(job.to_yaml())
+    import ray.data
+
+    # raylm prints its own progress lines; Ray Data's per-operator bars would drown them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     log("preparing data with Ray Data")
     data = prepare_data(job, log)
     log(f"data ready: {data.stats['num_train_rows']} train rows, {data.stats['num_dev_rows']} dev rows, "

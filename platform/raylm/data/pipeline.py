@@ -140,8 +140,10 @@ def prepare_data(job: JobConfig, log: Callable[[str], None] = _quiet) -> Prepare
     train_rows = apply_mixture(corpus["train"], job.data.mixture, job.data.shuffle_seed)
     tokenizer = build_tokenizer(job, train_rows)
     fingerprint = f"{corpus_fingerprint(job)}-{tokenizer_fingerprint(tokenizer)}"
-    train = to_dataset(train_rows, tokenizer, job.data.seq_len)
-    dev = to_dataset(corpus["dev"], tokenizer, job.data.seq_len)
+    # The generated corpus already lives in memory and is small: tokenize it once and keep the
+    # packed blocks in the object store instead of re-tokenizing on every epoch.
+    train = to_dataset(train_rows, tokenizer, job.data.seq_len).materialize()
+    dev = to_dataset(corpus["dev"], tokenizer, job.data.seq_len).materialize()
     stats = {"num_train_rows": len(train_rows), "num_dev_rows": len(corpus["dev"]),
              "vocab_size": len(tokenizer)}
     return PreparedData(train=train, dev=dev, dev_examples=corpus["dev"], tokenizer=tokenizer,
