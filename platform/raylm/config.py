@@ -114,7 +114,8 @@ class DataConfig(_Strict):
     demo_seed: int = 0
     demo_num_train: int = Field(6000, ge=10, description="training examples per task")
     demo_num_dev: int = Field(300, ge=10, description="dev examples per task")
-    tasks: list[TaskName] = Field(default_factory=lambda: list(ALL_TASKS))
+    tasks: list[TaskName] = Field(default_factory=lambda: list(ALL_TASKS),
+                                  description="tasks of the demo corpus (each source names its own task)")
     mixture: dict[TaskName, float] = Field(
         default_factory=dict, description="relative sampling weight per task (default 1.0)"
     )

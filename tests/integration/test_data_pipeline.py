@@ -80,7 +80,8 @@ def _sources(corpus: dict[str, Path]) -> str:
     return ("data.sources=["
             f"{{path: '{corpus['text']}/*.txt', text_unit: paragraph}}, "
             f"{{path: '{corpus['reviews']}', task: sentiment, fields: {{text: sentence}}}}, "
-            f"{{path: '{corpus['pairs']}', task: translate, fields: {{source: src, target: tgt}}, weight: 0.5}}, "
+            # a URI goes to pyarrow and Ray Data as it is (file:// stands in for s3:// or gs:// here)
+            f"{{path: 'file://{corpus['pairs']}', task: translate, fields: {{source: src, target: tgt}}, weight: 0.5}}, "
             f"{{path: '{corpus['hf']}', format: hf, task: qa}}]")
 
 
@@ -245,7 +246,8 @@ def test_missing_path_is_a_clear_error_before_ray(tmp_path):
 
 
 def _shard_loop(config):
-    """Each worker reads its shard for several epochs in lockstep (an all-reduce per batch, like DDP)."""
+    """Each worker reads its shard for several epochs in lockstep (an all-reduce per batch, like DDP),
+    with a local shuffle buffer as the training loop uses."""
     import ray.train
     import torch
     import torch.distributed as dist
@@ -256,7 +258,8 @@ def _shard_loop(config):
     epochs = []
     for _ in range(config["epochs"]):
         seen = []
-        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=False):
+        for batch in shard.iter_torch_batches(batch_size=config["batch_size"], drop_last=False,
+                                              local_shuffle_buffer_size=32, local_shuffle_seed=rank):
             seen.extend(int(v) for v in batch["input_ids"].to(torch.int64).sum(dim=1) * 100003
                         + batch["input_ids"][:, :8].to(torch.int64).sum(dim=1))
             count = torch.tensor([1.0])

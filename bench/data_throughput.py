@@ -1,0 +1,312 @@
+"""Tokenize-and-pack throughput: raylm's Ray Data pipeline against datasets.Dataset.map (num_proc=2).
+
+Builds corpora of at least 50 MB and 200 MB of plain text by replicating the
+shared corpora (Tiny Shakespeare; SST-2, XQuAD and Multi30k train/dev text, one
+paragraph per sentence, context or question; never the *_test files) into
+~2 MB files, and trains one BPE tokenizer on the unreplicated text (not timed).
+
+raylm: ``prepare_dataset`` (read -> check -> format -> tokenize -> pack ->
+Parquet + manifest) on ``data.sources=[{path: corpus/*.txt, text_unit:
+paragraph}]`` in a fresh driver process with ``ray.init(num_cpus=2)``, timed
+after a small warm-up run that starts Ray's worker processes (``ray.init`` and
+the warm-up are not timed; the cold first run is reported separately).
+
+Baseline: ``datasets.load_dataset("text", sample_by="document")`` (one row per
+file) then ``Dataset.map(batched=True, num_proc=2)`` with the same tokenizer and
+the same per-file packing function, so both produce the same packed blocks
+(checked by a digest of the blocks at 50 MB). Throughput is tokens in packed
+blocks (padding excluded) per second; each figure is the median of
+``--repeats`` runs, raylm and baseline runs interleaved. Peak RSS is the
+driver's ``ru_maxrss`` (the whole process, warm-up included, before the digest).
+
+Prints one JSON object. Not run in CI: it takes several minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+FILE_BYTES = 2_000_000
+SEQ_LEN = 256
+PAD_ID = 1  # <|pad|> in raylm's BPE tokenizers (checked below)
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def base_paragraphs() -> list[str]:
+    """The shared corpora as paragraphs of plain text (train and dev splits only)."""
+    paragraphs = [p.strip() for p in (SHARED_DATA / "lm/tiny_shakespeare.txt").read_text().split("\n\n") if p.strip()]
+
+    def rows(name: str):
+        with open(SHARED_DATA / name, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+
+    for split in ("train", "dev"):
+        paragraphs += [row["text"] for row in rows(f"sentiment/sst2_{split}.jsonl")]
+        qa = rows(f"qa/xquad_en_{split}.jsonl")
+        paragraphs += list(dict.fromkeys(row["context"] for row in qa)) + [row["question"] for row in qa]
+        for row in rows(f"translation/multi30k_en_de_{split}.jsonl"):
+            paragraphs += [row["src"], row["tgt"]]
+    return [p for p in paragraphs if p.strip()]
+
+
+def write_corpus(folder: Path, total_bytes: int, paragraphs: list[str]) -> int:
+    """Files of about FILE_BYTES, cycling through the paragraphs, until ``total_bytes`` are written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written, index, position = 0, 0, 0
+    while written < total_bytes:
+        chunk: list[str] = []
+        size = 0
+        while size < FILE_BYTES:
+            paragraph = paragraphs[position % len(paragraphs)]
+            position += 1
+            chunk.append(paragraph)
+            size += len(paragraph.encode("utf-8")) + 2
+        data = ("\n\n".join(chunk) + "\n").encode("utf-8")
+        (folder / f"part-{index:05d}.txt").write_bytes(data)
+        written += len(data)
+        index += 1
+    return written
+
+
+def blocks_digest(input_ids, labels, position_ids) -> str:
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for array in (input_ids, labels, position_ids):
+        digest.update(np.ascontiguousarray(array, dtype=np.int32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- workers (one process per run)
+
+
+def run_raylm(corpus: Path, dev: Path, tokenizer: Path, warmup: Path, scratch: Path, digest: bool) -> dict:
+    import ray
+
+    from raylm.config import load_config
+    from raylm.data.prepare import prepare_dataset
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
+
+    def job(source: Path, cache: str):
+        return load_config(None, [
+            f"data.sources=[{{path: '{source}/*.txt', text_unit: paragraph}}]",
+            f"data.dev_sources=[{{path: '{dev}', text_unit: paragraph}}]",
+            f"data.tokenizer_path={tokenizer}", f"data.seq_len={SEQ_LEN}", f"data.cache_dir={scratch / cache}",
+        ])
+
+    started = time.perf_counter()
+    prepare_dataset(job(warmup, "warmup"))
+    cold_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    manifest = prepare_dataset(job(corpus, "run"))
+    seconds = time.perf_counter() - started
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result = {
+        "seconds": seconds,
+        "warmup_seconds": cold_seconds,
+        "tokens": manifest["splits"]["train"]["tokens"] + manifest["splits"]["dev"]["tokens"],
+        "train_tokens": manifest["splits"]["train"]["tokens"],
+        "blocks": manifest["splits"]["train"]["blocks"],
+        "padding_fraction": manifest["splits"]["train"]["padding_fraction"],
+        "peak_rss_bytes": peak_rss,
+    }
+    ray.shutdown()
+    if digest:
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        files = sorted(Path(manifest["path"], "train").glob("*.parquet"))  # names carry the block order
+        columns = {name: [] for name in ("input_ids", "labels", "position_ids")}
+        for file in files:
+            table = pq.read_table(file)
+            for name in columns:
+                columns[name].append(np.stack(table.column(name).to_numpy(zero_copy_only=False)))
+        result["digest"] = blocks_digest(*(np.concatenate(columns[name]) for name in columns))
+    return result
+
+
+def _pack_files(batch, plan, encoder, seq_len):
+    """The baseline's map function: each row is one whole file, packed exactly as raylm packs a segment."""
+    import numpy as np
+
+    from raylm.data.segments import pack_examples, segment_examples
+
+    outputs = []
+    for text in batch["text"]:
+        segment = {"path": "file", "first_line": 1, "continues": False, "doc_start": 0, "continued": False,
+                   "last_doc_start": 0, "ends_file": True, "payload": text.encode("utf-8")}
+        examples, _, _ = segment_examples(segment, plan)
+        outputs.append(pack_examples(examples, plan.task, encoder, seq_len)[0])
+    return {name: np.concatenate([out[name] for out in outputs]) for name in ("input_ids", "labels", "position_ids")}
+
+
+def run_hf(corpus: Path, tokenizer: Path, scratch: Path, digest: bool) -> dict:
+    import datasets
+    import numpy as np
+
+    from raylm.data.segments import SourcePlan
+    from raylm.data.tokenizer import encoder_spec, load_tokenizer
+
+    datasets.disable_progress_bars()
+    encoder = encoder_spec(load_tokenizer(tokenizer))
+    plan = SourcePlan(index=0, label=str(corpus), format="text", task="lm", text_unit="paragraph")
+    files = sorted(str(path) for path in corpus.glob("*.txt"))
+    started = time.perf_counter()
+    loaded = datasets.load_dataset("text", data_files=files, sample_by="document", split="train",
+                                   cache_dir=str(scratch / "hf_cache"))
+    packed = loaded.map(_pack_files, batched=True, batch_size=1, num_proc=2, remove_columns=["text"],
+                        fn_kwargs={"plan": plan, "encoder": encoder, "seq_len": SEQ_LEN}, load_from_cache_file=False)
+
+    def column(name: str):
+        chunks = packed.data.column(name).chunks
+        return np.concatenate([chunk.flatten().to_numpy() for chunk in chunks]).reshape(-1, SEQ_LEN)
+
+    ids = column("input_ids")
+    tokens = int((ids != PAD_ID).sum())
+    seconds = time.perf_counter() - started
+    result = {"seconds": seconds, "tokens": tokens, "blocks": len(packed),
+              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if digest:
+        result["digest"] = blocks_digest(ids, column("labels"), column("position_ids"))
+    return result
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _spawn(arguments: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
+        out = handle.name
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "platform"), "RAY_USAGE_STATS_ENABLED": "0",
+           "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.run([sys.executable, __file__, *arguments, "--out", out], env=env, cwd=REPO_ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if process.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed: {' '.join(arguments)}\n{process.stderr[-3000:]}")
+    result = json.loads(Path(out).read_text())
+    os.unlink(out)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes-mb", type=int, nargs=2, default=[50, 200], metavar=("SMALL", "LARGE"))
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--worker", choices=["raylm", "hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dev", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--digest", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker == "raylm":
+        result = run_raylm(args.corpus, args.dev, args.tokenizer, args.warmup, args.scratch, args.digest)
+        args.out.write_text(json.dumps(result))
+        return
+    if args.worker == "hf":
+        args.out.write_text(json.dumps(run_hf(args.corpus, args.tokenizer, args.scratch, args.digest)))
+        return
+
+    if not SHARED_DATA.is_dir():
+        sys.exit(f"error: shared corpora not found at {SHARED_DATA}")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="raylm-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    paragraphs = base_paragraphs()
+    small_mb, large_mb = args.sizes_mb
+    corpora = {}
+    for megabytes in (small_mb, large_mb):
+        folder = workdir / f"corpus_{megabytes}mb"
+        if not folder.is_dir():
+            write_corpus(folder, megabytes * 1_000_000, paragraphs)
+        corpora[megabytes] = folder
+    dev = workdir / "dev.txt"
+    dev.write_text("\n\n".join(paragraphs[-200:]) + "\n")
+    warmup = workdir / "warmup"
+    if not warmup.is_dir():
+        write_corpus(warmup, 200_000, paragraphs[::7])
+
+    sys.path.insert(0, str(REPO_ROOT / "platform"))
+    from raylm.data.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+    tokenizer_dir = workdir / f"tokenizer_{args.vocab_size}"
+    if not tokenizer_dir.is_dir():
+        train_bpe_tokenizer(paragraphs, args.vocab_size).save_pretrained(tokenizer_dir)
+    assert load_tokenizer(tokenizer_dir).pad_token_id == PAD_ID
+
+    runs: dict[str, list[dict]] = {"raylm_small": [], "raylm_large": [], "hf_small": []}
+    for repeat in range(args.repeats):
+        scratch = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+        common = ["--tokenizer", str(tokenizer_dir), "--scratch", str(scratch)]
+        digest = ["--digest"] if repeat == 0 else []
+        runs["raylm_small"].append(_spawn(["--worker", "raylm", "--corpus", str(corpora[small_mb]), "--dev", str(dev),
+                                           "--warmup", str(warmup), *common, *digest]))
+        runs["hf_small"].append(_spawn(["--worker", "hf", "--corpus", str(corpora[small_mb]), *common, *digest]))
+        runs["raylm_large"].append(_spawn(["--worker", "raylm", "--corpus", str(corpora[large_mb]), "--dev", str(dev),
+                                           "--warmup", str(warmup), *common]))
+        subprocess.run(["rm", "-rf", str(scratch)], check=False)
+
+    def median(key: str, field: str) -> float:
+        return statistics.median(run[field] for run in runs[key])
+
+    def rate(key: str) -> float:
+        # raylm's time also covers its small dev split; only the training tokens are counted
+        return statistics.median(run.get("train_tokens", run["tokens"]) / run["seconds"] for run in runs[key])
+
+    raylm_rate, hf_rate = rate("raylm_small"), rate("hf_small")
+    small_rss = max(run["peak_rss_bytes"] for run in runs["raylm_small"])
+    large_rss = max(run["peak_rss_bytes"] for run in runs["raylm_large"])
+    same_blocks = runs["raylm_small"][0]["digest"] == runs["hf_small"][0]["digest"]
+    result = {
+        "benchmark": "data_throughput",
+        "machine": {"cpus": os.cpu_count(), "ray_num_cpus": 2, "hf_num_proc": 2},
+        "corpus_mb": {str(mb): round(sum(f.stat().st_size for f in corpora[mb].glob("*.txt")) / 1e6, 1)
+                      for mb in corpora},
+        "files": {str(mb): len(list(corpora[mb].glob("*.txt"))) for mb in corpora},
+        "seq_len": SEQ_LEN,
+        "vocab_size": args.vocab_size,
+        "repeats": args.repeats,
+        "tokens": runs["raylm_small"][0]["train_tokens"],
+        "blocks": runs["raylm_small"][0]["blocks"],
+        "padding_fraction": runs["raylm_small"][0]["padding_fraction"],
+        "same_packed_blocks": same_blocks,
+        "raylm_tokens_per_s": round(raylm_rate),
+        "hf_tokens_per_s": round(hf_rate),
+        "speedup_vs_hf": round(raylm_rate / hf_rate, 3),
+        "raylm_seconds": round(median("raylm_small", "seconds"), 2),
+        "hf_seconds": round(median("hf_small", "seconds"), 2),
+        "raylm_cold_start_seconds": round(median("raylm_small", "warmup_seconds"), 2),
+        f"raylm_tokens_per_s_{large_mb}mb": round(rate("raylm_large")),
+        f"peak_rss_mb_{small_mb}mb": round(small_rss / 2**20, 1),
+        f"peak_rss_mb_{large_mb}mb": round(large_rss / 2**20, 1),
+        "rss_growth": round(large_rss / small_rss, 3),
+        "targets_met": {"speedup_vs_hf>=1.0": raylm_rate / hf_rate >= 1.0, "rss_growth<=1.3": large_rss / small_rss <= 1.3,
+                        "same_packed_blocks": same_blocks},
+        "runs": runs,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
