@@ -48,7 +48,8 @@ def test_loss_falls_across_two_workers(trained):
     steps = sorted((m.step, m.value) for m in history)
     assert [s for s, _ in steps][:2] == [5, 10] and steps[-1][0] == 40
     first, last = steps[0][1], steps[-1][1]
-    assert last < 0.7 * first, steps
+    # the first logged loss (step 5) is already below ln(vocab); ask for a further full nat
+    assert last < first - 1.0, steps
     throughput = client.get_metric_history(summary["mlflow_run_id"], "tokens_per_s")
     assert throughput and all(m.value > 0 for m in throughput)
     eval_loss = [m.value for m in sorted(client.get_metric_history(summary["mlflow_run_id"], "eval_loss"),
