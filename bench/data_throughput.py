@@ -39,6 +39,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 FILE_BYTES = 2_000_000
+SEGMENT_BYTES = 4 << 20  # > FILE_BYTES
 SEQ_LEN = 256
 PAD_ID = 1  # <|pad|> in raylm's BPE tokenizers (checked below)
 
@@ -108,6 +109,8 @@ def run_raylm(corpus: Path, dev: Path, tokenizer: Path, warmup: Path, scratch: P
             f"data.sources=[{{path: '{source}/*.txt', text_unit: paragraph}}]",
             f"data.dev_sources=[{{path: '{dev}', text_unit: paragraph}}]",
             f"data.tokenizer_path={tokenizer}", f"data.seq_len={SEQ_LEN}", f"data.cache_dir={scratch / cache}",
+            # one segment per ~2 MB file, so that the baseline (one row per file) packs the same groups
+            f"data.segment_bytes={SEGMENT_BYTES}",
         ])
 
     started = time.perf_counter()
@@ -256,6 +259,7 @@ def main() -> None:
     assert load_tokenizer(tokenizer_dir).pad_token_id == PAD_ID
 
     runs: dict[str, list[dict]] = {"raylm_small": [], "raylm_large": [], "hf_small": []}
+    load_before = os.getloadavg()
     for repeat in range(args.repeats):
         scratch = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
         common = ["--tokenizer", str(tokenizer_dir), "--scratch", str(scratch)]
@@ -280,7 +284,10 @@ def main() -> None:
     same_blocks = runs["raylm_small"][0]["digest"] == runs["hf_small"][0]["digest"]
     result = {
         "benchmark": "data_throughput",
-        "machine": {"cpus": os.cpu_count(), "ray_num_cpus": 2, "hf_num_proc": 2},
+        "machine": {"cpus": os.cpu_count(), "ray_num_cpus": 2, "hf_num_proc": 2,
+                    # other work on the machine skews both engines; the runs are interleaved to share it
+                    "load_average_before": [round(x, 2) for x in load_before],
+                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "corpus_mb": {str(mb): round(sum(f.stat().st_size for f in corpora[mb].glob("*.txt")) / 1e6, 1)
                       for mb in corpora},
         "files": {str(mb): len(list(corpora[mb].glob("*.txt"))) for mb in corpora},

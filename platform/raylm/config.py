@@ -106,7 +106,8 @@ class DataConfig(_Strict):
         None, description="where prepared (tokenized, packed) datasets and tokenizers go; default <workdir>/prepared"
     )
     segment_bytes: int = Field(
-        4 << 20, ge=1024, description="files are read and packed in segments of about this many bytes"
+        1 << 20, ge=1024, description="files are read, tokenized and packed in segments of about this many bytes "
+                                      "(one Ray Data task each; a packing group wastes < 1 block)"
     )
     tokenizer_sample_bytes: int = Field(
         64 << 20, ge=1024, description="corpus bytes sampled (spread over all sources) to train the BPE tokenizer"

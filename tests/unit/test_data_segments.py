@@ -120,6 +120,15 @@ def test_strict_mode_fails_on_the_first_bad_row_with_its_location():
     assert "\n" not in str(info.value)
 
 
+def test_a_byte_order_mark_is_not_a_bad_row():
+    data = b"\xef\xbb\xbf" + b'{"text": "first", "label": 1}\n{"text": "second", "label": 0}\n'
+    examples, problems, _ = segment_examples(read_bytes_segments(data, "bom.jsonl", 1 << 20, "line")[0], _plan())
+    assert not problems and [e.row["text"] for e in examples] == ["first", "second"]
+    text = segment_examples(read_bytes_segments(b"\xef\xbb\xbfHello.\n", "bom.txt", 1 << 20, "file")[0],
+                            _plan(format="text", task="lm"))[0]
+    assert [e.row["text"] for e in text] == ["Hello."]
+
+
 def test_bad_lines_keep_numbering_across_segments():
     lines = [json.dumps({"text": f"row {i}", "label": i % 2}).encode() for i in range(40)]
     lines[25] = b'{"text": "\xff", "label": 1}'

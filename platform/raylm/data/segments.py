@@ -219,8 +219,14 @@ def unit_interval(*parts: Any) -> float:
     return int.from_bytes(digest, "big") / 2.0 ** 64
 
 
+def _without_bom(payload: bytes, first_line: int) -> bytes:
+    """Drop a UTF-8 byte-order mark at the start of a file (editors on Windows write one)."""
+    return payload[3:] if first_line == 1 and payload.startswith(b"\xef\xbb\xbf") else payload
+
+
 def _decode_lines(payload: bytes, path: str, first_line: int, problems: list[Problem]) -> list[tuple[int, str]]:
     """The payload's lines with their numbers; lines that are not UTF-8 become problems and are left out."""
+    payload = _without_bom(payload, first_line)
     try:
         return list(enumerate(payload.decode("utf-8").split("\n"), start=first_line))
     except UnicodeDecodeError:
@@ -238,7 +244,7 @@ def _decode_lines(payload: bytes, path: str, first_line: int, problems: list[Pro
 def _decode_text(payload: bytes, path: str, first_line: int, problems: list[Problem]) -> str:
     """The payload as text, without the lines that are not UTF-8 (those become problems)."""
     try:
-        return payload.decode("utf-8")
+        return _without_bom(payload, first_line).decode("utf-8")
     except UnicodeDecodeError:
         return "\n".join(line for _, line in _decode_lines(payload, path, first_line, problems))
 
