@@ -52,9 +52,17 @@ def test_loss_falls_across_two_workers(trained):
     assert last < first - 1.0, steps
     throughput = client.get_metric_history(summary["mlflow_run_id"], "tokens_per_s")
     assert throughput and all(m.value > 0 for m in throughput)
+    # Training-time evals (steps 20 and 40); the driver also logs the final summary at step 0.
     eval_loss = [m.value for m in sorted(client.get_metric_history(summary["mlflow_run_id"], "eval_loss"),
-                                         key=lambda m: m.step)]
+                                         key=lambda m: m.step) if m.step > 0]
     assert len(eval_loss) == 2 and eval_loss[-1] < eval_loss[0]
+    # Only rank 0 logs: one value per logged step, for every per-interval metric.
+    assert len(steps) == len({s for s, _ in steps}) == 8
+    for key in ("lr", "grad_norm", "tokens_per_s_per_worker", "skipped_steps"):
+        assert len(client.get_metric_history(summary["mlflow_run_id"], key)) == 8, key
+    per_worker = {m.step: m.value for m in client.get_metric_history(summary["mlflow_run_id"], "tokens_per_s_per_worker")}
+    assert all(m.value == pytest.approx(2 * per_worker[m.step]) for m in throughput)
+    assert not client.get_metric_history(summary["mlflow_run_id"], "mfu")  # no peak FLOP/s table entry for a CPU
 
 
 def test_mlflow_run_params_and_registry(trained, tmp_path):

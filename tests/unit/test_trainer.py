@@ -167,3 +167,13 @@ def test_sequence_classification_task_learns():
     assert last < 0.5 * first
     metrics = trainer.evaluate([batch() for _ in range(2)])
     assert metrics["eval_accuracy"] > 0.9 and "eval_perplexity" not in metrics
+
+
+def test_unsynced_metrics_stay_on_device_and_agree():
+    synced, lazy = _trainer(2, 2), _trainer(2, 2)
+    micro = _batches(2, 2, seed=7)
+    a = synced.train_step(micro)
+    b = lazy.train_step(micro, sync_metrics=False)
+    assert isinstance(a["loss"], float) and isinstance(b["loss"], torch.Tensor)
+    assert float(b["loss"]) == pytest.approx(a["loss"], rel=1e-6)
+    assert float(b["grad_norm"]) == pytest.approx(a["grad_norm"], rel=1e-6)

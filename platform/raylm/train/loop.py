@@ -167,13 +167,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         for _ in range(config.grad_accum_steps):
             epoch, position, batch = next(batch_stream)
             micro_batches.append(batch)
-        step_metrics = trainer.train_step(micro_batches)
-        meter.add(step_metrics["tokens"])
-        step = trainer.step
+        step = trainer.step + 1
         is_last = step >= config.max_steps
         should_log = step % config.log_every == 0 or is_last
         should_eval = is_last or bool(config.eval_every and step % config.eval_every == 0)
         should_checkpoint = is_last or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
+        step_metrics = trainer.train_step(micro_batches, sync_metrics=should_log or should_eval or should_checkpoint)
+        meter.add(step_metrics["tokens"])
         if not (should_log or should_eval or should_checkpoint):
             continue
         metrics: dict[str, Any] = {

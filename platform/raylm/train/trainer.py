@@ -179,15 +179,21 @@ class LMTrainer:
 
     # ----------------------------------------------------------------- training
 
-    def train_step(self, micro_batches: Sequence[dict[str, Any]]) -> dict[str, float]:
-        """One optimiser step over the given micro-batches; returns loss, lr, grad norm, token counts."""
+    def train_step(self, micro_batches: Sequence[dict[str, Any]], sync_metrics: bool = True) -> dict[str, Any]:
+        """One optimiser step over the given micro-batches; returns loss, lr, grad norm, token counts.
+
+        With ``sync_metrics=False`` the loss and gradient norm stay on the device as
+        0-d tensors (this worker's loss only): no host sync and no extra collective,
+        for the steps whose metrics nobody reads.
+        """
         self.model.train()
+        # Count targets on the host copy, before the transfer, so no device sync is needed.
+        local_targets = sum(self._num_targets({"labels": torch.as_tensor(b["labels"])}) for b in micro_batches)
         batches = [self._to_device(batch) for batch in micro_batches]
-        counts = torch.tensor([float(sum(self._num_targets(b) for b in batches))], dtype=torch.float64,
-                              device=self.device)
-        global_targets = float(parallel.all_reduce_sum(counts).item())
+        global_targets = parallel.all_reduce_sum(
+            torch.tensor([float(local_targets)], dtype=torch.float64, device=self.device))[0].clamp(min=1.0)
         # DDP and FSDP average gradients over workers, hence the world-size factor.
-        normaliser = max(global_targets, 1.0) / parallel.world_size()
+        normaliser = (global_targets / parallel.world_size()).float()
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         for index, batch in enumerate(batches):
             is_last = index == len(batches) - 1
@@ -206,15 +212,17 @@ class LMTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        loss_total = parallel.all_reduce_sum(loss_total)
-        tokens = sum(int(b["input_ids"].numel()) for b in batches)
-        return {
-            "loss": float(loss_total.item()) / max(global_targets, 1.0),
+        metrics: dict[str, Any] = {
+            "loss": loss_total.detach() / global_targets,
             "lr": lr,
-            "grad_norm": float(grad_norm),
-            "tokens": tokens,
+            "grad_norm": grad_norm.detach(),
+            "tokens": sum(int(torch.as_tensor(b["input_ids"]).numel()) for b in micro_batches),
             "skipped_steps": self.skipped_steps,
         }
+        if sync_metrics:
+            metrics["loss"] = float(parallel.all_reduce_sum(loss_total).item() / global_targets.item())
+            metrics["grad_norm"] = float(grad_norm)
+        return metrics
 
     @torch.no_grad()
     def evaluate(self, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
