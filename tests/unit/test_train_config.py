@@ -1,0 +1,52 @@
+"""Batch arithmetic and the train/model config fields the trainer relies on."""
+
+import pytest
+
+from raylm.config import ConfigError, load_config
+
+
+def test_grad_accum_is_derived_from_the_global_batch():
+    job = load_config(None, ["train.global_batch_size=64", "train.micro_batch_size=8", "train.num_workers=2"])
+    assert job.train.grad_accum_steps == 4
+    assert job.train.effective_global_batch_size == 64
+
+
+def test_explicit_values_must_agree():
+    job = load_config(None, ["train.global_batch_size=32", "train.micro_batch_size=8", "train.num_workers=2",
+                             "train.grad_accum_steps=2"])
+    assert job.train.effective_global_batch_size == 32
+    with pytest.raises(ConfigError, match=r"global_batch_size=32 does not equal .* = 48"):
+        load_config(None, ["train.global_batch_size=32", "train.micro_batch_size=8", "train.num_workers=2",
+                           "train.grad_accum_steps=3"])
+
+
+def test_a_global_batch_that_cannot_be_split_names_the_fields():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.global_batch_size=40", "train.micro_batch_size=8", "train.num_workers=3"])
+    message = str(info.value)
+    assert message.startswith("config error: train:")
+    assert "micro_batch_size (8)" in message and "num_workers (3)" in message and "multiple of 24" in message
+
+
+def test_same_global_batch_on_fewer_workers():
+    """What a resume with fewer workers does: the same global batch through more accumulation."""
+    two = load_config(None, ["train.global_batch_size=16", "train.micro_batch_size=4", "train.num_workers=2"])
+    one = load_config(None, ["train.global_batch_size=16", "train.micro_batch_size=4", "train.num_workers=1"])
+    assert (two.train.grad_accum_steps, one.train.grad_accum_steps) == (2, 4)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["train.parallel=zero3"], "train.parallel"),
+    (["train.precision=fp8"], "train.precision"),
+    (["model.task=seq2seq"], "model.task"),
+    (["model.num_labels=1"], "model.num_labels"),
+    (["train.max_failures=-2"], "train.max_failures"),
+])
+def test_invalid_choices_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=f"config error: {field}:"):
+        load_config(None, overrides)
+
+
+def test_classification_defaults():
+    job = load_config(None, ["model.task=sequence_classification"])
+    assert job.model.num_labels == 2 and job.train.keep_best_checkpoint
