@@ -89,7 +89,7 @@ def run(args, name: str, precision: str, steps: int, compile_blocks: bool, workd
         f"train.precision={precision}", f"train.compile={str(compile_blocks).lower()}",
         f"train.micro_batch_size={args.batch}", f"train.max_steps={steps}", "train.lr=6e-4",
         f"train.warmup_steps={min(20, steps // 4)}", f"train.log_every={args.log_every}", "train.eval_batches=2",
-        "train.threads_per_worker=2", "tracking.enabled=false",
+        "train.threads_per_worker=2", "train.keep_best_checkpoint=false", "tracking.enabled=false",
     ])
     train = random_blocks(steps * args.batch, args.seq_len, args.vocab, seed=0)
     dev = random_blocks(2 * args.batch, args.seq_len, args.vocab, seed=1)

@@ -18,7 +18,10 @@ same number of CPU threads (``--threads``), for ``--steps`` steps, three ways:
   last step.
 
 Each figure is the median over ``--repeats`` runs, the three interleaved so
-that background load hits them alike. Ray start-up, worker start-up and the
+that background load hits them alike. Ray starts its worker processes at
+niceness 15 (its ``worker_niceness`` setting), so on a busy machine the Ray
+Train worker yields to everything else; ``--ray-worker-niceness 0`` measures
+the loop without that handicap. Ray start-up, worker start-up and the
 final checkpoint are excluded from raylm's steady-state figure and reported
 separately as ``raylm_wall_s``. Prints one JSON object. Not run in CI.
 """
@@ -26,6 +29,7 @@ separately as ``raylm_wall_s``. Prints one JSON object. Not run in CI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -56,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--size", default="tiny")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--only", default="torch,hf_trainer,raylm", help="comma-separated subset")
+    parser.add_argument("--ray-worker-niceness", type=int, default=None,
+                        help="Ray's worker_niceness for the local Ray (Ray's default starts workers at nice 15)")
     return parser.parse_args(argv)
 
 
@@ -113,7 +119,7 @@ def run_torch(args, blocks) -> float:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        float(loss)  # what a loop that logs its loss does
+        loss.item()  # what a loop that logs its loss does
     elapsed = time.perf_counter() - start
     return (args.steps - args.warmup) * args.batch * args.seq_len / elapsed
 
@@ -152,7 +158,8 @@ def run_hf_trainer(args, blocks) -> float:
             dataloader_num_workers=0, use_cpu=True, disable_tqdm=True, seed=0,
         )
         trainer = Trainer(model=build(args), args=arguments, train_dataset=Blocks(), callbacks=[Clock()])
-        trainer.train()
+        with contextlib.redirect_stdout(sys.stderr):  # its log lines would break the one-JSON-object output
+            trainer.train()
     return (args.steps - args.warmup) * args.batch * args.seq_len / (Clock.end - Clock.start)
 
 
@@ -203,12 +210,20 @@ def main(argv=None) -> dict:
     if args.steps - args.warmup < 2 * args.log_every:
         raise SystemExit("--steps must exceed --warmup by at least two logging intervals")
     selected = [name.strip() for name in args.only.split(",") if name.strip()]
+    if "hf_trainer" in selected:
+        try:
+            import accelerate  # noqa: F401  (transformers.Trainer needs it)
+        except ImportError:
+            raise SystemExit("bench/train_overhead.py: the HF Trainer baseline needs accelerate: "
+                             "pip install -e '.[bench]' (or --only torch,raylm)")
     blocks = make_blocks(args)
     if "raylm" in selected:
         import ray
 
+        system_config = {} if args.ray_worker_niceness is None else {"worker_niceness": args.ray_worker_niceness}
         ray.init(num_cpus=max(2, args.threads + 1), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
+                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}},
+                 _system_config=system_config)
     rates: dict[str, list[float]] = {name: [] for name in selected}
     walls: list[float] = []
     for repeat in range(args.repeats):
@@ -231,6 +246,7 @@ def main(argv=None) -> dict:
         "timed_steps": args.steps - args.warmup,
         "threads": args.threads,
         "repeats": args.repeats,
+        "ray_worker_niceness": args.ray_worker_niceness if args.ray_worker_niceness is not None else "ray default (15)",
         "tokens_per_s": {name: round(value, 1) for name, value in median.items()},
         "tokens_per_s_all": {name: [round(v, 1) for v in values] for name, values in rates.items()},
     }

@@ -4,11 +4,12 @@ The runs use raylm's own driver and worker loop (``run_training``) on a small
 synthetic corpus of packed blocks (arithmetic sequences, learnable in a few
 dozen steps), so they do not depend on the demo data.
 
-- A 2-worker DDP run with ``max_failures=1`` has one worker SIGKILLed after its
+- A 2-worker FSDP2 run with ``max_failures=1`` has one worker SIGKILLed after its
   first checkpoint is registered; it must restart from a checkpoint (not from
   0) and finish at ``max_steps``. The steps between that checkpoint and the
   kill run twice; because the shards, the data position, the optimiser and the
-  RNG all resume exactly, the second attempt logs the same losses (rel 1e-5).
+  RNG all resume exactly (sharded weights and optimiser state restored from
+  the gathered checkpoint), the second attempt logs the same losses (rel 1e-5).
 - A 2-worker FSDP2 run, whose latest checkpoint is then corrupted, is started
   again under the same run name with 1 worker (same global batch through
   gradient accumulation): it skips the corrupt checkpoint, loads the previous
@@ -18,6 +19,7 @@ dozen steps), so they do not depend on the demo data.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -96,8 +98,6 @@ def _ray_train_workers() -> list:
 
 def _registered_checkpoint_step(experiment: Path) -> int | None:
     """The step of the latest checkpoint Ray Train has registered (from its manager's snapshot)."""
-    import json
-
     try:
         snapshot = json.loads((experiment / "checkpoint_manager_snapshot.json").read_text())
         return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
@@ -110,7 +110,7 @@ def _registered_checkpoint_step(experiment: Path) -> int | None:
 # Few checkpoints: each report after the first waits for Ray Train's controller poll (2 s).
 MAX_STEPS, CHECKPOINT_EVERY = 40, 10
 FAULT_OVERRIDES = (f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.max_failures=1",
-                   "train.eval_every=0")
+                   "train.eval_every=0", "train.parallel=fsdp")
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,12 @@ def test_sigkilled_worker_resumes_and_finishes(killed_run):
     assert resumed % CHECKPOINT_EVERY == 0 and resumed < job.train.max_steps
     history = {row["step"]: row for row in result.history}
     assert sorted(history) == list(range(1, MAX_STEPS + 1))
+    # Retention: Ray Train keeps the last keep_checkpoints=3 and deletes older folders.
+    from raylm.train.driver import experiment_dir
+
+    snapshot = json.loads((experiment_dir(job) / "checkpoint_manager_snapshot.json").read_text())
+    assert [entry["metrics"]["step"] for entry in snapshot["checkpoint_results"]] == [20, 30, 40]
+    assert not list(experiment_dir(job).glob("checkpoint_step00000010_*"))
     for step, row in history.items():
         assert row["resumed_from_step"] == (0 if step <= resumed else resumed)
     assert history[MAX_STEPS]["loss"] < 0.6 * history[1]["loss"]
