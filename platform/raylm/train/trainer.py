@@ -156,12 +156,12 @@ class LMTrainer:
     def _targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.task == "sequence_classification":
             return batch["labels"].reshape(-1)
-        return batch["labels"][:, 1:]
+        # Next-token targets aligned with the logits: shift the labels, not the logits, so the
+        # (batch x seq x vocab) logits are never sliced and copied (the last position has none).
+        return F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
 
     def _loss_sum(self, batch: dict[str, torch.Tensor], logits: torch.Tensor | None = None) -> torch.Tensor:
         logits = self._logits(batch) if logits is None else logits
-        if self.task == "causal_lm":
-            logits = logits[:, :-1, :]
         targets = self._targets(batch)
         return F.cross_entropy(
             logits.float().reshape(-1, logits.size(-1)),
