@@ -17,6 +17,18 @@ def _print(message: str) -> None:
     print(f"[raylm] {message}", flush=True)
 
 
+def quiet_ray_worker_logs() -> None:
+    """Ray worker setup hook: silence a Ray Train helper that cannot work on a local Ray.
+
+    Ray Train's PlacementGroupCleaner polls the state API every second, which a
+    local Ray started without the dashboard does not serve; it would print a
+    warning a second for the whole run. Errors from it still show.
+    """
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def ensure_ray(job: JobConfig, log: Log = _print) -> None:
     """Connect to ``RAY_ADDRESS`` if set, else start a local Ray sized for the run."""
     import ray
@@ -35,7 +47,8 @@ def ensure_ray(job: JobConfig, log: Log = _print) -> None:
     # Logical CPUs: the training workers, plus room for Ray Data tasks and a Serve replica.
     num_cpus = int(job.train.num_workers * job.train.cpus_per_worker) + 2
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"},
+                          "worker_process_setup_hook": "raylm.workflow.quiet_ray_worker_logs"})
     log(f"started a local Ray with {num_cpus} logical CPUs")
 
 

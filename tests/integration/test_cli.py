@@ -29,6 +29,12 @@ def test_demo_smoke_prints_summary_path_last(tmp_path):
     assert summary["answers"]["sentiment"]["response"]["label"] in ("positive", "negative")
     assert summary["registry_uri"].startswith("models:/raylm-smoke/")
     assert "[raylm] training" in result.stdout
+    # Progress: every logged step shows once (Ray Train's print patch once printed each line twice),
+    # and Ray Train's placement-group cleaner does not warn every second on a local Ray.
+    output = result.stdout + result.stderr
+    step_lines = [line[line.index("[raylm] step="):] for line in output.splitlines() if "[raylm] step=" in line]
+    assert step_lines and len(step_lines) == len(set(step_lines)), step_lines
+    assert "Failed to query Ray Train Controller" not in output
 
 
 def test_train_missing_model_folder_fails_cleanly(tmp_path):

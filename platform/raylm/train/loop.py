@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,7 +43,9 @@ def _seed_everything(seed: int) -> None:
 
 def _log(rank: int, message: str) -> None:
     if rank == 0:
-        print(f"[raylm] {message}", flush=True)
+        # The real stdout: Ray Train patches print() to log through the root logger and also
+        # tees to sys.stdout when a library has wrapped it, which printed every line twice.
+        print(f"[raylm] {message}", file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 def restore_trainer(trainer: LMTrainer, checkpoint, rank: int, storage=None) -> dict[str, Any]:
