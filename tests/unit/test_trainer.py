@@ -177,3 +177,15 @@ def test_unsynced_metrics_stay_on_device_and_agree():
     assert isinstance(a["loss"], float) and isinstance(b["loss"], torch.Tensor)
     assert float(b["loss"]) == pytest.approx(a["loss"], rel=1e-6)
     assert float(b["grad_norm"]) == pytest.approx(a["grad_norm"], rel=1e-6)
+
+
+def test_next_token_loss_matches_transformers_reference():
+    """The loss predicts token t+1 at position t, only where the label is set: the same mean as HF's own loss."""
+    trainer = _trainer(2, 1)
+    trainer.model.eval()
+    for batch in _batches(2, 2, seed=3):
+        with torch.no_grad():
+            reference = trainer.base_model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+            ours = trainer._loss_sum(batch) / trainer._num_targets(batch)
+        assert trainer._num_targets(batch) == int((batch["labels"][:, 1:] != -100).sum())
+        assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
