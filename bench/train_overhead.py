@@ -17,13 +17,17 @@ same number of CPU threads (``--threads``), for ``--steps`` steps, three ways:
   reporting), timed by a callback between the end of step ``--warmup`` and the
   last step.
 
-Each figure is the median over ``--repeats`` runs, the three interleaved so
-that background load hits them alike. Ray starts its worker processes at
-niceness 15 (its ``worker_niceness`` setting), so on a busy machine the Ray
-Train worker yields to everything else; ``--ray-worker-niceness 0`` measures
-the loop without that handicap. Ray start-up, worker start-up and the
-final checkpoint are excluded from raylm's steady-state figure and reported
-separately as ``raylm_wall_s``. Prints one JSON object. Not run in CI.
+Optimisers: the bare loop uses torch's default AdamW (foreach kernels); the
+HF Trainer its default ``adamw_torch_fused``; raylm the fused AdamW too (its
+``LMTrainer`` picks the fused kernel on every device that has one).
+
+Each figure is the median over ``--repeats`` runs, the three interleaved (in
+an order that rotates each repeat) so that background load hits them alike.
+Ray starts its worker processes at niceness 15 (its ``worker_niceness``
+setting), so on a busy machine the Ray Train worker yields to everything
+else; ``--ray-worker-niceness 0`` measures the loop without that handicap.
+Ray start-up, worker start-up and the final checkpoint are excluded from
+raylm's steady-state figure and reported separately as ``raylm_wall_s``. Prints one JSON object. Not run in CI.
 """
 
 from __future__ import annotations
@@ -227,7 +231,9 @@ def main(argv=None) -> dict:
     rates: dict[str, list[float]] = {name: [] for name in selected}
     walls: list[float] = []
     for repeat in range(args.repeats):
-        for name in selected:
+        # Rotate the order each repeat so that no contender always runs first or last.
+        shift = repeat % len(selected)
+        for name in selected[shift:] + selected[:shift]:
             if name == "torch":
                 rates[name].append(run_torch(args, blocks))
             elif name == "hf_trainer":
