@@ -210,6 +210,10 @@ class TrainConfig(_Strict):
     max_failures: int = Field(0, ge=-1, description="worker-group restarts after a failure; -1 = unlimited")
     activation_checkpointing: bool = False
     compile: bool = False
+    fused_kernels: bool = Field(
+        True, description="swap modules for fused equivalents that compute the same function "
+                          "(GPT-2's gelu_new -> one GELU-tanh kernel); weights and saved config unchanged",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -1,9 +1,9 @@
 """Distributed setup and parallelism, applied to a built model from outside the model code.
 
-``parallelize`` is the one place a model is prepared for training: activation
-checkpointing per block, ``torch.compile`` per block, then DDP or FSDP2
-(``fully_shard`` on every transformer block, then the root), in the order
-torchtitan uses. Ray Train has already created the process group (gloo on CPU,
+``parallelize`` is the one place a model is prepared for training: fused
+kernel substitutions, activation checkpointing per block, ``torch.compile``
+per block, then DDP or FSDP2 (``fully_shard`` on every transformer block, then
+the root), in the order torchtitan uses. Ray Train has already created the process group (gloo on CPU,
 NCCL on GPU) before the worker function runs; without a process group (a
 single process, e.g. unit tests) the model is left unwrapped.
 """
@@ -114,14 +114,20 @@ def apply_fsdp(model: torch.nn.Module, precision: str = "fp32") -> torch.nn.Modu
 
 
 def parallelize(model: torch.nn.Module, parallel: str, device: torch.device, precision: str = "fp32",
-                activation_checkpointing: bool = False, compile: bool = False) -> torch.nn.Module:
+                activation_checkpointing: bool = False, compile: bool = False,
+                fused_kernels: bool = False) -> torch.nn.Module:
     """Prepare a built model for training on ``device``; returns the module to call.
 
     ``parallel`` is "ddp" or "fsdp". Under FSDP the model is sharded in place, so
     the returned module is ``model`` itself; under DDP it is the DDP wrapper.
+    ``fused_kernels`` swaps modules for fused equivalents first (:mod:`raylm.train.kernels`).
     """
     if parallel not in ("ddp", "fsdp"):
         raise ValueError(f"unknown parallel mode {parallel!r}")
+    if fused_kernels:
+        from raylm.train.kernels import fuse_kernels
+
+        fuse_kernels(model)
     model = model.to(device)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -134,12 +140,6 @@ def parallelize(model: torch.nn.Module, parallel: str, device: torch.device, pre
     if world_size() == 1:
         return model
     return apply_ddp(model, device)
-
-
-def apply_parallelism(model: torch.nn.Module, parallel: str, device: torch.device,
-                      precision: str = "fp32") -> torch.nn.Module:
-    """Back-compatible name for :func:`parallelize` without checkpointing or compilation."""
-    return parallelize(model, parallel, device, precision)
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:

@@ -112,6 +112,7 @@ class LMTrainer:
         self.model = parallel.parallelize(
             model, train_config.parallel, device, self.precision,
             activation_checkpointing=train_config.activation_checkpointing, compile=train_config.compile,
+            fused_kernels=train_config.fused_kernels,
         )
         self.fsdp = parallel.is_fsdp(self.model)
         # The transformers model: the DDP wrapper's inner module, or the (sharded) model itself.
