@@ -33,6 +33,10 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "platform"))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+from _common import SizedTokenizer, overall_rate  # noqa: E402  (bench/ on the path above)
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -56,16 +60,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.vocab = 512 if dry else 50304
     args.log_every = 5 if dry else 10
     return args
-
-
-class _Tokenizer:
-    eos_token_id, pad_token_id = 0, 0
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
 
 
 def random_blocks(num_rows: int, seq_len: int, vocab: int, seed: int):
@@ -94,12 +88,11 @@ def run(args, name: str, precision: str, steps: int, compile_blocks: bool, workd
     train = random_blocks(steps * args.batch, args.seq_len, args.vocab, seed=0)
     dev = random_blocks(2 * args.batch, args.seq_len, args.vocab, seed=1)
     started = time.perf_counter()
-    result = run_training(job, train, dev, _Tokenizer(args.vocab))
+    result = run_training(job, train, dev, SizedTokenizer(args.vocab))
     wall = time.perf_counter() - started
     warmup = args.warmup if steps > args.warmup + 2 * args.log_every else 0
-    timed = [row for row in result.history if row["step"] > warmup]
-    rate = len(timed) / sum(1.0 / row["tokens_per_s"] for row in timed)  # equal tokens per interval
-    mfus = [row["mfu"] for row in timed if row.get("mfu") is not None]
+    rate = overall_rate(result.history, after_step=warmup)
+    mfus = [row["mfu"] for row in result.history if row["step"] > warmup and row.get("mfu") is not None]
     losses = [row["loss"] for row in result.history]
     return {
         "precision": precision,
@@ -108,7 +101,7 @@ def run(args, name: str, precision: str, steps: int, compile_blocks: bool, workd
         "timed_steps": steps - warmup,
         "tokens_per_step": args.batch * args.seq_len,
         "tokens_per_s": round(rate, 1),
-        "mfu": round(len(mfus) / sum(1.0 / m for m in mfus), 4) if mfus else None,
+        "mfu": round(overall_rate(result.history, "mfu", after_step=warmup), 4) if mfus else None,
         "loss_first": round(losses[0], 4),
         "loss_last": round(losses[-1], 4),
         "loss_finite": all(math.isfinite(loss) for loss in losses),

@@ -52,6 +52,10 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "platform"))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+from _common import SizedTokenizer, overall_rate  # noqa: E402  (bench/ on the path above)
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -178,16 +182,6 @@ def run_hf_trainer(args, blocks) -> float:
 # --------------------------------------------------------------------------- raylm
 
 
-class _Tokenizer:
-    eos_token_id, pad_token_id = 0, 1
-
-    def __init__(self, size):
-        self.size = size
-
-    def __len__(self):
-        return self.size
-
-
 def run_raylm(args, blocks, index: int, fused_kernels: bool = True) -> tuple[float, float]:
     import ray.data
 
@@ -207,13 +201,12 @@ def run_raylm(args, blocks, index: int, fused_kernels: bool = True) -> tuple[flo
             f"train.fused_kernels={str(fused_kernels).lower()}", "tracking.enabled=false",
         ])
         started = time.perf_counter()
-        result = run_training(job, train, dev, _Tokenizer(args.vocab))
+        result = run_training(job, train, dev, SizedTokenizer(args.vocab, eos_token_id=0, pad_token_id=1))
         wall = time.perf_counter() - started
-    timed = [row for row in result.history if row["step"] > args.warmup]
-    if not timed:
+    try:
+        rate = overall_rate(result.history, after_step=args.warmup)
+    except ValueError:
         raise SystemExit("raylm: no logged interval after the warm-up; use more --steps or a smaller --log-every")
-    # Equal tokens per interval: the total rate is the harmonic mean of the interval rates.
-    rate = len(timed) / sum(1.0 / row["tokens_per_s"] for row in timed)
     return rate, wall
 
 
