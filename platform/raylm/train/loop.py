@@ -30,6 +30,7 @@ import torch
 
 from raylm.config import JobConfig
 from raylm.models.registry import build_model, flops_per_token
+from raylm.train.allocator import keep_freed_memory
 from raylm.train.checkpoint import BEST_CHECKPOINT, open_valid_checkpoint, publish_folder, read_history
 from raylm.train.metrics import ThroughputMeter, device_peak_flops
 from raylm.train.trainer import LMTrainer
@@ -129,6 +130,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     job = JobConfig.model_validate(loop_config["job"])
     config = job.train
+    keep_freed_memory()  # no page faults re-mapping the same buffers every step (see raylm.train.allocator)
     torch.set_num_threads(config.threads_per_worker)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
