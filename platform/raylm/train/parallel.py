@@ -3,9 +3,10 @@
 ``parallelize`` is the one place a model is prepared for training: fused
 kernel substitutions, activation checkpointing per block, ``torch.compile``
 per block, then DDP or FSDP2 (``fully_shard`` on every transformer block, then
-the root), in the order torchtitan uses. Ray Train has already created the process group (gloo on CPU,
-NCCL on GPU) before the worker function runs; without a process group (a
-single process, e.g. unit tests) the model is left unwrapped.
+the root), in the order torchtitan uses. Ray Train has already created the
+process group (gloo on CPU, NCCL on GPU) before the worker function runs;
+without a process group (a single process, e.g. unit tests) the model is left
+unwrapped.
 """
 
 from __future__ import annotations
