@@ -85,12 +85,17 @@ def prepare_data(config: Optional[Path] = ConfigOption, overrides: Optional[List
 
 
 @app.command()
-def train(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
-    """Prepare data, train with Ray Train, evaluate, and log to MLflow."""
+def train(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="continue this run (its id, or its folder) instead of starting a new one"),
+) -> None:
+    """Prepare data, train with Ray Train, evaluate, and log to MLflow (a new run unless --resume)."""
     job = _load(config, overrides)
     from raylm import workflow
 
-    summary = _run(workflow.train, job)
+    summary = _run(workflow.train, job, workflow._print, resume)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -140,10 +145,6 @@ def serve(
 def demo(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
     """Run the whole pipeline on the built-in demo corpus and print the summary path last."""
     job = _load(config, overrides)
-    if job.run_name == "demo":
-        import time
-
-        job.run_name = time.strftime("demo-%Y%m%d-%H%M%S")
     from raylm import workflow
 
     path = _run(workflow.demo, job)

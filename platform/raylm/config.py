@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+
+API_KEY_ENV = "RAYLM_API_KEY"
+REDACTED = "**********"  # what pydantic writes for a SecretStr in JSON mode
 
 
 class ConfigError(ValueError):
@@ -166,6 +170,12 @@ class ModelConfig(_Strict):
         "causal_lm", description="the head: next-token prediction, or one label per sequence"
     )
     num_labels: int = Field(2, ge=2, description="classes for task=sequence_classification")
+    # Shape overrides on top of the named size, so that a sweep can span model size smoothly.
+    num_layers: Optional[int] = Field(None, ge=1, le=256, description="override the size's number of blocks")
+    hidden_size: Optional[int] = Field(None, ge=8, le=65536, description="override the size's width")
+    num_heads: Optional[int] = Field(None, ge=1, le=512, description="override the size's attention heads")
+    num_kv_heads: Optional[int] = Field(None, ge=1, le=512, description="llama: override the key/value heads")
+    intermediate_size: Optional[int] = Field(None, ge=8, description="llama: override the MLP width")
 
     @model_validator(mode="after")
     def _check_size(self) -> "ModelConfig":
@@ -174,7 +184,42 @@ class ModelConfig(_Strict):
         if self.init_from is None and self.size not in MODEL_SIZES[self.arch]:
             known = ", ".join(MODEL_SIZES[self.arch])
             raise ValueError(f"unknown size {self.size!r} for {self.arch}; known: {known}")
+        overrides = {name: getattr(self, name) for name in SHAPE_OVERRIDES if getattr(self, name) is not None}
+        if overrides and self.init_from is not None:
+            raise ValueError(f"{', '.join(overrides)}: shape overrides apply to a model built from a size, "
+                             "not to init_from")
+        if self.arch == "gpt2":
+            for name in ("num_kv_heads", "intermediate_size"):
+                if name in overrides:
+                    raise ValueError(f"{name} applies to llama only (gpt2's MLP is 4 x hidden_size)")
+        if self.init_from is None:
+            shape = self.shape()
+            if shape["hidden_size"] % shape["num_heads"]:
+                raise ValueError(f"hidden_size ({shape['hidden_size']}) must be a multiple of num_heads "
+                                 f"({shape['num_heads']})")
+            if self.arch == "llama" and shape["num_heads"] % shape["num_kv_heads"]:
+                raise ValueError(f"num_heads ({shape['num_heads']}) must be a multiple of num_kv_heads "
+                                 f"({shape['num_kv_heads']})")
         return self
+
+    def shape(self) -> dict[str, int]:
+        """The named size's shape with this config's overrides applied."""
+        from raylm.models.registry import MODEL_SIZES
+
+        shape = dict(MODEL_SIZES[self.arch][self.size])
+        for name in SHAPE_OVERRIDES:
+            value = getattr(self, name)
+            if value is not None:
+                shape[name] = value
+        return shape
+
+    def describe(self) -> str:
+        """``gpt2-tiny``, or ``gpt2-tiny(num_layers=6)`` with overrides."""
+        overrides = [f"{name}={getattr(self, name)}" for name in SHAPE_OVERRIDES if getattr(self, name) is not None]
+        return f"{self.arch}-{self.size}" + (f"({', '.join(overrides)})" if overrides else "")
+
+
+SHAPE_OVERRIDES: tuple[str, ...] = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
 
 
 class TrainConfig(_Strict):
@@ -272,9 +317,22 @@ class ServeConfig(_Strict):
     model_path: Optional[str] = Field(None, description="model folder or models:/name/version")
     num_replicas: int = Field(1, ge=1)
     num_cpus_per_replica: float = Field(1.0, gt=0)
-    api_key: Optional[str] = Field(None, description="if set, requests need 'Authorization: Bearer <key>'")
+    api_key: Optional[SecretStr] = Field(
+        None, validate_default=True, description="if set, requests need 'Authorization: Bearer <key>'; default: $RAYLM_API_KEY")
     max_input_chars: int = Field(4000, ge=1)
     max_new_tokens: int = Field(64, ge=1, le=2048)
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _key_from_environment(cls, value: Any) -> Any:
+        if value is None or value == "":
+            value = os.environ.get(API_KEY_ENV) or None
+        if isinstance(value, str) and value == REDACTED:
+            raise ValueError("api_key is the redaction mask; give the real key or set $" + API_KEY_ENV)
+        return value
+
+    def api_key_value(self) -> Optional[str]:
+        return self.api_key.get_secret_value() if self.api_key is not None else None
 
 
 class TrackingConfig(_Strict):
@@ -290,7 +348,11 @@ class TrackingConfig(_Strict):
 class JobConfig(_Strict):
     """A whole run: data -> train -> eval -> track -> serve."""
 
-    run_name: str = "demo"
+    run_name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                          description="a readable name; the run's id starts with it")
+    run_id: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,159}$",
+        description="set by raylm when a run starts (or by --resume); names the run's folder under workdir")
     workdir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -301,7 +363,7 @@ class JobConfig(_Strict):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.workdir).resolve() / self.run_name
+        return Path(self.workdir).resolve() / (self.run_id or self.run_name)
 
     @property
     def model_dir(self) -> Path:
@@ -312,8 +374,28 @@ class JobConfig(_Strict):
             return self.tracking.tracking_uri
         return f"sqlite:///{Path(self.workdir).resolve() / 'mlflow.db'}"
 
+    def public_dict(self) -> dict[str, Any]:
+        """The config as plain data without its secrets: what may go to MLflow, model cards and logs."""
+        return public_dump(self)
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.public_dict(), sort_keys=False)
+
+
+def public_dump(model: BaseModel) -> dict[str, Any]:
+    """``model_dump(mode="json")`` with every ``SecretStr`` field left out, at any depth."""
+    dumped = model.model_dump(mode="json")
+
+    def strip(node: BaseModel, out: dict[str, Any]) -> None:
+        for name in type(node).model_fields:
+            value = getattr(node, name)
+            if isinstance(value, SecretStr):
+                out.pop(name, None)
+            elif isinstance(value, BaseModel) and isinstance(out.get(name), dict):
+                strip(value, out[name])
+
+    strip(model, dumped)
+    return dumped
 
 
 def _format_validation_error(err: ValidationError) -> str:

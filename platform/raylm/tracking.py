@@ -28,20 +28,29 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix] = str(value)[:500]
 
 
-def start_run(tracking_uri: str, experiment: str, run_name: str, config: dict[str, Any]) -> str:
-    """Create an MLflow run with the flattened config as params; returns the run id."""
+def start_run(tracking_uri: str, experiment: str, run_name: str, config: dict[str, Any],
+              tags: dict[str, str] | None = None) -> str:
+    """Create an MLflow run with the flattened config as params; returns the run id.
+
+    ``config`` must already be free of secrets (``JobConfig.public_dict()``).
+    """
     from mlflow.entities import Param
 
     client = _client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    run = client.create_run(experiment_id, run_name=run_name)
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
     params: dict[str, str] = {}
     _flatten("", config, params)
     items = [Param(key, value) for key, value in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start : start + 100])
     return run.info.run_id
+
+
+def reopen_run(tracking_uri: str, run_id: str) -> None:
+    """Mark an existing run as running again (a resumed training run logs into its own MLflow run)."""
+    _client(tracking_uri).update_run(run_id, status="RUNNING")
 
 
 class WorkerTracker:

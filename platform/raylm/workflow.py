@@ -62,18 +62,25 @@ def check_inputs(job: JobConfig) -> None:
     check_sources(job)
 
 
-def train(job: JobConfig, log: Log = _print) -> dict[str, Any]:
-    """Prepare data, train, export the model folder, evaluate, track; returns a summary dict."""
+def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[str, Any]:
+    """Prepare data, train, export the model folder, evaluate, track; returns a summary dict.
+
+    A fresh run gets a new id and folder (:mod:`raylm.runs`); ``resume`` (a run
+    id or folder) continues that run instead, after checking that its config
+    still matches. The MLflow run of a resumed run is the one it started with,
+    and a model version is registered at most once per trained step.
+    """
     check_inputs(job)
-    from raylm import tracking
+    from raylm import runs, tracking
     from raylm.data.pipeline import prepare_data
     from raylm.eval.runner import evaluate_tasks
-    from raylm.serving.engine import Engine
+    from raylm.inference.engine import Engine
     from raylm.train.driver import export_model, run_training
 
+    record = runs.begin_run(job, resume)
+    log(("resuming run " if resume else "run ") + f"{job.run_id} in {job.run_dir}")
     ensure_ray(job, log)
     started = time.time()
-    job.run_dir.mkdir(parents=True, exist_ok=True)
     (job.run_dir / "config.yaml").write_text(job.to_yaml())
     import ray.data
 
@@ -83,24 +90,40 @@ def train(job: JobConfig, log: Log = _print) -> dict[str, Any]:
     data = prepare_data(job, log)
     log(f"data ready: {data.stats['num_train_rows']} train rows, {data.stats['num_dev_rows']} dev rows, "
         f"vocab {data.stats['vocab_size']}, fingerprint {data.fingerprint}")
+    if record.get("data_fingerprint") not in (None, data.fingerprint):
+        raise runs.ConfigError(f"resume: run {job.run_id} trained on data {record['data_fingerprint']}, "
+                               f"but the configured data is now {data.fingerprint}")
+    record["data_fingerprint"] = data.fingerprint
+    runs.write_record(job.run_dir, record)
 
     tracking_uri = job.resolved_tracking_uri()
-    run_id = None
+    run_id = record.get("mlflow_run_id")
     if job.tracking.enabled:
-        run_id = tracking.start_run(tracking_uri, job.tracking.experiment, job.run_name, job.model_dump(mode="json"))
+        if run_id:
+            tracking.reopen_run(tracking_uri, run_id)
+        else:
+            run_id = tracking.start_run(tracking_uri, job.tracking.experiment, job.run_id, job.public_dict(),
+                                        tags={"raylm.run_id": job.run_id, "raylm.config_hash": record["config_hash"]})
+            record["mlflow_run_id"] = run_id
+            runs.write_record(job.run_dir, record)
         log(f"MLflow run {run_id} at {tracking_uri}")
     try:
-        log(f"training {job.model.arch}-{job.model.size} on {job.train.num_workers} workers "
+        log(f"training {job.model.describe()} on {job.train.num_workers} workers "
             f"({job.train.parallel}, {job.train.precision}) for {job.train.max_steps} steps")
         result = run_training(job, data.train, data.dev, data.tokenizer, mlflow_run_id=run_id)
         log(f"training done: loss {result.metrics.get('loss', float('nan')):.4f}, "
             f"eval loss {result.metrics.get('eval_loss', float('nan')):.4f}")
         card = {
-            "config": job.model_dump(mode="json"),
+            "run_id": job.run_id,
+            "config": job.public_dict(),
+            "config_hash": record["config_hash"],
             "data_fingerprint": data.fingerprint,
             "train_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
         }
         model_dir = export_model(result.checkpoint_dir, data.tokenizer, job.model_dir, card)
+        trained_steps = card["trained_steps"]
+        record["trained_steps"] = trained_steps
+        runs.write_record(job.run_dir, record)
         log("evaluating on the dev split")
         engine = Engine.from_directory(model_dir, max_new_tokens=job.eval.max_new_tokens)
         metrics = evaluate_tasks(engine, data.dev_examples, job.eval.max_examples_per_task,
@@ -109,22 +132,32 @@ def train(job: JobConfig, log: Log = _print) -> dict[str, Any]:
         metrics["eval_perplexity"] = result.metrics.get("eval_perplexity")
         card["eval_metrics"] = metrics
         (model_dir / "raylm.json").write_text(json.dumps(card, indent=2, default=str))
-        registry_uri = None
+        registry_uri = runs.registered_at(record, trained_steps)
+        if registry_uri:
+            log(f"step {trained_steps} of this run is already registered as {registry_uri}; not registering again")
         if run_id:
             curve = tracking.plot_loss_curve(result.history, job.run_dir / "loss_curve.png")
-            registry_uri = tracking.finish_run(
+            new_uri = tracking.finish_run(
                 tracking_uri, run_id, model_dir, {k: v for k, v in metrics.items() if v is not None},
-                job.tracking.model_name if job.tracking.register_model else None,
+                job.tracking.model_name if job.tracking.register_model and not registry_uri else None,
                 extra_artifacts=[curve] if curve else [],
             )
-            if registry_uri:
+            if new_uri:
+                registry_uri = new_uri
+                record["registered"].append({"uri": new_uri, "step": trained_steps})
                 log(f"registered {registry_uri}")
+        record["status"] = "finished"
+        runs.write_record(job.run_dir, record)
     except BaseException:
+        record["status"] = "failed"
+        runs.write_record(job.run_dir, record)
         if run_id:
             tracking.fail_run(tracking_uri, run_id)
         raise
     return {
+        "run_id": job.run_id,
         "run_name": job.run_name,
+        "run_dir": str(job.run_dir),
         "model_dir": str(model_dir),
         "metrics": metrics,
         "mlflow_run_id": run_id,
@@ -139,7 +172,7 @@ def evaluate(job: JobConfig, model_path: str, log: Log = _print) -> dict[str, fl
     from raylm.data.pipeline import load_dev_examples
     from raylm.data.prepare import check_sources
     from raylm.eval.runner import evaluate_tasks
-    from raylm.serving.engine import Engine
+    from raylm.inference.engine import Engine
     from raylm.tracking import resolve_model_path
 
     check_sources(job)
@@ -204,7 +237,7 @@ def demo(job: JobConfig, log: Log = _print) -> Path:
     base_url = start_serving(summary["registry_uri"] or summary["model_dir"], job.serve,
                              tracking_uri=summary["tracking_uri"])
     try:
-        answers = query_endpoints(base_url, api_key=job.serve.api_key)
+        answers = query_endpoints(base_url, api_key=job.serve.api_key_value())
     finally:
         serve.shutdown()
     summary["endpoint"] = base_url

@@ -30,7 +30,7 @@ def test_bleu_is_sacrebleu_corpus_bleu():
 
 
 def test_span_constrained_decoding_mask():
-    from raylm.serving.engine import _span_mask
+    from raylm.inference.engine import _span_mask
 
     source = [[5, 6, 7, 5, 8]]
     eos = 0

@@ -82,3 +82,25 @@ def test_minilm_encoder_loads_offline_with_a_classification_head():
     # The encoder weights are the pretrained ones, not a fresh initialisation.
     assert torch.equal(model.bert.encoder.layer[0].attention.self.query.weight,
                        encoder.encoder.layer[0].attention.self.query.weight)
+
+
+def test_shape_overrides_change_the_built_model():
+    base = build_model(ModelConfig(size="debug"), 300, 32)
+    deeper = build_model(ModelConfig(size="debug", num_layers=3, hidden_size=96, num_heads=4), 300, 32)
+    assert (deeper.config.n_layer, deeper.config.n_embd, deeper.config.n_head) == (3, 96, 4)
+    assert count_parameters(deeper) > count_parameters(base)
+    assert ModelConfig(size="debug", num_layers=3).describe() == "gpt2-debug(num_layers=3)"
+    llama = build_model(ModelConfig(arch="llama", size="debug", intermediate_size=64, num_kv_heads=1), 300, 32)
+    assert llama.config.intermediate_size == 64 and llama.config.num_key_value_heads == 1
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"hidden_size": 100, "num_heads": 3}, "multiple of num_heads"),
+    ({"intermediate_size": 64}, "llama only"),
+    ({"init_from": "/tmp", "num_layers": 2}, "not to init_from"),
+])
+def test_bad_shape_overrides_are_config_errors(overrides, fragment):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=fragment):
+        ModelConfig(size="debug", **overrides)

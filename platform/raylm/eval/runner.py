@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from raylm.eval.metrics import accuracy, bleu, squad_scores
-from raylm.serving.engine import Engine
+from raylm.inference.engine import Engine
 
 
 def _in_batches(rows: Sequence[dict], batch_size: int, fn: Callable[[Sequence[dict]], list]) -> list:

@@ -30,9 +30,9 @@ MODEL_SIZES: dict[str, dict[str, dict[str, int]]] = {
 
 def build_hf_config(arch: str, size: str, vocab_size: int, max_positions: int, dropout: float = 0.0,
                     bos_token_id: int | None = None, eos_token_id: int | None = None,
-                    pad_token_id: int | None = None) -> Any:
-    """Return the transformers config for a named size."""
-    shape = MODEL_SIZES[arch][size]
+                    pad_token_id: int | None = None, shape: dict[str, int] | None = None) -> Any:
+    """Return the transformers config for a named size (``shape``: that size with overrides applied)."""
+    shape = {**MODEL_SIZES[arch][size], **(shape or {})}
     if arch == "gpt2":
         from transformers import GPT2Config
 
@@ -109,6 +109,7 @@ def build_model(model_config, vocab_size: int, max_positions: int, special_ids: 
         bos_token_id=special_ids.get("bos"),
         eos_token_id=special_ids.get("eos"),
         pad_token_id=special_ids.get("pad"),
+        shape=model_config.shape() if hasattr(model_config, "shape") else None,
     )
     for key, value in head_kwargs.items():
         setattr(hf_config, key, value)

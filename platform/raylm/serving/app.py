@@ -71,7 +71,7 @@ class RaylmModel:
         import torch
 
         from raylm.config import ServeConfig
-        from raylm.serving.engine import Engine, read_model_card
+        from raylm.inference.engine import Engine, read_model_card
         from raylm.tracking import resolve_model_path
 
         torch.set_num_threads(1)
@@ -85,7 +85,7 @@ class RaylmModel:
     # --------------------------------------------------------------- checks
 
     def _authorize(self, request: Request) -> None:
-        key = self.config.api_key
+        key = self.config.api_key_value()
         if not key:
             return
         header = request.headers.get("authorization", "")
@@ -132,7 +132,8 @@ def build_app(model_path: str, serve_config, tracking_uri: str | None = None):
         num_replicas=serve_config.num_replicas,
         ray_actor_options={"num_cpus": serve_config.num_cpus_per_replica},
     )
-    return deployment.bind(model_path, serve_config.model_dump(mode="json"), tracking_uri)
+    # Python mode keeps the API key a SecretStr (JSON mode would replace it by its mask).
+    return deployment.bind(model_path, serve_config.model_dump(), tracking_uri)
 
 
 def app_builder(args: dict[str, Any]):

@@ -134,6 +134,57 @@ def checkpoint_candidates(latest: str | Path, filesystem=None) -> list[str]:
     return [latest_path, *siblings]
 
 
+def _candidates(latest: str | Path | None, filesystem=None, search_dir: str | None = None):
+    if latest is not None:
+        filesystem, latest_path = _filesystem_and_path(str(latest), filesystem)
+        return filesystem, checkpoint_candidates(latest_path, filesystem)
+    if search_dir is not None:
+        filesystem, search_path = _filesystem_and_path(str(search_dir), filesystem)
+        return filesystem, list_checkpoints(search_path, filesystem)
+    raise ValueError("a checkpoint or a folder to search is needed")
+
+
+@contextlib.contextmanager
+def open_checkpoint(path: str, filesystem=None) -> Iterator[Path]:
+    """Yield a local, verified copy of the checkpoint at ``path`` (downloaded when remote).
+
+    Raises :class:`CorruptCheckpointError` when it cannot be read or fails its manifest.
+    """
+    filesystem, path = _filesystem_and_path(str(path), filesystem)
+    if _is_local(filesystem):
+        verify_checkpoint(path)
+        yield Path(path)
+        return
+    import pyarrow.fs
+
+    with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as local:
+        try:
+            pyarrow.fs.copy_files(path, local, source_filesystem=filesystem)
+        except OSError as err:
+            raise CorruptCheckpointError(f"checkpoint {path} could not be read: {err}") from None
+        verify_checkpoint(local)
+        yield Path(local)
+
+
+def choose_valid_checkpoint(latest: str | Path | None, filesystem=None,
+                            search_dir: str | None = None) -> tuple[str | None, list[str]]:
+    """The path of the newest checkpoint that verifies, starting at ``latest`` (else in ``search_dir``).
+
+    Returns ``(path or None, problems)``; ``problems`` describes each candidate skipped. In a
+    worker group only rank 0 chooses and the others open the path it chose, so that every rank
+    restores the same step even if one of them could not read a newer checkpoint.
+    """
+    filesystem, candidates = _candidates(latest, filesystem, search_dir)
+    problems: list[str] = []
+    for candidate in candidates:
+        try:
+            with open_checkpoint(candidate, filesystem):
+                return candidate, problems
+        except CorruptCheckpointError as err:
+            problems.append(str(err))
+    return None, problems
+
+
 @contextlib.contextmanager
 def open_valid_checkpoint(latest: str | Path | None, filesystem=None,
                           search_dir: str | None = None) -> Iterator[tuple[Path | None, list[str]]]:
@@ -144,36 +195,16 @@ def open_valid_checkpoint(latest: str | Path | None, filesystem=None,
     lives as long as the context. ``problems`` describes every candidate that
     was skipped; the folder is None when none verifies.
     """
-    if latest is not None:
-        filesystem, latest_path = _filesystem_and_path(str(latest), filesystem)
-        candidates = checkpoint_candidates(latest_path, filesystem)
-    elif search_dir is not None:
-        filesystem, search_path = _filesystem_and_path(str(search_dir), filesystem)
-        candidates = list_checkpoints(search_path, filesystem)
-    else:
-        raise ValueError("open_valid_checkpoint needs a checkpoint or a folder to search")
+    filesystem, candidates = _candidates(latest, filesystem, search_dir)
     problems: list[str] = []
     with contextlib.ExitStack() as stack:
         found: Path | None = None
         for candidate in candidates:
-            if _is_local(filesystem):
-                folder = Path(candidate)
-            else:
-                import pyarrow.fs
-
-                folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="raylm-ckpt-")))
-                try:
-                    pyarrow.fs.copy_files(candidate, str(folder), source_filesystem=filesystem)
-                except OSError as err:
-                    problems.append(f"checkpoint {candidate} could not be read: {err}")
-                    continue
             try:
-                verify_checkpoint(folder)
+                found = stack.enter_context(open_checkpoint(candidate, filesystem))
+                break
             except CorruptCheckpointError as err:
                 problems.append(str(err))
-                continue
-            found = folder
-            break
         yield found, problems
 
 

@@ -38,16 +38,17 @@ def _tokenizer_facts(tokenizer) -> tuple[int, dict[str, int]]:
     return len(tokenizer), special_token_ids(tokenizer)
 
 
-def run_training(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_run_id: str | None = None,
-                 seq_len: int | None = None) -> TrainingResult:
-    """Run ``train_loop_per_worker`` on ``job.train.num_workers`` Ray Train workers.
+def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_run_id: str | None = None,
+                  seq_len: int | None = None, callbacks: list | None = None):
+    """The ``TorchTrainer`` that runs ``train_loop_per_worker`` on ``job.train.num_workers`` workers.
 
     Checkpoints and Ray Train's run state live under ``<run_dir>/ray_results``;
-    starting the same run name again resumes from its latest valid checkpoint
-    (with any worker count). A failed worker group is restarted from the latest
-    checkpoint up to ``train.max_failures`` times. ``seq_len`` overrides
-    ``data.seq_len`` for the FLOP count when the datasets use another length
-    (e.g. padded classification rows).
+    fitting a trainer for the same run folder again resumes from its latest
+    valid checkpoint (with any worker count). A failed worker group is
+    restarted from the latest checkpoint up to ``train.max_failures`` times.
+    ``seq_len`` overrides ``data.seq_len`` for the FLOP count when the datasets
+    use another length (e.g. padded classification rows). ``callbacks`` are
+    Ray Train callbacks, such as Ray Tune's ``TuneReportCallback`` in a trial.
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -61,10 +62,10 @@ def run_training(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_r
     # order, so skipping the consumed micro-batches resumes the data stream exactly.
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "job": job.model_dump(mode="json"),
+            "job": job.public_dict(),
             "vocab_size": vocab_size,
             "special_ids": special_ids,
             "seq_len": seq_len,
@@ -79,11 +80,16 @@ def run_training(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_r
             failure_config=FailureConfig(max_failures=config.max_failures),
             # No score attribute: Ray keeps the K most recent; the loop keeps the best apart.
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            callbacks=list(callbacks or []),
         ),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         datasets={"train": train_dataset, "dev": dev_dataset},
         dataset_config=DataConfig(execution_options=ingest),
     )
+
+
+def fit_trainer(job: JobConfig, trainer) -> TrainingResult:
+    """Fit a trainer from :func:`build_trainer` and collect its final checkpoint, metrics and history."""
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -102,6 +108,12 @@ def run_training(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_r
         history = result.metrics_dataframe.to_dict(orient="records")
     return TrainingResult(checkpoint_dir=folder, metrics=dict(result.metrics or {}), history=history,
                           best_checkpoint_dir=best, problems=problems)
+
+
+def run_training(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_run_id: str | None = None,
+                 seq_len: int | None = None) -> TrainingResult:
+    """Build the run's ``TorchTrainer`` (:func:`build_trainer`) and fit it (:func:`fit_trainer`)."""
+    return fit_trainer(job, build_trainer(job, train_dataset, dev_dataset, tokenizer, mlflow_run_id, seq_len))
 
 
 def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[str, Any]) -> Path:

@@ -4,14 +4,18 @@ Per step it gathers ``grad_accum_steps`` micro-batches from this worker's
 shard and calls ``LMTrainer.train_step``. Every ``log_every`` steps rank 0 logs
 the metrics (stdout, MLflow, and the history saved with each checkpoint);
 every ``eval_every`` steps it evaluates on the dev shard; every
-``checkpoint_every`` steps and at the end it writes a checkpoint through
-``ray.train.report``. On a (re)start it resumes from the newest checkpoint that
-verifies, at the same step, learning rate and data position.
+``checkpoint_every`` steps and at the end it writes a checkpoint. On a
+(re)start it resumes from the newest checkpoint that verifies, at the same
+step, learning rate and data position.
 
-``ray.train.report`` is called only with checkpoints: Ray Train V2's controller
-takes one report per health-check poll (2 s by default) and a worker blocks
-until its previous report was taken, so reporting every few steps would stall
-training. Metrics go to MLflow directly from rank 0 instead.
+Every evaluation and every checkpoint leaves the workers through
+``ray.train.report`` (with the checkpoint when there is one): eval loss, the
+tokens and model FLOPs seen so far, the step. That is what the driver, Ray
+Tune's schedulers (ASHA) and its callbacks see. The per-``log_every`` metrics
+do not go through it: Ray Train V2's controller takes one report per
+health-check poll (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default) and a
+worker blocks until its previous report was taken, so reporting every few
+steps would stall training; rank 0 writes those to MLflow directly.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import torch
 from raylm.config import JobConfig
 from raylm.models.registry import build_model, flops_per_token
 from raylm.train.allocator import keep_freed_memory
-from raylm.train.checkpoint import BEST_CHECKPOINT, open_valid_checkpoint, publish_folder, read_history
+from raylm.train import parallel
+from raylm.train.checkpoint import BEST_CHECKPOINT, choose_valid_checkpoint, open_checkpoint, publish_folder, read_history
 from raylm.train.metrics import ThroughputMeter, device_peak_flops
 from raylm.train.trainer import LMTrainer
 
@@ -57,25 +62,31 @@ def restore_trainer(trainer: LMTrainer, checkpoint, rank: int, storage=None) -> 
     same run are tried, newest first. Without one, complete checkpoints already
     in the run's storage folder (``storage``: Ray Train's storage context) are
     used: a worker can die after a checkpoint is fully written but before Ray
-    Train registers it. The returned state carries the history of logged
-    metrics up to the checkpoint.
+    Train registers it. Rank 0 chooses the checkpoint and every other rank
+    loads the one it chose (a rank that cannot read it fails the group, which
+    Ray Train restarts) so that no two ranks resume at different steps. The
+    returned state carries the history of logged metrics up to the checkpoint.
     """
     if checkpoint is not None:
-        opened = open_valid_checkpoint(checkpoint.path, getattr(checkpoint, "filesystem", None))
+        filesystem = getattr(checkpoint, "filesystem", None)
+        search = {"latest": checkpoint.path}
     elif storage is not None:
-        opened = open_valid_checkpoint(None, storage.storage_filesystem, search_dir=storage.experiment_fs_path)
+        filesystem = storage.storage_filesystem
+        search = {"latest": None, "search_dir": storage.experiment_fs_path}
     else:
         return {}
-    with opened as (folder, problems):
-        for problem in problems:
-            _log(rank, f"skipping corrupt checkpoint: {problem}")
-        if folder is None:
-            if checkpoint is not None:
-                _log(rank, "no valid checkpoint found: starting from scratch")
-            return {}
+    chosen, problems = choose_valid_checkpoint(filesystem=filesystem, **search) if rank == 0 else (None, [])
+    chosen = parallel.broadcast_object(chosen)
+    for problem in problems:
+        _log(rank, f"skipping corrupt checkpoint: {problem}")
+    if chosen is None:
+        if checkpoint is not None:
+            _log(rank, "no valid checkpoint found: starting from scratch")
+        return {}
+    with open_checkpoint(chosen, filesystem) as folder:
         state = trainer.load_checkpoint(folder)
         state["history"] = read_history(folder)
-        state["restored_from"] = str(folder)
+        state["restored_from"] = chosen
     _log(rank, f"resumed from step {state['step']} ({state['restored_from']})")
     return state
 
@@ -146,6 +157,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _seed_everything(config.seed + 1000 * rank + trainer.step)
     history: list[dict[str, Any]] = list(state.get("history", []))
     best_eval_loss = state.get("best_eval_loss")
+    tokens_seen = int(state.get("tokens_seen", 0))  # all workers together
+    evaluations = int(state.get("evaluations", 0))
 
     tracker = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
@@ -179,6 +192,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         should_checkpoint = is_last or bool(config.checkpoint_every and step % config.checkpoint_every == 0)
         step_metrics = trainer.train_step(micro_batches, sync_metrics=should_log or should_eval or should_checkpoint)
         meter.add(step_metrics["tokens"])
+        # Equal shards and micro-batches: every worker processed as many tokens as this one.
+        tokens_seen += step_metrics["tokens"] * world
         if not (should_log or should_eval or should_checkpoint):
             continue
         metrics: dict[str, Any] = {
@@ -189,16 +204,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "grad_norm": step_metrics["grad_norm"],
             "skipped_steps": step_metrics["skipped_steps"],
             "resumed_from_step": resumed_from_step,
+            "tokens_seen": tokens_seen,
+            "flops_seen": float(model_flops_per_token) * tokens_seen,
             **meter.read(),
         }
         if should_eval:
             metrics.update(trainer.evaluate(dev_batches()))
+            evaluations += 1
+            metrics["evaluations"] = evaluations
         history.append({key: value for key, value in metrics.items() if isinstance(value, (int, float))})
         if tracker is not None:
             tracker.log_metrics(metrics, step)
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())
         _log(rank, shown)
+        if not (should_eval or should_checkpoint):
+            meter.reset()
+            continue
         if not should_checkpoint:
+            ray.train.report(metrics)
             meter.reset()
             continue
         eval_loss = metrics.get("eval_loss")
@@ -210,7 +233,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             trainer.save_checkpoint(
                 Path(directory),
                 {"epoch": epoch, "batches_in_epoch": position, "micro_batch_size": config.micro_batch_size,
-                 "eval_loss": eval_loss, "best_eval_loss": best_eval_loss, "time": time.time()},
+                 "eval_loss": eval_loss, "best_eval_loss": best_eval_loss, "tokens_seen": tokens_seen,
+                 "evaluations": evaluations, "time": time.time()},
                 history=history,
             )
             checkpoint = None

@@ -52,6 +52,15 @@ def gather_objects(value) -> list | None:
     return gathered
 
 
+def broadcast_object(value, src: int = 0):
+    """Rank ``src``'s ``value`` on every rank; ``value`` itself without a process group."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of a transformers model (GPT-2 ``h``, Llama ``layers``, BERT ``encoder.layer``)."""
     for path in ("transformer.h", "model.layers", "bert.encoder.layer", "encoder.layer", "h", "layers"):

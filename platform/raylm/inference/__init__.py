@@ -1,0 +1,1 @@
+"""raylm.inference: the engine that eval and serving share (batched generation, scoring, task adapters)."""
