@@ -43,9 +43,10 @@ def _load(config: Optional[Path], overrides: Optional[List[str]]) -> JobConfig:
 def _user_errors():
     """Map the error types users can cause to one-line messages."""
     from raylm.data.pipeline import DataError
+    from raylm.tracking import RegistryError
     from raylm.train.checkpoint import CorruptCheckpointError
 
-    return (ConfigError, DataError, FileNotFoundError, CorruptCheckpointError)
+    return (ConfigError, DataError, FileNotFoundError, CorruptCheckpointError, RegistryError)
 
 
 def _run(fn, *args):

@@ -146,20 +146,58 @@ def fail_run(tracking_uri: str, run_id: str) -> None:
     _client(tracking_uri).set_terminated(run_id, status="FAILED")
 
 
+class RegistryError(ValueError):
+    """A registry reference a user gave does not resolve (unknown model, version or alias); one line."""
+
+
+REGISTRY_URI_FORMS = "models:/<name>/<version> or models:/<name>@<alias>"
+
+
+def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """Split ``models:/name/version`` or ``models:/name@alias`` into ``(name, version, alias)``."""
+    if not uri.startswith("models:/"):
+        raise RegistryError(f"not a registry URI ({REGISTRY_URI_FORMS}): {uri}")
+    rest = uri[len("models:/"):]
+    if "/" in rest:
+        name, _, version = rest.partition("/")
+        if name and version.isdigit() and "@" not in name:
+            return name, version, None
+    elif "@" in rest:
+        name, _, alias = rest.rpartition("@")
+        if name and alias:
+            return name, None, alias
+    raise RegistryError(f"registry URI must look like {REGISTRY_URI_FORMS}: {uri}")
+
+
+def get_model_version(tracking_uri: str, uri: str):
+    """The MLflow ``ModelVersion`` a ``models:/name/version`` or ``models:/name@alias`` URI names."""
+    from mlflow.exceptions import MlflowException
+
+    name, version, alias = parse_registry_uri(uri)
+    client = _client(tracking_uri)
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except MlflowException as err:
+        what = f"alias {alias!r}" if alias is not None else f"version {version}"
+        raise RegistryError(f"{uri}: registered model {name!r} has no {what} at {tracking_uri} "
+                            f"({err.error_code})") from None
+
+
 def resolve_model_path(model_path: str, tracking_uri: str | None = None, destination: str | None = None) -> Path:
-    """Turn a model folder or a ``models:/name/version`` URI into a local folder."""
+    """Turn a model folder, ``models:/name/version`` or ``models:/name@alias`` into a local folder.
+
+    A registry URI is resolved at call time (an alias names whichever version holds it now) and
+    the version's model folder is downloaded from the tracking server's artifact store.
+    """
     if model_path.startswith("models:/"):
         import mlflow
 
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-            mlflow.set_registry_uri(tracking_uri)
-        parts = model_path[len("models:/") :].split("/")
-        if len(parts) != 2:
-            raise ValueError(f"registry URI must look like models:/<name>/<version>: {model_path}")
-        client = _client(tracking_uri or mlflow.get_tracking_uri())
-        version = client.get_model_version(parts[0], parts[1])
-        local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=destination)
+        tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        version = get_model_version(tracking_uri, model_path)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=destination,
+                                                    tracking_uri=tracking_uri)
         return Path(local)
     folder = Path(model_path)
     if not folder.is_dir():
