@@ -91,5 +91,5 @@ def test_malformed_json_and_unknown_route(base_url):
     response = requests.post(f"{base_url}/v1/qa", data="{not json", timeout=60,
                              headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
     assert response.status_code == 422 and "error" in response.json()
-    missing = requests.get(f"{base_url}/v1/nothing", timeout=30)
+    missing = requests.get(f"{base_url}/v1/nothing", timeout=30, headers={"Authorization": f"Bearer {API_KEY}"})
     assert missing.status_code == 404 and "error" in missing.json()

@@ -53,6 +53,22 @@ def translate_prompt(source: str) -> str:
     return f"{TASK_TOKENS['translate']}English: {source.strip()}\nGerman:"
 
 
+# The chat format of raylm models (a Jinja template, as transformers' apply_chat_template takes it):
+# plain-text turns after the language-model task token, the assistant's turn cued by "Assistant:".
+# export_model writes it into every model folder; the engine stops a reply where the next turn would start.
+CHAT_TEMPLATE = (
+    "{{ '" + TASK_TOKENS["lm"] + "' }}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] in ('system', 'developer') -%}{{ message['content'] | trim }}{{ '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'User: ' }}{{ message['content'] | trim }}{{ '\\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ 'Assistant: ' }}{{ message['content'] | trim }}{{ '\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+)
+CHAT_STOP_SEQUENCES = ("\nUser:", "\nAssistant:")
+
+
 def normalize_label(label: Any) -> str:
     """Accept 0/1, "0"/"1" or the label words; return the label word."""
     if isinstance(label, bool):

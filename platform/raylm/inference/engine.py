@@ -1,143 +1,389 @@
-"""Batched inference over a trained model folder: greedy generation and label scoring.
+"""The decoder engine: batched generation and label scoring over a causal LM folder.
 
-The engine is the one piece of inference code: the evaluator and the Serve
-deployments both call it, so what is measured is what is served.
+The engine is the one piece of inference code for decoder models: the
+evaluator and the Serve deployments both call it, so what is measured is what
+is served. It implements :class:`~raylm.inference.task_model.TaskModel` for
+every task: sentiment by scoring the label continuations, extractive QA by
+decoding constrained to spans of the context, translation and the
+OpenAI-style completions and chat by batched decoding.
+
+Decoding is written by hand (one batched prefill over left-padded prompts,
+then one step per token with a KV cache; rows that finish are dropped from
+the batch and its cache) because on this project's models it beats
+``transformers.generate`` (``bench/decode_compare.py`` measures both), and
+because each row of a batch here has its own budget, sampling settings, seed,
+stop strings, log-probabilities and output stream, which one ``generate``
+call cannot express.
 """
 
 from __future__ import annotations
 
 import inspect
-import json
-import threading
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from raylm.data.formatting import SENTIMENT_LABELS, qa_prompt, sentiment_prompt, translate_prompt
+from raylm.data.formatting import CHAT_STOP_SEQUENCES, CHAT_TEMPLATE, SENTIMENT_LABELS, qa_prompt, \
+    sentiment_prompt, translate_prompt
+from raylm.inference.task_model import (
+    TASKS,
+    GenerationRequest,
+    GenerationResult,
+    InferenceOptions,
+    InputError,
+    ModelLoadError,
+    SamplingParams,
+    StreamDelta,
+    TaskModel,
+    TokenLogprob,
+    read_model_card,
+)
+
+__all__ = ["Engine", "read_model_card"]
+
+# Extractive answers are short; a longer budget only lets an untrained model ramble inside the passage.
+QA_MAX_NEW_TOKENS = 16
 
 
-class Engine:
-    """Holds a causal LM and its tokenizer; all methods take and return batches."""
+@dataclass
+class _Row:
+    """Decoding state of one request in a batch."""
 
-    def __init__(self, model, tokenizer, max_new_tokens: int = 64, device: str = "cpu"):
-        self.model = model.to(device).eval()
+    prompt_ids: list[int]
+    params: SamplingParams
+    budget: int
+    span_source: Optional[list[int]] = None
+    generator: Optional[torch.Generator] = None
+    prefix: str = ""  # echoed prompt text, emitted first
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish_reason: Optional[str] = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class Engine(TaskModel):
+    """Holds a causal LM and its tokenizer; every method takes and returns batches."""
+
+    kind = "causal_lm"
+    supported_tasks = frozenset(TASKS)
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 64, device: str = "cpu", dtype=None):
+        self.model = model.to(device=device, dtype=dtype).eval() if dtype is not None else model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = device
         self.max_new_tokens = max_new_tokens
-        self.max_positions = getattr(model.config, "n_positions", None) or getattr(
-            model.config, "max_position_embeddings", 1024
-        )
+        self.max_positions = int(getattr(model.config, "n_positions", None)
+                                 or getattr(model.config, "max_position_embeddings", 1024))
+        self.vocab_size = int(model.config.vocab_size)
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        # The Rust tokenizer directly: decoding every row at every step through the Python wrapper costs more.
+        self._backend = tokenizer.backend_tokenizer
+        self._special_ids = set(tokenizer.all_special_ids)
+        self._token_text: dict[int, str] = {}
+        self.chat_template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
         # transformers 5 renamed the key/value cache argument from past_key_values to cache.
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        # A torch module is not safe to run from several threads at once.
-        self._lock = threading.Lock()
 
     @classmethod
-    def from_directory(cls, path: str | Path, max_new_tokens: int = 64, device: str = "cpu") -> "Engine":
-        """Load a raylm model folder (safetensors weights, tokenizer, raylm.json)."""
+    def from_directory(cls, folder: str | Path, options: Optional[InferenceOptions] = None, *,
+                       max_new_tokens: Optional[int] = None, device: Optional[str] = None) -> "Engine":
+        """Load a raylm model folder (safetensors weights, tokenizer, raylm.json) per ``options``."""
         from transformers import AutoModelForCausalLM
 
         from raylm.data.tokenizer import load_tokenizer
 
-        folder = Path(path)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"not a model folder (no config.json): {folder}")
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=False, use_safetensors=True
-        )
-        tokenizer = load_tokenizer(folder)
-        return cls(model, tokenizer, max_new_tokens=max_new_tokens, device=device)
+        options = options or InferenceOptions()
+        if max_new_tokens is not None or device is not None:
+            options = InferenceOptions(device=device or options.device, dtype=options.dtype,
+                                       max_new_tokens=max_new_tokens or options.max_new_tokens,
+                                       num_threads=options.num_threads)
+        path = Path(folder)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"not a model folder (no config.json): {path}")
+        resolved_device = options.resolved_device()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, trust_remote_code=False, use_safetensors=True,
+                dtype=options.torch_dtype(),
+            )
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot load the model in {path.name!r}: {str(err).splitlines()[0]}") from None
+        tokenizer = load_tokenizer(path)
+        return cls(model, tokenizer, max_new_tokens=options.max_new_tokens, device=resolved_device)
 
-    def _encode(self, prompts: Sequence[str], reserve: int) -> list[list[int]]:
-        eos = self.tokenizer.eos_token_id
-        encoded = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        limit = self.max_positions - reserve - 1
-        # Keep the end of an over-long prompt: the question and the answer cue live there.
-        return [[eos, *ids[-limit:]] for ids in encoded]
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "architecture": type(self.model).__name__,
+                "max_positions": self.max_positions, "device": str(self.device),
+                "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")}
+
+    # ----------------------------------------------------------------- tokens
+
+    def _encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return [encoding.ids for encoding in self._backend.encode_batch(list(texts), add_special_tokens=False)]
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the model sees for ``text`` as a prompt (the leading end-of-text separator included)."""
+        return len(self._encode_texts([text])[0]) + 1
+
+    def _decode_ids(self, ids: Sequence[int]) -> str:
+        return self._backend.decode(list(ids), skip_special_tokens=True)
+
+    def _token_string(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self._backend.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _prompt_ids(self, prompt: str | Sequence[int], encoded: Optional[list[int]] = None) -> list[int]:
+        ids = encoded if encoded is not None else (
+            self._encode_texts([prompt])[0] if isinstance(prompt, str) else list(prompt))
+        # Training documents follow an end-of-text separator; a prompt starts the same way.
+        return [self.eos_id, *ids]
+
+    def check_generation(self, request: GenerationRequest) -> int:
+        """Validate one request before it joins a batch; returns its prompt's token count.
+
+        Raises :class:`InputError` for a prompt that does not fit the context
+        with its ``max_tokens`` (OpenAI's ``context_length_exceeded``) or for
+        token ids outside the vocabulary, so that one bad row never fails a
+        batch of good ones.
+        """
+        if isinstance(request.prompt, str):
+            prompt_tokens = self.count_tokens(request.prompt)
+        else:
+            bad = [token for token in request.prompt if not 0 <= int(token) < self.vocab_size]
+            if bad:
+                raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
+                                 param="prompt", code="invalid_token")
+            prompt_tokens = len(request.prompt) + 1
+        if not request.truncate_prompt and prompt_tokens + request.params.max_tokens > self.max_positions:
+            raise InputError(
+                f"this model's context is {self.max_positions} tokens; the prompt has {prompt_tokens} "
+                f"and max_tokens asks for {request.params.max_tokens} more",
+                param="max_tokens" if prompt_tokens < self.max_positions else "prompt",
+                code="context_length_exceeded")
+        return prompt_tokens
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(seq) for seq in sequences)
-        pad = self.tokenizer.pad_token_id
-        ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for row, seq in enumerate(sequences):
-            ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
-            mask[row, width - len(seq) :] = 1
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None,
-                 spans_of: Sequence[str] | None = None) -> list[str]:
-        """Greedy-decode a continuation of each prompt, stopping at end-of-text or a newline.
+    def _forward(self, input_ids, attention_mask, position_ids, past=None, use_cache=True):
+        kwargs = {self._cache_kwarg: past} if use_cache else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=use_cache, **kwargs)
+        return out.logits, (getattr(out, self._cache_kwarg, None) if use_cache else None)
 
-        With ``spans_of`` (one text per prompt), decoding is constrained so that the
-        output is a contiguous span of that text's tokens: extractive answers can
-        only quote the passage, never invent a value that is not in it.
+    # ----------------------------------------------------------------- decoding
+
+    def _start_rows(self, requests: Sequence[GenerationRequest]) -> list[_Row]:
+        text_prompts = [request.prompt for request in requests if isinstance(request.prompt, str)]
+        encoded = iter(self._encode_texts(text_prompts))
+        span_texts = [" " + request.span_of.strip() for request in requests if request.span_of is not None]
+        span_sources = iter(self._encode_texts(span_texts))
+        rows = []
+        for request in requests:
+            params = request.params
+            ids = self._prompt_ids(request.prompt, next(encoded) if isinstance(request.prompt, str) else None)
+            budget = max(1, params.max_tokens)
+            if request.truncate_prompt:
+                budget = min(budget, self.max_positions // 2)
+                # Keep the end of an over-long prompt: the question and the answer cue live there.
+                keep = self.max_positions - budget - 1
+                if len(ids) > keep + 1:
+                    ids = [self.eos_id, *ids[-keep:]]
+            elif len(ids) + budget > self.max_positions:
+                raise InputError(f"prompt of {len(ids)} tokens plus max_tokens {budget} exceeds the model's "
+                                 f"context of {self.max_positions}", param="max_tokens",
+                                 code="context_length_exceeded")
+            generator = None
+            if params.temperature > 0:
+                generator = torch.Generator(device=self.device)
+                if params.seed is not None:
+                    generator.manual_seed(params.seed)
+                else:
+                    generator.seed()
+            prefix = ""
+            if request.echo:
+                prefix = request.prompt if isinstance(request.prompt, str) else self._decode_ids(request.prompt)
+            rows.append(_Row(prompt_ids=ids, params=params, budget=budget,
+                             span_source=next(span_sources) if request.span_of is not None else None,
+                             generator=generator, prefix=prefix))
+        return rows
+
+    @torch.inference_mode()
+    def stream(self, requests: Sequence[GenerationRequest]) -> Iterator[list[Optional[StreamDelta]]]:
+        """Decode a batch step by step; each step yields one entry per request (None once it has ended).
+
+        A row's text is held back while it could still be the start of one of
+        its stop strings (or an incomplete UTF-8 character), so that streamed
+        text never has to be taken back.
         """
-        if not prompts:
-            return []
-        sources = None
-        if spans_of is not None:
-            sources = self.tokenizer([" " + text.strip() for text in spans_of], add_special_tokens=False)["input_ids"]
-        budget = min(max_new_tokens or self.max_new_tokens, self.max_positions // 2)
-        input_ids, attention_mask = self._left_pad(self._encode(prompts, reserve=budget))
+        if not requests:
+            return
+        rows = self._start_rows(requests)
+        if any(row.prefix for row in rows):
+            yield [StreamDelta(text=row.prefix) if row.prefix else StreamDelta(text="") for row in rows]
+        input_ids, attention_mask = self._left_pad([row.prompt_ids for row in rows])
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        eos = self.tokenizer.eos_token_id
-        finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-        generated: list[list[int]] = [[] for _ in prompts]
+        active = list(range(len(rows)))  # row index of each line of the batch tensors
         past = None
         step_ids, step_positions, step_mask = input_ids, position_ids, attention_mask
-        with self._lock:
-            for _ in range(budget):
-                out = self.model(
-                    input_ids=step_ids,
-                    attention_mask=step_mask,
-                    position_ids=step_positions,
-                    use_cache=True,
-                    **{self._cache_kwarg: past},
-                )
-                past = getattr(out, self._cache_kwarg)
-                logits = out.logits[:, -1, :]
-                if sources is not None:
-                    logits = logits + _span_mask(sources, generated, logits.shape[-1], eos).to(logits.device)
-                next_ids = logits.argmax(dim=-1)
-                for row, token in enumerate(next_ids.tolist()):
-                    if not finished[row]:
-                        if token == eos:
-                            finished[row] = True
-                        else:
-                            generated[row].append(token)
-                if bool(finished.all()):
-                    break
-                step_ids = next_ids.unsqueeze(-1)
-                step_positions = step_positions[:, -1:] + 1
-                step_mask = torch.cat([step_mask, torch.ones_like(step_ids)], dim=-1)
-        texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        return [text.split("\n", 1)[0].strip() for text in texts]
+        while active:
+            logits, past = self._forward(step_ids, step_mask, step_positions, past)
+            next_ids, chosen_logprobs, top_logprobs = self._choose(logits[:, -1, :].float(),
+                                                                   [rows[index] for index in active])
+            deltas: list[Optional[StreamDelta]] = [None] * len(rows)
+            keep = []
+            for line, index in enumerate(active):
+                row = rows[index]
+                deltas[index] = self._advance(row, next_ids[line], chosen_logprobs, top_logprobs, line)
+                if row.finish_reason is None:
+                    keep.append(line)
+            yield deltas
+            if not keep:
+                break
+            next_column = torch.tensor(next_ids, dtype=torch.long, device=self.device).unsqueeze(-1)
+            if len(keep) < len(active):
+                # Drop finished rows from the batch and its cache: the rest decode at the smaller size.
+                lines = torch.tensor(keep, dtype=torch.long, device=self.device)
+                past.batch_select_indices(lines)
+                next_column, step_mask, step_positions = next_column[lines], step_mask[lines], step_positions[lines]
+                active = [active[line] for line in keep]
+            step_ids = next_column
+            step_positions = step_positions[:, -1:] + 1
+            step_mask = torch.cat([step_mask, torch.ones_like(step_ids)], dim=-1)
+
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]):
+        """Pick each row's next token: greedy, or sampled with its temperature / top-k / top-p / seed."""
+        want_logprobs = [row.params.logprobs is not None for row in rows]
+        log_probs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        span_lines = [line for line, row in enumerate(rows) if row.span_source is not None]
+        if span_lines:
+            mask = _span_mask([rows[line].span_source for line in span_lines],
+                              [rows[line].generated for line in span_lines], logits.shape[-1], self.eos_id)
+            logits[span_lines] += mask.to(logits.device)
+        chosen = logits.argmax(dim=-1)
+        sampled_lines = [line for line, row in enumerate(rows) if row.params.temperature > 0]
+        if sampled_lines:
+            chosen = chosen.clone()
+            for line in sampled_lines:
+                chosen[line] = _sample(logits[line], rows[line].params, rows[line].generator)
+        next_ids = chosen.tolist()
+        chosen_logprobs = top = None
+        if log_probs is not None:
+            chosen_logprobs = log_probs.gather(-1, chosen.unsqueeze(-1)).squeeze(-1).tolist()
+            most = max(row.params.logprobs or 0 for row in rows)
+            top = log_probs.topk(most, dim=-1) if most > 0 else None
+        return next_ids, chosen_logprobs, top
+
+    def _advance(self, row: _Row, token: int, chosen_logprobs, top_logprobs, line: int) -> StreamDelta:
+        """Add ``token`` to ``row``; return the text it makes final, and finish the row if it ended."""
+        new_logprobs = []
+        if token == self.eos_id:
+            row.finish_reason = "stop"
+        else:
+            row.generated.append(token)
+            if row.params.logprobs is not None:
+                top = []
+                if top_logprobs is not None and row.params.logprobs > 0:
+                    values = top_logprobs.values[line, : row.params.logprobs].tolist()
+                    indices = top_logprobs.indices[line, : row.params.logprobs].tolist()
+                    top = [(self._token_string(index), value) for index, value in zip(indices, values)]
+                entry = TokenLogprob(self._token_string(token), token, chosen_logprobs[line], top)
+                row.logprobs.append(entry)
+                new_logprobs.append(entry)
+            row.text = self._decode_ids(row.generated)
+            stops = row.params.stop
+            if stops:
+                # Only the tail can hold a stop string that was not there one token ago.
+                start = max(0, row.emitted - max(len(stop) for stop in stops))
+                hits = [position for position in (row.text.find(stop, start) for stop in stops) if position >= 0]
+                if hits:
+                    row.text = row.text[: min(hits)]
+                    row.finish_reason = "stop"
+            if row.finish_reason is None and (len(row.generated) >= row.budget
+                                               or len(row.prompt_ids) + len(row.generated) >= self.max_positions):
+                row.finish_reason = "length"
+        if row.finish_reason is None:
+            holdback = max((len(stop) for stop in row.params.stop), default=1) - 1
+            end = len(row.text) - holdback
+            while end > row.emitted and row.text[end - 1] == "\ufffd":
+                end -= 1  # an incomplete UTF-8 character: wait for its next byte
+            end = max(end, row.emitted)
+        else:
+            end = len(row.text)
+        delta = StreamDelta(text=row.text[row.emitted:end], logprobs=new_logprobs)
+        row.emitted = end
+        if row.finish_reason is not None:
+            delta.finish_reason = row.finish_reason
+            delta.prompt_tokens = len(row.prompt_ids)
+            delta.completion_tokens = len(row.generated) + (1 if row.finish_reason == "stop"
+                                                            and token == self.eos_id else 0)
+        return delta
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Decode a batch to the end; one :class:`GenerationResult` per request, in order."""
+        texts = [[] for _ in requests]
+        logprobs: list[list[TokenLogprob]] = [[] for _ in requests]
+        results: list[Optional[GenerationResult]] = [None] * len(requests)
+        for deltas in self.stream(requests):
+            for index, delta in enumerate(deltas):
+                if delta is None:
+                    continue
+                texts[index].append(delta.text)
+                logprobs[index].extend(delta.logprobs)
+                if delta.finished:
+                    results[index] = GenerationResult(
+                        text="".join(texts[index]), finish_reason=delta.finish_reason,
+                        prompt_tokens=delta.prompt_tokens, completion_tokens=delta.completion_tokens,
+                        logprobs=logprobs[index] if requests[index].params.logprobs is not None else None)
+        return results  # type: ignore[return-value]
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
+        """The model's chat template applied to ``messages``, ending with the assistant's cue."""
+        return self.tokenizer.apply_chat_template(list(messages), chat_template=self.chat_template,
+                                                  tokenize=False, add_generation_prompt=True)
+
+    chat_stop_sequences = CHAT_STOP_SEQUENCES
+
+    # ----------------------------------------------------------------- scoring
 
     @torch.inference_mode()
     def score_choices(self, prompts: Sequence[str], choices: Sequence[str]) -> list[list[float]]:
         """Return, for each prompt, the probability of each choice (normalised over the choices)."""
         if not prompts:
             return []
-        choice_ids = [self.tokenizer(" " + choice, add_special_tokens=False)["input_ids"] for choice in choices]
+        choice_ids = self._encode_texts([" " + choice for choice in choices])
         longest = max(len(ids) for ids in choice_ids)
-        encoded = self._encode(prompts, reserve=longest)
+        limit = self.max_positions - longest - 1
         sequences, spans = [], []
-        for prompt_ids in encoded:
+        for prompt_ids in self._encode_texts(list(prompts)):
+            prompt_ids = [self.eos_id, *prompt_ids[-limit:]]
             for ids in choice_ids:
                 sequences.append([*prompt_ids, *ids])
                 spans.append(len(ids))
         input_ids, attention_mask = self._left_pad(sequences)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with self._lock:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        logits, _ = self._forward(input_ids, attention_mask, position_ids, use_cache=False)
+        # Only the positions that predict a choice token matter; the full-vocabulary softmax is for those alone.
+        log_probs = torch.log_softmax(logits[:, -longest - 1: -1, :].float(), dim=-1)
         totals = []
         for row, span in enumerate(spans):
             targets = input_ids[row, -span:]
-            predicted = log_probs[row, -span - 1 : -1, :]
+            predicted = log_probs[row, longest - span:, :]
             totals.append(predicted.gather(-1, targets.unsqueeze(-1)).sum().item())
         scores = torch.tensor(totals).view(len(prompts), len(choices))
         return torch.softmax(scores, dim=-1).tolist()
@@ -152,13 +398,51 @@ class Engine:
             results.append({"label": SENTIMENT_LABELS[best], "score": round(probs[best], 6)})
         return results
 
-    def answer_questions(self, contexts: Sequence[str], questions: Sequence[str],
-                         max_new_tokens: int | None = None) -> list[str]:
-        prompts = [qa_prompt(context, question) for context, question in zip(contexts, questions)]
-        return self.generate(prompts, max_new_tokens=max_new_tokens or 16, spans_of=contexts)
+    def task_request(self, task: str, budget: Optional[int] = None, **fields: str) -> GenerationRequest:
+        """The generation request behind one input of a task route (``qa`` or ``translate``).
 
-    def translate(self, sources: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
-        return self.generate([translate_prompt(source) for source in sources], max_new_tokens=max_new_tokens)
+        Greedy, first line only, over-long prompts cut from the left; QA is
+        constrained to spans of its context. The Serve layer batches these
+        with completions, so all generation of a replica shares its batches.
+        """
+        if task == "qa":
+            return GenerationRequest(qa_prompt(fields["context"], fields["question"]),
+                                     SamplingParams(max_tokens=budget or QA_MAX_NEW_TOKENS, temperature=0.0,
+                                                    stop=("\n",)),
+                                     span_of=fields["context"], truncate_prompt=True)
+        if task == "translate":
+            return GenerationRequest(translate_prompt(fields["text"]),
+                                     SamplingParams(max_tokens=budget or self.max_new_tokens, temperature=0.0,
+                                                    stop=("\n",)),
+                                     truncate_prompt=True)
+        raise ValueError(f"no generation request for task {task!r}")
+
+    def answer_questions(self, contexts: Sequence[str], questions: Sequence[str],
+                         max_new_tokens: Optional[int] = None) -> list[str]:
+        requests = [self.task_request("qa", max_new_tokens, context=context, question=question)
+                    for context, question in zip(contexts, questions)]
+        return [result.text.strip() for result in self.generate(requests)]
+
+    def translate(self, sources: Sequence[str], max_new_tokens: Optional[int] = None) -> list[str]:
+        requests = [self.task_request("translate", max_new_tokens, text=source) for source in sources]
+        return [result.text.strip() for result in self.generate(requests)]
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Draw one token from ``logits`` (1-D) after temperature, top-k and top-p (nucleus) filtering."""
+    scaled = logits / max(params.temperature, 1e-5)
+    if params.top_k and params.top_k < scaled.shape[-1]:
+        threshold = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < threshold, -math.inf)
+    if params.top_p < 1.0:
+        ordered, order = torch.sort(scaled, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        # Drop a token when the tokens before it already hold top_p of the mass; the first always stays.
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        scaled = scaled.clone()
+        scaled[order[drop]] = -math.inf
+    probs = torch.softmax(scaled, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
 def _span_mask(sources: list[list[int]], generated: list[list[int]], vocab_size: int, eos: int) -> torch.Tensor:
@@ -169,13 +453,8 @@ def _span_mask(sources: list[list[int]], generated: list[list[int]], vocab_size:
         if k == 0:
             allowed = set(source)
         else:
-            allowed = {source[i + k] for i in range(len(source) - k) if source[i : i + k] == prefix}
+            allowed = {source[i + k] for i in range(len(source) - k) if source[i: i + k] == prefix}
             allowed.add(eos)
         allowed.discard(-1)
         mask[row, [token for token in allowed if token < vocab_size]] = 0.0
     return mask
-
-
-def read_model_card(path: str | Path) -> dict:
-    card = Path(path) / "raylm.json"
-    return json.loads(card.read_text()) if card.is_file() else {}

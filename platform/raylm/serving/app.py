@@ -1,154 +1,154 @@
-"""The Ray Serve application: task endpoints over one model deployment.
+"""The Ray Serve application: one deployment whose replicas hold the served models.
 
-Routes: POST /v1/translate, /v1/qa, /v1/sentiment; GET /healthz. Errors are
-JSON ``{"error": "..."}`` with a 4xx status; when ``serve.api_key`` is set every
-route but /healthz needs ``Authorization: Bearer <key>``.
+``build_app`` turns a :class:`~raylm.config.ServeConfig` into a bound
+deployment with the replica, autoscaling, queue and resource options of that
+config, so ``raylm serve``, ``serve run`` and ``serve deploy`` (through
+:func:`app_builder`) deploy the same thing. Routes: see
+:mod:`raylm.serving.routes`; batching: :mod:`raylm.serving.batching`.
 """
 
+from __future__ import annotations
 
-import hmac
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raylm.serving.schemas import (
-    QARequest,
-    QAResponse,
-    SentimentRequest,
-    SentimentResponse,
-    TranslateRequest,
-    TranslateResponse,
-)
+from raylm.config import ServeConfig
+from raylm.serving.routes import APIError
 
 APP_NAME = "raylm"
+DEPLOYMENT_NAME = "RaylmModel"
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress()
+class RaylmServer:
+    """One replica: loads each distinct model of ``task_models`` once and batches requests to it."""
 
-
-def _describe_validation_error(exc: RequestValidationError) -> str:
-    first = exc.errors()[0]
-    location = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
-    return f"invalid request: {location}: {first.get('msg', 'invalid')}"
-
-
-def create_api() -> FastAPI:
-    api = FastAPI(title="raylm", version="0.1.0")
-
-    @api.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError):
-        return JSONResponse(status_code=exc.status, content={"error": exc.message})
-
-    @api.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError):
-        return JSONResponse(status_code=422, content={"error": _describe_validation_error(exc)})
-
-    @api.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException):
-        return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)})
-
-    return api
-
-
-api = create_api()
-
-
-@serve.deployment(name="RaylmModel", ray_actor_options={"num_cpus": 1})
-@serve.ingress(api)
-class RaylmModel:
-    """One replica: loads a model folder (or registry URI) into an :class:`Engine`."""
-
-    def __init__(self, model_path: str, serve_config: dict, tracking_uri: Optional[str] = None):
+    def __init__(self, task_models: dict[str, str], serve_config: dict, tracking_uri: Optional[str] = None):
         import torch
 
-        from raylm.config import ServeConfig
-        from raylm.inference.engine import Engine, read_model_card
+        from raylm.inference.task_model import InferenceOptions, load_task_model, public_model_name
+        from raylm.serving.batching import BatchStats, ModelWorker
         from raylm.tracking import resolve_model_path
 
-        torch.set_num_threads(1)
         self.config = ServeConfig.model_validate(serve_config)
-        folder = resolve_model_path(model_path, tracking_uri)
-        self.engine = Engine.from_directory(folder, max_new_tokens=self.config.max_new_tokens)
-        self.card = read_model_card(folder)
-        self.model_path = model_path
+        torch.set_num_threads(max(1, int(self.config.num_cpus_per_replica)))
+        options = InferenceOptions(device=self.config.resolved_device(), dtype=self.config.dtype,
+                                   max_new_tokens=self.config.max_new_tokens)
+        # One thread runs every model call of this replica: torch gets the replica's cores, the event loop stays free.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-model")
+        self.stats = BatchStats()
+        by_reference: dict[str, ModelWorker] = {}
+        for reference in dict.fromkeys(task_models.values()):
+            folder = resolve_model_path(reference, tracking_uri)
+            name = reference if reference.startswith("models:/") else public_model_name(folder)
+            model = load_task_model(folder, options, name=name)
+            by_reference[reference] = ModelWorker(
+                model, self.executor, self.stats, max_batch_size=self.config.max_batch_size,
+                batch_wait_timeout_s=self.config.batch_wait_timeout_s,
+                max_concurrent_batches=self.config.max_concurrent_batches)
+        self.workers = {task: by_reference[reference] for task, reference in task_models.items()}
         self.started = time.time()
 
-    # --------------------------------------------------------------- checks
+    def __serve_build_asgi_app__(self):
+        from raylm.serving.routes import build_api
 
-    def _authorize(self, request: Request) -> None:
-        key = self.config.api_key_value()
-        if not key:
-            return
-        header = request.headers.get("authorization", "")
-        supplied = header[len("Bearer ") :] if header.startswith("Bearer ") else ""
-        if not hmac.compare_digest(supplied.encode(), key.encode()):
-            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')")
+        return build_api(self)
 
-    def _check_length(self, **fields: str) -> None:
-        for name, value in fields.items():
-            if len(value) > self.config.max_input_chars:
-                raise APIError(413, f"field {name!r} has {len(value)} characters; "
-                                    f"the limit is {self.config.max_input_chars}")
+    # ----------------------------------------------------------------- used by the routes
 
-    # --------------------------------------------------------------- routes
+    def distinct_workers(self) -> list:
+        return list({id(worker): worker for worker in self.workers.values()}.values())
 
-    @api.get("/healthz")
-    def healthz(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_path, "uptime_s": round(time.time() - self.started, 1)}
+    def worker_for(self, task: str, requested_model: Optional[str] = None):
+        """The worker that answers ``task``: the one named by ``requested_model``, else the task's model."""
+        if requested_model:
+            for worker in self.distinct_workers():
+                if worker.model.name == requested_model:
+                    worker.model.require(task)
+                    return worker
+            known = ", ".join(worker.model.name for worker in self.distinct_workers())
+            raise APIError(404, f"model {requested_model!r} is not served here (served: {known})", "model",
+                           "model_not_found")
+        worker = self.workers.get(task)
+        if worker is None:
+            raise APIError(404, f"no model is configured for task {task!r}", None, "model_not_found")
+        worker.model.require(task)
+        return worker
 
-    @api.post("/v1/translate", response_model=TranslateResponse)
-    def translate(self, body: TranslateRequest, request: Request) -> TranslateResponse:
-        self._authorize(request)
-        self._check_length(text=body.text)
-        budget = min(body.max_new_tokens or self.config.max_new_tokens, self.config.max_new_tokens)
-        return TranslateResponse(translation=self.engine.translate([body.text], max_new_tokens=budget)[0])
-
-    @api.post("/v1/qa", response_model=QAResponse)
-    def qa(self, body: QARequest, request: Request) -> QAResponse:
-        self._authorize(request)
-        self._check_length(context=body.context, question=body.question)
-        return QAResponse(answer=self.engine.answer_questions([body.context], [body.question])[0])
-
-    @api.post("/v1/sentiment", response_model=SentimentResponse)
-    def sentiment(self, body: SentimentRequest, request: Request) -> SentimentResponse:
-        self._authorize(request)
-        self._check_length(text=body.text)
-        result = self.engine.classify_sentiment([body.text])[0]
-        return SentimentResponse(label=result["label"], score=result["score"])
+    def health(self) -> dict[str, Any]:
+        """Public state of this replica: model ids, kinds and tasks, batching statistics; no file paths."""
+        return {"status": "ok", "uptime_s": round(time.time() - self.started, 1),
+                "models": [worker.model.describe() for worker in self.distinct_workers()],
+                "tasks": {task: worker.model.name for task, worker in self.workers.items()},
+                "batching": self.stats.snapshot()}
 
 
-def build_app(model_path: str, serve_config, tracking_uri: str | None = None):
-    """The Serve application for ``model_path`` (a folder or ``models:/name/version``)."""
-    deployment = RaylmModel.options(
-        num_replicas=serve_config.num_replicas,
-        ray_actor_options={"num_cpus": serve_config.num_cpus_per_replica},
-    )
+def deployment_options(config: ServeConfig) -> dict[str, Any]:
+    """The Serve deployment options a :class:`ServeConfig` asks for (replicas or autoscaling, queue, resources)."""
+    from ray.serve.config import BackpressureConfig
+
+    options: dict[str, Any] = {
+        "max_ongoing_requests": config.max_ongoing_requests,
+        "max_queued_requests": config.max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=config.retry_after_s),
+        "graceful_shutdown_timeout_s": config.graceful_shutdown_timeout_s,
+        "ray_actor_options": {"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
+    }
+    if config.autoscaling is not None:
+        scaling = config.autoscaling
+        options["autoscaling_config"] = {
+            "min_replicas": scaling.min_replicas,
+            "max_replicas": scaling.max_replicas,
+            "initial_replicas": scaling.initial_replicas if scaling.initial_replicas is not None
+            else max(1, scaling.min_replicas),
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": scaling.upscale_delay_s,
+            "downscale_delay_s": scaling.downscale_delay_s,
+        }
+    else:
+        options["num_replicas"] = config.num_replicas
+    return options
+
+
+def build_app(model_path: Optional[str], serve_config: ServeConfig, tracking_uri: Optional[str] = None):
+    """The Serve application for ``model_path`` (folder or registry URI) and ``serve_config.models``."""
+    config = serve_config
+    if model_path and model_path != config.model_path:
+        config = config.model_copy(update={"model_path": model_path})
+    task_models = config.task_models()
+    if not task_models:
+        raise ValueError("nothing to serve: give a model (model_path) or serve.models")
     # Python mode keeps the API key a SecretStr (JSON mode would replace it by its mask).
-    return deployment.bind(model_path, serve_config.model_dump(), tracking_uri)
+    return RaylmServer.options(**deployment_options(config)).bind(task_models, config.model_dump(), tracking_uri)
 
 
 def app_builder(args: dict[str, Any]):
-    """Entry for ``serve run``/``serve deploy``: ``import_path: raylm.serving.app:app_builder``."""
-    from raylm.config import ServeConfig
+    """Entry for ``serve run`` / ``serve deploy``: ``import_path: raylm.serving.app:app_builder``.
+
+    ``args`` are ServeConfig keys (``model_path``, ``autoscaling``, ``max_batch_size``, ...) plus an
+    optional ``tracking_uri``; the API key comes from ``$RAYLM_API_KEY`` unless given.
+    """
+    from raylm.config import ConfigError, _format_validation_error
+    from pydantic import ValidationError
 
     args = dict(args or {})
-    model_path = args.pop("model_path", None)
     tracking_uri = args.pop("tracking_uri", None)
-    if not model_path:
-        raise ValueError("serve args need model_path (a model folder or models:/name/version)")
-    return build_app(model_path, ServeConfig.model_validate({"model_path": model_path, **args}), tracking_uri)
+    try:
+        config = ServeConfig.model_validate(args)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err).replace("config error: ", "config error: serve args: ")) from None
+    if not config.task_models():
+        raise ConfigError("config error: serve args need model_path (a model folder or models:/name/version) "
+                          "or models")
+    return build_app(config.model_path, config, tracking_uri)
 
 
-def start_serving(model_path: str, serve_config, tracking_uri: str | None = None, blocking: bool = False):
+def start_serving(model_path: Optional[str], serve_config: ServeConfig, tracking_uri: Optional[str] = None,
+                  blocking: bool = False) -> str:
     """Start Serve on ``serve_config.host:port`` and deploy the app; returns the base URL."""
     serve.start(http_options={"host": serve_config.host, "port": serve_config.port})
     serve.run(build_app(model_path, serve_config, tracking_uri), name=APP_NAME,

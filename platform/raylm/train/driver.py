@@ -124,6 +124,12 @@ def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[st
     for path in Path(checkpoint_dir).iterdir():
         if path.suffix == ".safetensors" or path.name in MODEL_FILES or path.name.endswith(".safetensors.index.json"):
             shutil.copy2(path, model_dir / path.name)
+    if card.get("config", {}).get("model", {}).get("task", "causal_lm") == "causal_lm" \
+            and not getattr(tokenizer, "chat_template", None):
+        # /v1/chat/completions renders conversations with the folder's template (saved with the tokenizer).
+        from raylm.data.formatting import CHAT_TEMPLATE
+
+        tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(model_dir)
     card["trained_steps"] = read_state(checkpoint_dir).get("step")
     (model_dir / "raylm.json").write_text(json.dumps(card, indent=2, default=str))

@@ -1,0 +1,146 @@
+"""Batching across callers: one loaded model, its ``@serve.batch`` queues, and the thread that runs it.
+
+Every request handler of a replica is async. A handler puts its input on the
+model's queue for that kind of work and awaits its own result; ``@serve.batch``
+gathers the inputs of concurrent callers (up to ``serve.max_batch_size``,
+waiting at most ``serve.batch_wait_timeout_s``) into one call of the model's
+batch method. Model calls run on one worker thread per replica, so the event
+loop keeps accepting, validating and answering requests while a batch runs.
+There is no lock: nothing waits for another request, only for its batch.
+
+Generation (completions, chat, and on decoder models translation and QA too)
+shares one queue per model, so all of them fill the same batches. Its batch
+method is an async generator that yields one step of every row at a time:
+streamed requests get their tokens as they are decoded, the others collect
+them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Optional
+
+from ray import serve
+
+from raylm.inference.task_model import GenerationRequest, GenerationResult, StreamDelta, TaskModel
+
+
+class BatchStats:
+    """Counts of batches and inputs per kind of work, and the largest batch: the batching made observable."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.batches: dict[str, int] = defaultdict(int)
+        self.inputs: dict[str, int] = defaultdict(int)
+        self.largest: dict[str, int] = defaultdict(int)
+
+    def record(self, kind: str, size: int) -> None:
+        with self._lock:
+            self.batches[kind] += 1
+            self.inputs[kind] += size
+            self.largest[kind] = max(self.largest[kind], size)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {kind: {"batches": self.batches[kind], "inputs": self.inputs[kind],
+                           "largest_batch": self.largest[kind],
+                           "mean_batch": round(self.inputs[kind] / self.batches[kind], 2)}
+                    for kind in self.batches}
+
+
+class ModelWorker:
+    """A :class:`TaskModel` behind ``@serve.batch`` queues; its calls run on ``executor`` (one thread)."""
+
+    def __init__(self, model: TaskModel, executor: ThreadPoolExecutor, stats: BatchStats, *,
+                 max_batch_size: int, batch_wait_timeout_s: float, max_concurrent_batches: int = 1):
+        self.model = model
+        self.executor = executor
+        self.stats = stats
+        # Decoder models answer translate and QA by generation, in the same batches as completions.
+        self.generates_tasks = hasattr(model, "task_request") and model.supports("completions")
+
+        def batched(function):
+            return serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s,
+                               max_concurrent_batches=max_concurrent_batches)(function)
+
+        async def sentiment_batch(texts: list[str]) -> list[tuple[dict, int]]:
+            self.stats.record("sentiment", len(texts))
+            results = await self._call(model.classify_sentiment, list(texts))
+            return [(result, len(texts)) for result in results]
+
+        async def qa_batch(pairs: list[tuple[str, str]]) -> list[tuple[str, int]]:
+            self.stats.record("qa", len(pairs))
+            answers = await self._call(model.answer_questions, [p[0] for p in pairs], [p[1] for p in pairs])
+            return [(answer, len(pairs)) for answer in answers]
+
+        async def translate_batch(items: list[tuple[str, Optional[int]]]) -> list[tuple[str, int]]:
+            self.stats.record("translate", len(items))
+            out: list[Optional[str]] = [None] * len(items)
+            for budget in {budget for _, budget in items}:  # the batch method takes one budget
+                indices = [index for index, (_, b) in enumerate(items) if b == budget]
+                texts = await self._call(model.translate, [items[index][0] for index in indices], budget)
+                for index, text in zip(indices, texts):
+                    out[index] = text
+            return [(text, len(items)) for text in out]
+
+        async def generation_batch(requests: list[GenerationRequest]):
+            size = len(requests)
+            self.stats.record("generation", size)
+            steps = model.stream(list(requests))
+            try:
+                while True:
+                    step = await self._call(next, steps, None)
+                    if step is None:
+                        return
+                    # A row that has ended gets StopIteration: Serve ends that caller's stream.
+                    yield [StopIteration if delta is None else (delta, size) for delta in step]
+            finally:
+                await self._call(steps.close)
+
+        self._sentiment = batched(sentiment_batch)
+        self._qa = batched(qa_batch)
+        self._translate = batched(translate_batch)
+        self._generation = batched(generation_batch)
+
+    async def _call(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+
+    # ----------------------------------------------------------------- one input each; batched underneath
+
+    async def sentiment(self, text: str) -> tuple[dict, int]:
+        """(``{"label", "score"}``, size of the batch it ran in)."""
+        return await self._sentiment(text)
+
+    async def answer(self, context: str, question: str) -> tuple[str, int]:
+        if self.generates_tasks:
+            result, size = await self.generate(self.model.task_request("qa", context=context, question=question))
+            return result.text.strip(), size
+        return await self._qa((context, question))
+
+    async def translate(self, text: str, budget: Optional[int]) -> tuple[str, int]:
+        if self.generates_tasks:
+            result, size = await self.generate(self.model.task_request("translate", budget, text=text))
+            return result.text.strip(), size
+        return await self._translate((text, budget))
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[tuple[StreamDelta, int]]:
+        """The request's deltas as they are decoded, each with the size of the batch it runs in."""
+        return self._generation(request)
+
+    async def generate(self, request: GenerationRequest) -> tuple[GenerationResult, int]:
+        """The whole generation (collected from its stream) and its batch size."""
+        texts, logprobs, size, final = [], [], 0, None
+        # Read the stream to its end (not just to the finishing delta): Serve then retires the row cleanly.
+        async for delta, size in self._generation(request):
+            texts.append(delta.text)
+            logprobs.extend(delta.logprobs)
+            if delta.finished:
+                final = delta
+        if final is None:
+            raise RuntimeError("generation ended without a finish reason")
+        return GenerationResult(text="".join(texts), finish_reason=final.finish_reason,
+                                prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
+                                logprobs=logprobs if request.params.logprobs is not None else None), size
