@@ -1,7 +1,30 @@
-"""Helpers shared by the training benchmarks (imported from the scripts beside it)."""
+"""Helpers shared by the benchmarks (imported from the scripts beside it).
+
+- :class:`SizedTokenizer` and :func:`overall_rate`: what the training benchmarks
+  need to run ``run_training`` on token ids and to turn its logged intervals
+  into one rate.
+- :func:`rotated`: the interleaving order of contenders (each repeat starts
+  with a different one, so that none always runs first or last).
+- :func:`spawn_json`: run one contender in a fresh Python process (process-wide
+  settings such as glibc's malloc parameters cannot leak from one contender into
+  the next) and read the JSON it writes.
+- :class:`TreeMemorySampler`: the peak memory of a process and all its
+  descendants (Ray's raylet, GCS, workers and object store; a multiprocessing
+  pool), counted as PSS so that shared pages are not counted twice.
+- :func:`machine_state`: load average, niceness and CPU count, recorded with
+  every figure.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
 from typing import Any, Sequence
 
 
@@ -27,3 +50,137 @@ def overall_rate(history: Sequence[dict[str, Any]], key: str = "tokens_per_s", a
     if not values:
         raise ValueError(f"no logged {key} after step {after_step}")
     return len(values) / sum(1.0 / value for value in values)
+
+
+def rotated(names: Sequence[str], repeat: int) -> list[str]:
+    """``names`` rotated by ``repeat`` places: the order of the contenders in that repeat."""
+    if not names:
+        return []
+    shift = repeat % len(names)
+    return [*names[shift:], *names[:shift]]
+
+
+def machine_state() -> dict[str, Any]:
+    """Load averages (1, 5, 15 min), this process's niceness and the CPU count."""
+    return {"load_average": [round(value, 2) for value in os.getloadavg()], "niceness": os.nice(0),
+            "cpu_count": os.cpu_count()}
+
+
+def spawn_json(script: str | Path, arguments: Sequence[str], env: dict[str, str] | None = None,
+               timeout: float | None = None) -> dict[str, Any]:
+    """Run ``script`` in a fresh interpreter with ``arguments --out FILE``; return the JSON it wrote to FILE.
+
+    The child's stdout is discarded (libraries print there) and the tail of its
+    stderr is raised with the arguments when it fails.
+    """
+    handle, out = tempfile.mkstemp(suffix=".json", prefix="bench-")
+    os.close(handle)
+    child_env = {**os.environ, **(env or {})}
+    child_env.pop("RAY_ADDRESS", None)  # a contender never joins someone else's cluster
+    try:
+        process = subprocess.run([sys.executable, str(script), *arguments, "--out", out], env=child_env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=timeout)
+        if process.returncode != 0:
+            raise RuntimeError(f"benchmark worker failed ({' '.join(arguments)}):\n{process.stderr[-3000:]}")
+        return json.loads(Path(out).read_text())
+    finally:
+        os.unlink(out)
+
+
+def _descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (children of children too), from /proc."""
+    found, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                children = Path(f"/proc/{parent}/task/{task}/children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.append(child)
+                    frontier.append(child)
+    return found
+
+
+def process_memory(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) of one process in bytes; (0, 0) when it is gone.
+
+    PSS divides each shared page by the number of processes that map it, so
+    the sum over a process tree counts Ray's shared-memory object store (and
+    shared libraries) once.
+    """
+    pss = rss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+                elif line.startswith("Rss:"):
+                    rss = int(line.split()[1]) * 1024
+    except OSError:
+        return 0, 0
+    return pss, rss
+
+
+class TreeMemorySampler:
+    """Samples the summed PSS of a process tree in a background thread and keeps the peak.
+
+    Use as a context manager around the work to measure. ``peak_pss`` and
+    ``peak_rss`` are the largest sums seen (RSS double-counts shared pages and is
+    kept for comparison), ``peak_processes`` the process count at the PSS peak.
+    Linux only (``/proc``); elsewhere ``available`` is False and the peaks stay 0.
+    A sample costs about 1.5 ms of CPU per process (the kernel walks the page
+    tables), so the default interval is a second; ``cpu_seconds`` is what the
+    sampling cost.
+    """
+
+    def __init__(self, pid: int | None = None, interval_s: float = 1.0):
+        self.pid = pid or os.getpid()
+        self.interval_s = interval_s
+        self.available = os.path.exists(f"/proc/{self.pid}/smaps_rollup")
+        self.peak_pss = self.peak_rss = self.peak_processes = self.samples = 0
+        self.cpu_seconds = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> int:
+        """Take one sample now; returns the tree's summed PSS."""
+        started = time.thread_time()
+        pids = _descendants(self.pid)
+        memory = [process_memory(pid) for pid in pids]
+        pss, rss = sum(m[0] for m in memory), sum(m[1] for m in memory)
+        self.samples += 1
+        if pss > self.peak_pss:
+            self.peak_pss, self.peak_processes = pss, sum(1 for m in memory if m[0])
+        self.peak_rss = max(self.peak_rss, rss)
+        self.cpu_seconds += time.thread_time() - started
+        return pss
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> "TreeMemorySampler":
+        if self.available:
+            self.sample()
+            self._thread = threading.Thread(target=self._run, name="tree-memory-sampler", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self.sample()
+
+    def figures(self) -> dict[str, Any]:
+        return {"peak_tree_pss_bytes": self.peak_pss, "peak_tree_rss_bytes": self.peak_rss,
+                "peak_tree_processes": self.peak_processes, "memory_samples": self.samples,
+                "memory_sampling_cpu_s": round(self.cpu_seconds, 3)}
+

@@ -5,19 +5,31 @@ shared corpora (Tiny Shakespeare; SST-2, XQuAD and Multi30k train/dev text, one
 paragraph per sentence, context or question; never the *_test files) into
 ~2 MB files, and trains one BPE tokenizer on the unreplicated text (not timed).
 
-raylm: ``prepare_dataset`` (read -> check -> format -> tokenize -> pack ->
-Parquet + manifest) on ``data.sources=[{path: corpus/*.txt, text_unit:
-paragraph}]`` in a fresh driver process with ``ray.init(num_cpus=2)``, timed
-after a small warm-up run that starts Ray's worker processes (``ray.init`` and
-the warm-up are not timed; the cold first run is reported separately).
+Both sides do the same work, in a fresh process each, warmed the same way:
 
-Baseline: ``datasets.load_dataset("text", sample_by="document")`` (one row per
-file) then ``Dataset.map(batched=True, num_proc=2)`` with the same tokenizer and
-the same per-file packing function, so both produce the same packed blocks
-(checked by a digest of the blocks at 50 MB). Throughput is tokens in packed
-blocks (padding excluded) per second; each figure is the median of
-``--repeats`` runs, raylm and baseline runs interleaved. Peak RSS is the
-driver's ``ru_maxrss`` (the whole process, warm-up included, before the digest).
+- raylm: ``prepare_dataset`` (read -> check -> format -> tokenize -> pack ->
+  Parquet + manifest) on ``data.sources=[{path: corpus/*.txt, text_unit:
+  paragraph}]`` and a small dev file, on ``ray.init(num_cpus=2)``.
+- baseline: ``datasets.load_dataset("text", sample_by="document")`` (one row per
+  file) then ``Dataset.map(batched=True, num_proc=2)`` with the same tokenizer
+  and the same per-file packing function, for the corpus and the same dev file;
+  the packed blocks end up in its Arrow cache files, as raylm's end up in
+  Parquet. Both produce the same packed blocks (checked by a digest at 50 MB).
+
+Warm-up: each process first runs its own pipeline once on a small corpus, not
+timed (Ray's workers and raylm's imports there; the datasets modules, the
+tokenizer's first load and the page cache here); ``cold_seconds`` is that
+first run (with ``ray.init`` for raylm). Then the timed run. Throughput is the
+training split's tokens in packed blocks (padding excluded) per second of the
+whole run (both splits); the baseline's token count is taken after its clock
+stops. Each figure is the median of ``--repeats`` runs, raylm and baseline
+interleaved (alternating which goes first).
+
+Memory is the peak PSS summed over the whole process tree during the timed run
+(:class:`TreeMemorySampler`): for raylm the driver, raylet, GCS, Ray's other
+processes, the workers and the shared-memory object store (PSS counts shared
+pages once); for the baseline the process and its map workers. ``rss_growth``
+is raylm's peak at the large corpus over its peak at the small one.
 
 Prints one JSON object. Not run in CI: it takes several minutes.
 """
@@ -28,7 +40,6 @@ import argparse
 import hashlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -37,6 +48,10 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+from _common import TreeMemorySampler, machine_state, spawn_json  # noqa: E402  (bench/ on the path above)
+
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 FILE_BYTES = 2_000_000
 SEGMENT_BYTES = 4 << 20  # > FILE_BYTES
@@ -101,9 +116,6 @@ def run_raylm(corpus: Path, dev: Path, tokenizer: Path, warmup: Path, scratch: P
     from raylm.config import load_config
     from raylm.data.prepare import prepare_dataset
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
-
     def job(source: Path, cache: str):
         return load_config(None, [
             f"data.sources=[{{path: '{source}/*.txt', text_unit: paragraph}}]",
@@ -114,20 +126,22 @@ def run_raylm(corpus: Path, dev: Path, tokenizer: Path, warmup: Path, scratch: P
         ])
 
     started = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
     prepare_dataset(job(warmup, "warmup"))
     cold_seconds = time.perf_counter() - started
-    started = time.perf_counter()
-    manifest = prepare_dataset(job(corpus, "run"))
-    seconds = time.perf_counter() - started
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with TreeMemorySampler() as memory:
+        started = time.perf_counter()
+        manifest = prepare_dataset(job(corpus, "run"))
+        seconds = time.perf_counter() - started
     result = {
         "seconds": seconds,
-        "warmup_seconds": cold_seconds,
+        "cold_seconds": cold_seconds,
         "tokens": manifest["splits"]["train"]["tokens"] + manifest["splits"]["dev"]["tokens"],
         "train_tokens": manifest["splits"]["train"]["tokens"],
         "blocks": manifest["splits"]["train"]["blocks"],
         "padding_fraction": manifest["splits"]["train"]["padding_fraction"],
-        "peak_rss_bytes": peak_rss,
+        **memory.figures(),
     }
     ray.shutdown()
     if digest:
@@ -159,32 +173,48 @@ def _pack_files(batch, plan, encoder, seq_len):
     return {name: np.concatenate([out[name] for out in outputs]) for name in ("input_ids", "labels", "position_ids")}
 
 
-def run_hf(corpus: Path, tokenizer: Path, scratch: Path, digest: bool) -> dict:
+def hf_pipeline(files: list[str], dev: Path, tokenizer: Path, cache: Path):
+    """The baseline's work, as raylm's ``prepare_dataset``: load the tokenizer, then read, tokenize and pack
+    the training files and the dev file into packed blocks on disk (the map's Arrow cache). Returns the
+    training split's dataset."""
     import datasets
-    import numpy as np
 
     from raylm.data.segments import SourcePlan
     from raylm.data.tokenizer import encoder_spec, load_tokenizer
 
-    datasets.disable_progress_bars()
     encoder = encoder_spec(load_tokenizer(tokenizer))
-    plan = SourcePlan(index=0, label=str(corpus), format="text", task="lm", text_unit="paragraph")
-    files = sorted(str(path) for path in corpus.glob("*.txt"))
+    packed = {}
+    for role, data_files in (("train", files), ("dev", [str(dev)])):
+        plan = SourcePlan(index=0, label=role, format="text", task="lm", text_unit="paragraph", role=role)
+        loaded = datasets.load_dataset("text", data_files=data_files, sample_by="document", split="train",
+                                       cache_dir=str(cache))
+        packed[role] = loaded.map(_pack_files, batched=True, batch_size=1, num_proc=2, remove_columns=["text"],
+                                  fn_kwargs={"plan": plan, "encoder": encoder, "seq_len": SEQ_LEN},
+                                  load_from_cache_file=False)
+    return packed["train"]
+
+
+def run_hf(corpus: Path, dev: Path, tokenizer: Path, warmup: Path, scratch: Path, digest: bool) -> dict:
+    import datasets
+    import numpy as np
+
+    datasets.disable_progress_bars()
     started = time.perf_counter()
-    loaded = datasets.load_dataset("text", data_files=files, sample_by="document", split="train",
-                                   cache_dir=str(scratch / "hf_cache"))
-    packed = loaded.map(_pack_files, batched=True, batch_size=1, num_proc=2, remove_columns=["text"],
-                        fn_kwargs={"plan": plan, "encoder": encoder, "seq_len": SEQ_LEN}, load_from_cache_file=False)
+    hf_pipeline(sorted(str(path) for path in warmup.glob("*.txt")), dev, tokenizer, scratch / "hf_warmup")
+    cold_seconds = time.perf_counter() - started
+    files = sorted(str(path) for path in corpus.glob("*.txt"))
+    with TreeMemorySampler() as memory:
+        started = time.perf_counter()
+        packed = hf_pipeline(files, dev, tokenizer, scratch / "hf_cache")
+        seconds = time.perf_counter() - started
 
     def column(name: str):
         chunks = packed.data.column(name).chunks
         return np.concatenate([chunk.flatten().to_numpy() for chunk in chunks]).reshape(-1, SEQ_LEN)
 
     ids = column("input_ids")
-    tokens = int((ids != PAD_ID).sum())
-    seconds = time.perf_counter() - started
-    result = {"seconds": seconds, "tokens": tokens, "blocks": len(packed),
-              "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    result = {"seconds": seconds, "cold_seconds": cold_seconds, "train_tokens": int((ids != PAD_ID).sum()),
+              "blocks": len(packed), **memory.figures()}
     if digest:
         result["digest"] = blocks_digest(ids, column("labels"), column("position_ids"))
     return result
@@ -194,18 +224,8 @@ def run_hf(corpus: Path, tokenizer: Path, scratch: Path, digest: bool) -> dict:
 
 
 def _spawn(arguments: list[str]) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as handle:
-        out = handle.name
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "platform"), "RAY_USAGE_STATS_ENABLED": "0",
-           "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("RAY_ADDRESS", None)
-    process = subprocess.run([sys.executable, __file__, *arguments, "--out", out], env=env, cwd=REPO_ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if process.returncode != 0:
-        raise RuntimeError(f"benchmark worker failed: {' '.join(arguments)}\n{process.stderr[-3000:]}")
-    result = json.loads(Path(out).read_text())
-    os.unlink(out)
-    return result
+    return spawn_json(__file__, arguments, env={"PYTHONPATH": str(REPO_ROOT / "platform"),
+                                                "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"})
 
 
 def main() -> None:
@@ -224,12 +244,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.worker == "raylm":
-        result = run_raylm(args.corpus, args.dev, args.tokenizer, args.warmup, args.scratch, args.digest)
-        args.out.write_text(json.dumps(result))
-        return
-    if args.worker == "hf":
-        args.out.write_text(json.dumps(run_hf(args.corpus, args.tokenizer, args.scratch, args.digest)))
+    if args.worker:
+        run = run_raylm if args.worker == "raylm" else run_hf
+        result = run(args.corpus, args.dev, args.tokenizer, args.warmup, args.scratch, args.digest)
+        args.out.write_text(json.dumps({**result, "niceness": os.nice(0)}))
         return
 
     if not SHARED_DATA.is_dir():
@@ -258,36 +276,42 @@ def main() -> None:
         train_bpe_tokenizer(paragraphs, args.vocab_size).save_pretrained(tokenizer_dir)
     assert load_tokenizer(tokenizer_dir).pad_token_id == PAD_ID
 
-    runs: dict[str, list[dict]] = {"raylm_small": [], "raylm_large": [], "hf_small": []}
-    load_before = os.getloadavg()
+    runs: dict[str, list[dict]] = {"raylm_small": [], "hf_small": [], "raylm_large": []}
+    at_start = machine_state()
     for repeat in range(args.repeats):
         scratch = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
-        common = ["--tokenizer", str(tokenizer_dir), "--scratch", str(scratch)]
+        common = ["--dev", str(dev), "--warmup", str(warmup), "--tokenizer", str(tokenizer_dir),
+                  "--scratch", str(scratch)]
         digest = ["--digest"] if repeat == 0 else []
-        runs["raylm_small"].append(_spawn(["--worker", "raylm", "--corpus", str(corpora[small_mb]), "--dev", str(dev),
-                                           "--warmup", str(warmup), *common, *digest]))
-        runs["hf_small"].append(_spawn(["--worker", "hf", "--corpus", str(corpora[small_mb]), *common, *digest]))
-        runs["raylm_large"].append(_spawn(["--worker", "raylm", "--corpus", str(corpora[large_mb]), "--dev", str(dev),
-                                           "--warmup", str(warmup), *common]))
+        small = {name: ["--worker", name, "--corpus", str(corpora[small_mb]), *common, *digest]
+                 for name in ("raylm", "hf")}
+        # Alternate which side goes first, so that neither always runs right after the other.
+        for name in (("raylm", "hf") if repeat % 2 == 0 else ("hf", "raylm")):
+            runs[f"{name}_small"].append(_spawn(small[name]))
+            print(f"[bench] repeat {repeat}: {name} {small_mb} MB {runs[f'{name}_small'][-1]['seconds']:.1f} s",
+                  file=sys.stderr, flush=True)
+        runs["raylm_large"].append(_spawn(["--worker", "raylm", "--corpus", str(corpora[large_mb]), *common]))
+        print(f"[bench] repeat {repeat}: raylm {large_mb} MB {runs['raylm_large'][-1]['seconds']:.1f} s",
+              file=sys.stderr, flush=True)
         subprocess.run(["rm", "-rf", str(scratch)], check=False)
 
     def median(key: str, field: str) -> float:
         return statistics.median(run[field] for run in runs[key])
 
     def rate(key: str) -> float:
-        # raylm's time also covers its small dev split; only the training tokens are counted
-        return statistics.median(run.get("train_tokens", run["tokens"]) / run["seconds"] for run in runs[key])
+        # both times cover the small dev split too; only the training tokens are counted
+        return statistics.median(run["train_tokens"] / run["seconds"] for run in runs[key])
 
     raylm_rate, hf_rate = rate("raylm_small"), rate("hf_small")
-    small_rss = max(run["peak_rss_bytes"] for run in runs["raylm_small"])
-    large_rss = max(run["peak_rss_bytes"] for run in runs["raylm_large"])
+    small_memory = max(run["peak_tree_pss_bytes"] for run in runs["raylm_small"])
+    large_memory = max(run["peak_tree_pss_bytes"] for run in runs["raylm_large"])
+    hf_memory = max(run["peak_tree_pss_bytes"] for run in runs["hf_small"])
     same_blocks = runs["raylm_small"][0]["digest"] == runs["hf_small"][0]["digest"]
     result = {
         "benchmark": "data_throughput",
-        "machine": {"cpus": os.cpu_count(), "ray_num_cpus": 2, "hf_num_proc": 2,
+        "machine": {**at_start, "ray_num_cpus": 2, "hf_num_proc": 2,
                     # other work on the machine skews both engines; the runs are interleaved to share it
-                    "load_average_before": [round(x, 2) for x in load_before],
-                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+                    "load_average_at_end": machine_state()["load_average"]},
         "corpus_mb": {str(mb): round(sum(f.stat().st_size for f in corpora[mb].glob("*.txt")) / 1e6, 1)
                       for mb in corpora},
         "files": {str(mb): len(list(corpora[mb].glob("*.txt"))) for mb in corpora},
@@ -301,14 +325,19 @@ def main() -> None:
         "raylm_tokens_per_s": round(raylm_rate),
         "hf_tokens_per_s": round(hf_rate),
         "speedup_vs_hf": round(raylm_rate / hf_rate, 3),
+        "speedup_vs_hf_per_repeat": [round((r["train_tokens"] / r["seconds"]) / (h["train_tokens"] / h["seconds"]), 3)
+                                     for r, h in zip(runs["raylm_small"], runs["hf_small"])],
         "raylm_seconds": round(median("raylm_small", "seconds"), 2),
         "hf_seconds": round(median("hf_small", "seconds"), 2),
-        "raylm_cold_start_seconds": round(median("raylm_small", "warmup_seconds"), 2),
+        "raylm_cold_seconds": round(median("raylm_small", "cold_seconds"), 2),
+        "hf_cold_seconds": round(median("hf_small", "cold_seconds"), 2),
         f"raylm_tokens_per_s_{large_mb}mb": round(rate("raylm_large")),
-        f"peak_rss_mb_{small_mb}mb": round(small_rss / 2**20, 1),
-        f"peak_rss_mb_{large_mb}mb": round(large_rss / 2**20, 1),
-        "rss_growth": round(large_rss / small_rss, 3),
-        "targets_met": {"speedup_vs_hf>=1.0": raylm_rate / hf_rate >= 1.0, "rss_growth<=1.3": large_rss / small_rss <= 1.3,
+        f"raylm_peak_tree_pss_mb_{small_mb}mb": round(small_memory / 2**20, 1),
+        f"raylm_peak_tree_pss_mb_{large_mb}mb": round(large_memory / 2**20, 1),
+        f"hf_peak_tree_pss_mb_{small_mb}mb": round(hf_memory / 2**20, 1),
+        "rss_growth": round(large_memory / small_memory, 3),
+        "targets_met": {"speedup_vs_hf>=1.0": raylm_rate / hf_rate >= 1.0,
+                        "rss_growth<=1.3": large_memory / small_memory <= 1.3,
                         "same_packed_blocks": same_blocks},
         "runs": runs,
     }

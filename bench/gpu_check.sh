@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# GPU check for raylm's trainer: GPT-2 small, bf16, FSDP2, torch.compile per block, 1 GPU, through the
-# real Ray Train loop (tokens/s and MFU; target on an H200: mfu >= 0.40), then a short fp16 run.
-# Prints one JSON object (the last line of stdout). About 5 minutes on an H200, compilation included.
+# GPU check for raylm's trainer, one call (under 8 minutes on an H200, compilation included): GPT-2 small on
+# packed blocks (the training attention-mask path), first a plain compiled torch loop with raylm's kernels and
+# optimiser (the baseline), then bf16 FSDP2 torch.compile per block through the real Ray Train loop, then a
+# short fp16 run. Reports tokens/s, MFU with causal attention FLOPs (target on an H200: mfu >= 0.40) and
+# ratio_vs_torch. Prints one JSON object (the last line of stdout).
 #
 #   bench/gpu_check.sh              on a machine with a CUDA GPU
-#   bench/gpu_check.sh --dry-run    on CPU: the same code path with the debug model (about 2 minutes)
+#   bench/gpu_check.sh --dry-run    on CPU: the same code paths with the debug model (a few minutes)
 #
 # Python: $PYTHON, else .venv/bin/python, else python3. If raylm or its dependencies are missing it
 # installs the repository (pip install -e .), which needs a package index; torch must already be a

@@ -1,0 +1,107 @@
+"""The benchmarks compare like with like: what each script's contenders are given, how its ratios are named,
+and that its inputs are what training reads. Fast, no Ray, no timing assertions."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import data_throughput  # noqa: E402
+import gpu_check  # noqa: E402
+import train_overhead  # noqa: E402
+
+from raylm.train.trainer import param_groups  # noqa: E402
+
+
+def overhead_args(*extra):
+    return train_overhead.parse_args(["--steps", "40", "--warmup", "10", "--vocab", "256", "--size", "debug",
+                                      "--seq-len", "32", *extra])
+
+
+def test_matched_arms_get_raylms_kernel_and_optimiser_and_defaults_do_not():
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    args = overhead_args()
+    matched, default = train_overhead.build(args, matched=True), train_overhead.build(args, matched=False)
+    assert {type(m) for m in matched.modules()} & {GELUTanh, NewGELUActivation} == {GELUTanh}
+    assert NewGELUActivation in {type(m) for m in default.modules()}
+    # Same initial weights: the kernel swap holds no parameters.
+    for (name, a), (_, b) in zip(matched.state_dict().items(), default.state_dict().items()):
+        assert torch.equal(a, b), name
+    optimizer, scheduler = train_overhead.matched_optimizer(args, matched)
+    assert optimizer.defaults["fused"] is True
+    expected = param_groups(matched, train_overhead.WEIGHT_DECAY)
+    assert [[id(p) for p in g["params"]] for g in optimizer.param_groups] == \
+        [[id(p) for p in g["params"]] for g in expected]
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [train_overhead.WEIGHT_DECAY, 0.0]
+    # raylm's schedule: warmup to the peak, then cosine down to min_lr_ratio
+    lrs = []
+    for _ in range(args.steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(lrs) == pytest.approx(train_overhead.LR)
+    assert lrs[-1] == pytest.approx(train_overhead.LR * train_overhead.MIN_LR_RATIO, rel=0.05)
+
+
+def test_ratios_name_matched_and_default_comparisons_apart():
+    rates = {"raylm": [100.0, 90.0, 110.0], "torch_matched": [100.0, 100.0, 100.0], "torch": [50.0, 50.0, 50.0],
+             "hf_trainer_matched": [200.0, 200.0, 200.0]}
+    out = train_overhead.ratios(rates)
+    assert out["ratio_vs_torch_matched"] == 1.0 and out["ratio_vs_torch_matched_per_repeat"] == [1.0, 0.9, 1.1]
+    assert out["ratio_vs_torch_default"] == 2.0 and out["ratio_vs_hf_trainer_matched"] == 0.5
+    assert "ratio_vs_hf_trainer_default" not in out and "ratio_vs_torch" not in out
+
+
+def test_only_rejects_unknown_contenders():
+    with pytest.raises(SystemExit, match="unknown contender nope"):
+        train_overhead.main(["--only", "torch,nope"])
+
+
+def test_gpu_check_counts_causal_attention_flops():
+    from raylm.config import ModelConfig
+    from raylm.models.registry import build_model, count_parameters
+
+    model = build_model(ModelConfig(size="debug"), 512, 64, {"eos": 0, "pad": 0})
+    layers, hidden, seq_len = model.config.n_layer, model.config.n_embd, 64
+    dense = count_parameters(model, exclude_embeddings=True) + model.lm_head.weight.numel()  # tied head
+    # Causal: each query attends to half the block on average, half of the full-attention 12*L*H*T.
+    assert gpu_check.causal_flops_per_token(model, seq_len) == pytest.approx(6 * dense + 6 * layers * hidden * seq_len)
+
+
+def test_gpu_check_blocks_are_full_packed_documents_on_the_packed_mask_path():
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    chunk = gpu_check.packed_chunk(3, seq_len=128, vocab=512, rows=16)
+    again = gpu_check.packed_chunk(3, seq_len=128, vocab=512, rows=16)
+    assert all(np.array_equal(chunk[name], again[name]) for name in chunk)
+    assert not np.array_equal(chunk["input_ids"], gpu_check.packed_chunk(4, 128, 512, rows=16)["input_ids"])
+    assert chunk["input_ids"].shape == (16, 128) and (chunk["input_ids"] != gpu_check.PAD_ID).all()
+    starts = chunk["position_ids"] == 0
+    assert starts.sum() > 16  # documents end inside blocks, not only at block starts
+    assert (chunk["labels"][starts] == -100).all() and (chunk["labels"][~starts] == chunk["input_ids"][~starts]).all()
+    # transformers sees packed sequences, so training builds the block-diagonal causal mask
+    assert find_packed_sequence_indices(torch.from_numpy(chunk["position_ids"])) is not None
+
+
+def test_data_baseline_packs_a_file_as_raylm_packs_its_segment(tmp_path):
+    from raylm.data.segments import SourcePlan, pack_segments, read_bytes_segments
+    from raylm.data.tokenizer import encoder_spec, train_bpe_tokenizer
+
+    paragraphs = [f"Paragraph {i} says something about item {i * 7} and then some more." for i in range(60)]
+    text = "\n\n".join(paragraphs) + "\n"
+    encoder = encoder_spec(train_bpe_tokenizer(paragraphs, 300))
+    plan = SourcePlan(index=0, label="corpus", format="text", task="lm", text_unit="paragraph")
+    segments = read_bytes_segments(text.encode(), "/corpus/part-0.txt", 1 << 20, "paragraph")
+    assert len(segments) == 1
+    batch = {key: np.array([value], dtype=object) for key, value in segments[0].items()}
+    raylm_blocks = pack_segments(batch, plan, encoder, 32)
+    baseline_blocks = data_throughput._pack_files({"text": [text]}, plan, encoder, 32)
+    assert raylm_blocks["input_ids"].shape[0] > 5
+    for name in ("input_ids", "labels", "position_ids"):
+        assert np.array_equal(raylm_blocks[name], baseline_blocks[name]), name
