@@ -102,16 +102,51 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Option(..., "--model", "-m", help="model folder or models:/name/version"),
+    model: str = typer.Option(..., "--model", "-m", help="model folder, models:/name/version or models:/name@alias"),
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+    split: str = typer.Option("dev", "--split", help="dev, or test (data.test_sources; once, for the final figure)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write the full report "
+                                                                         "(per-example scores) to this JSON file"),
+) -> None:
+    """Evaluate a model on the dev (or test) split; prints metrics, confidence intervals and the eval set's
+    fingerprint as JSON."""
+    job = _load(config, overrides)
+    from raylm import release, workflow
+
+    report = _run(release.evaluate_reference, job, model, split, workflow._print, output)
+    typer.echo(json.dumps(report.summary(), indent=2))
+
+
+@app.command()
+def promote(
+    model: str = typer.Argument(..., help="the candidate: models:/name/version"),
+    alias: str = typer.Option(..., "--alias", "-a", help="the registry alias to move, e.g. production"),
+    force: bool = typer.Option(False, "--force", help="move the alias even if the gate refuses (needs --reason)"),
+    reason: Optional[str] = typer.Option(None, "--reason", help="why --force was used; recorded on the version"),
     config: Optional[Path] = ConfigOption,
     overrides: Optional[List[str]] = OverridesArgument,
 ) -> None:
-    """Evaluate a trained model on the dev split; prints the metrics as JSON."""
-    job = _load(config, overrides)
-    from raylm import workflow
+    """Move a registry alias to a model version if it beats the current holder on the same eval set.
 
-    metrics = _run(workflow.evaluate, job, model)
-    typer.echo(json.dumps(metrics, indent=2))
+    Paired bootstrap per metric in eval.promotion_metrics (default: each task's main metric) at
+    eval.confidence. Prints the comparison table; exits 1 when the promotion is refused.
+    """
+    job = _load(config, overrides)
+    if force and not (reason or "").strip():
+        _fail("--force needs --reason '...' (it is recorded with the promotion)", 2)
+    from raylm.promotion import PromotionRefused, promote as run_gate
+
+    def run():
+        try:
+            return run_gate(job.resolved_tracking_uri(), model, alias, job.eval, force=force, reason=reason)
+        except PromotionRefused as refused:
+            return refused.decision
+
+    decision = _run(run)
+    typer.echo(decision.table())
+    if not decision.moved:
+        raise typer.Exit(1)
 
 
 @app.command()

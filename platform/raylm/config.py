@@ -103,6 +103,9 @@ class DataConfig(_Strict):
     )
     sources: list[DataSourceConfig] = Field(default_factory=list, description="training corpus sources")
     dev_sources: list[DataSourceConfig] = Field(default_factory=list, description="dev split sources")
+    test_sources: list[DataSourceConfig] = Field(
+        default_factory=list, description="held-out test split: read only by 'raylm eval --split test', never "
+                                          "for training, checkpoint choice or tuning")
     dev_fraction: float = Field(
         0.0, ge=0, lt=1, description="without dev_sources: share of training documents held out as dev"
     )
@@ -166,8 +169,9 @@ class ModelConfig(_Strict):
     size: str = "tiny"
     init_from: Optional[str] = Field(None, description="local transformers checkpoint folder")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    task: Literal["causal_lm", "sequence_classification"] = Field(
-        "causal_lm", description="the head: next-token prediction, or one label per sequence"
+    task: Literal["causal_lm", "sequence_classification", "question_answering"] = Field(
+        "causal_lm", description="the head: next-token prediction, one label per sequence, or an answer span "
+                                 "(start/end logits per token) for extractive QA"
     )
     num_labels: int = Field(2, ge=2, description="classes for task=sequence_classification")
     # Shape overrides on top of the named size, so that a sweep can span model size smoothly.
@@ -252,6 +256,10 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1, description="the last K checkpoints are kept")
     keep_best_checkpoint: bool = Field(True, description="also keep a copy of the checkpoint with the best eval loss")
+    export: Literal["best", "last"] = Field(
+        "best", description="which checkpoint becomes the model folder: the one with the best dev loss "
+                            "(any evaluation, train.eval_every; needs keep_best_checkpoint, else the last is "
+                            "exported and the model card says why) or the last one")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts after a failure; -1 = unlimited")
     activation_checkpointing: bool = False
     compile: bool = False
@@ -301,11 +309,48 @@ class TrainConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    """Evaluation on the dev split after training."""
+    """Evaluation on the dev split after training, its confidence intervals, and the promotion gate."""
 
     max_examples_per_task: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=1)
     max_new_tokens: int = Field(48, ge=1, le=1024)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="level of the bootstrap intervals and of the "
+                                                                "promotion gate's paired test")
+    bootstrap_samples: int = Field(1000, ge=100, le=100000, description="resamples per interval / paired test")
+    bootstrap_seed: int = 0
+    promotion_metrics: list[str] = Field(
+        default_factory=list, description="metrics on which a candidate must beat the alias holder (paired "
+                                          "bootstrap); default: the main metric of each task both were scored on")
+    promotion_min_delta: dict[str, float] = Field(
+        default_factory=dict, description="metric -> gain the candidate must exceed (default 0), in the metric's "
+                                          "units (accuracy 0-1, BLEU 0-100; perplexity: a reduction)")
+    distributed_min_examples: int = Field(
+        2000, ge=1, description="eval sets with at least this many rows run as Ray Data batch inference over a "
+                                "pool of model actors; smaller ones run in the driver process")
+    num_actors: int = Field(2, ge=1, description="model actors for distributed evaluation")
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+    @field_validator("promotion_metrics")
+    @classmethod
+    def _known_metrics(cls, names: list[str]) -> list[str]:
+        from raylm.eval.metrics import METRICS
+
+        for name in names:
+            if name not in METRICS:
+                raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+        return names
+
+    @field_validator("promotion_min_delta")
+    @classmethod
+    def _known_margins(cls, margins: dict[str, float]) -> dict[str, float]:
+        from raylm.eval.metrics import METRICS
+
+        for name, margin in margins.items():
+            if name not in METRICS:
+                raise ValueError(f"unknown metric {name!r}; known: {', '.join(METRICS)}")
+            if margin < 0:
+                raise ValueError(f"{name}: the margin must be >= 0")
+        return margins
 
 
 SERVE_TASKS: tuple[str, ...] = ("sentiment", "qa", "translate", "completions", "chat")
@@ -413,6 +458,10 @@ class TrackingConfig(_Strict):
     experiment: str = "raylm"
     register_model: bool = True
     model_name: str = "raylm-demo"
+    promote_alias: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
+        description="after registering, move this registry alias to the new version if it passes the promotion "
+                    "gate against the current holder (see eval.promotion_metrics)")
 
 
 class JobConfig(_Strict):

@@ -35,7 +35,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
     "train.keep_checkpoints", "train.keep_best_checkpoint", "train.max_failures", "train.num_workers",
     "train.micro_batch_size", "train.grad_accum_steps", "train.cpus_per_worker", "train.threads_per_worker",
-    "train.use_gpu",
+    "train.use_gpu", "train.export", "data.test_sources",
     "eval.", "serve.", "tracking.",
 )
 

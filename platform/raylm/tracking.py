@@ -119,9 +119,15 @@ def plot_loss_curve(history: Iterable[dict[str, Any]], path: Path) -> Path | Non
 
 
 def finish_run(tracking_uri: str, run_id: str, model_dir: Path, metrics: dict[str, float],
-               model_name: str | None, extra_artifacts: Iterable[Path] = ()) -> str | None:
-    """Log final metrics and artifacts, register the model; returns the registry URI or None."""
+               model_name: str | None, extra_artifacts: Iterable[Path] = (),
+               version_tags: dict[str, str] | None = None) -> str | None:
+    """Log final metrics and artifacts, register the model; returns the registry URI or None.
+
+    ``version_tags`` (lineage, :mod:`raylm.lineage`) go onto the new model version and the run.
+    """
     client = _client(tracking_uri)
+    for key, value in (version_tags or {}).items():
+        client.set_tag(run_id, key, value)
     log_metrics(tracking_uri, run_id, {key: value for key, value in metrics.items() if isinstance(value, (int, float))})
     client.log_artifacts(run_id, str(model_dir), artifact_path="model")
     for artifact in extra_artifacts:
@@ -136,7 +142,7 @@ def finish_run(tracking_uri: str, run_id: str, model_dir: Path, metrics: dict[st
         except MlflowException:
             pass  # already registered: add a new version
         source = f"{client.get_run(run_id).info.artifact_uri}/model"
-        version = client.create_model_version(model_name, source=source, run_id=run_id)
+        version = client.create_model_version(model_name, source=source, run_id=run_id, tags=version_tags)
         registry_uri = f"models:/{model_name}/{version.version}"
     client.set_terminated(run_id, status="FINISHED")
     return registry_uri

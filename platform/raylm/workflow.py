@@ -167,22 +167,15 @@ def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[
     }
 
 
-def evaluate(job: JobConfig, model_path: str, log: Log = _print) -> dict[str, float]:
-    """Evaluate a model folder or registry URI on the configured corpus's dev split."""
-    from raylm.data.pipeline import load_dev_examples
-    from raylm.data.prepare import check_sources
-    from raylm.eval.runner import evaluate_tasks
-    from raylm.inference.engine import Engine
-    from raylm.tracking import resolve_model_path
+def evaluate(job: JobConfig, model_path: str, log: Log = _print, split: str = "dev") -> dict[str, float]:
+    """Evaluate a model folder or registry URI on the configured corpus's dev (or test) split.
 
-    check_sources(job)
-    folder = resolve_model_path(model_path, job.resolved_tracking_uri())
-    engine = Engine.from_directory(folder, max_new_tokens=job.eval.max_new_tokens)
-    log(f"evaluating {folder}")
-    if job.data.corpus == "sources":
-        ensure_ray(job, log)
-    rows = load_dev_examples(job, job.eval.max_examples_per_task)
-    return evaluate_tasks(engine, rows, job.eval.max_examples_per_task, job.eval.batch_size, job.eval.max_new_tokens)
+    Returns the metrics with their bootstrap intervals (``<metric>_ci_low``/``_ci_high``) and
+    example counts; :func:`raylm.release.evaluate_reference` gives the whole report.
+    """
+    from raylm.release import evaluate_reference
+
+    return evaluate_reference(job, model_path, split, log).flat_metrics()
 
 
 def prepare_tokenizer(job: JobConfig, log: Log = _print) -> dict[str, Any]:

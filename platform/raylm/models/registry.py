@@ -72,18 +72,21 @@ def build_model(model_config, vocab_size: int, max_positions: int, special_ids: 
                 seed: int = 0) -> torch.nn.Module:
     """Build the model a :class:`raylm.config.ModelConfig` describes.
 
-    ``model.task`` picks the head: a causal LM, or a sequence classifier with
-    ``model.num_labels`` classes. With ``init_from`` the weights come from a local
+    ``model.task`` picks the head: a causal LM, a sequence classifier with
+    ``model.num_labels`` classes, or a span head (start/end logits) for
+    extractive QA. With ``init_from`` the weights come from a local
     transformers folder (never the hub, never remote code; a missing head, such as
     a classifier on a pretrained encoder, is initialised from ``seed``) and the
     token embeddings grow if the tokenizer has more tokens than the checkpoint;
     otherwise a fresh model of the named size is initialised deterministically
     from ``seed``.
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-    classify = getattr(model_config, "task", "causal_lm") == "sequence_classification"
-    auto_class = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
+    task = getattr(model_config, "task", "causal_lm")
+    classify = task == "sequence_classification"
+    auto_class = {"sequence_classification": AutoModelForSequenceClassification,
+                  "question_answering": AutoModelForQuestionAnswering}.get(task, AutoModelForCausalLM)
     head_kwargs = {"num_labels": model_config.num_labels} if classify else {}
     special_ids = special_ids or {}
     torch.manual_seed(seed)
@@ -155,3 +158,28 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     if head is not None and embeddings is not None and head.weight is embeddings.weight:
         output_projection = head.weight.shape[0] * head.weight.shape[1]
     return 6.0 * (dense + output_projection) + 12.0 * layers * hidden * seq_len
+
+
+def non_embedding_parameters(model_config) -> int:
+    """Non-embedding parameters of the causal LM a :class:`raylm.config.ModelConfig` describes, without building it.
+
+    The ``N`` of scaling laws (Kaplan et al. 2020; Hoffmann et al. 2022): every
+    weight and bias of the transformer blocks and the final norm, without the
+    token and position embeddings and without the output head (tied or not), so
+    that it does not depend on the vocabulary. For a tied head this equals
+    ``count_parameters(build_model(...), exclude_embeddings=True)``.
+    """
+    if getattr(model_config, "init_from", None):
+        raise ValueError("non_embedding_parameters needs a model built from a size, not init_from")
+    shape = model_config.shape() if hasattr(model_config, "shape") else dict(MODEL_SIZES[model_config.arch][model_config.size])
+    width, layers = shape["hidden_size"], shape["num_layers"]
+    if model_config.arch == "gpt2":
+        # c_attn (d x 3d + 3d), c_proj (d x d + d), c_fc (d x 4d + 4d), mlp c_proj (4d x d + d), two LayerNorms (4d).
+        per_block = 12 * width * width + 13 * width
+        return layers * per_block + 2 * width  # + ln_f
+    head_dim = width // shape["num_heads"]
+    kv_width = shape["num_kv_heads"] * head_dim
+    mlp = shape["intermediate_size"]
+    # q and o (d x d), k and v (d x kv), gate/up/down (3 x d x mlp), two RMSNorms (2d); no biases.
+    per_block = 2 * width * width + 2 * width * kv_width + 3 * width * mlp + 2 * width
+    return layers * per_block + width  # + final norm

@@ -116,8 +116,40 @@ def run_training(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_r
     return fit_trainer(job, build_trainer(job, train_dataset, dev_dataset, tokenizer, mlflow_run_id, seq_len))
 
 
-def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[str, Any]) -> Path:
-    """Copy weights and config from a checkpoint, add the tokenizer and ``raylm.json``."""
+def choose_export(job: JobConfig, result: TrainingResult) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint ``train.export`` selects, and the model card's ``export`` record.
+
+    ``best``: the kept copy of the checkpoint with the lowest dev loss over all
+    evaluations (``train.eval_every``), else the last one with the reason why.
+    The record names the policy, the step exported and its dev loss, and the last
+    step and its dev loss, so a reader sees what choosing the best bought.
+    """
+    last_state = read_state(result.checkpoint_dir)
+    record: dict[str, Any] = {
+        "policy": job.train.export,
+        "last_step": last_state.get("step"),
+        "last_eval_loss": last_state.get("eval_loss"),
+    }
+    chosen, state = Path(result.checkpoint_dir), last_state
+    if job.train.export == "best":
+        if result.best_checkpoint_dir is not None:
+            chosen = Path(result.best_checkpoint_dir)
+            state = read_state(chosen)
+        else:
+            record["fallback"] = ("train.keep_best_checkpoint is false" if not job.train.keep_best_checkpoint
+                                  else "no valid best checkpoint (no finite dev loss was measured)")
+    record.update(step=state.get("step"), eval_loss=state.get("eval_loss"),
+                  source="best_checkpoint" if chosen != Path(result.checkpoint_dir) else "last_checkpoint")
+    return chosen, record
+
+
+def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[str, Any],
+                 trained_steps: int | None = None) -> Path:
+    """Copy weights and config from a checkpoint, add the tokenizer and ``raylm.json``.
+
+    ``trained_steps`` (default: the checkpoint's step) is how far the run trained,
+    which differs from the exported step when an earlier checkpoint is exported.
+    """
     if model_dir.exists():
         shutil.rmtree(model_dir)
     model_dir.mkdir(parents=True)
@@ -131,6 +163,7 @@ def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[st
 
         tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(model_dir)
-    card["trained_steps"] = read_state(checkpoint_dir).get("step")
+    card["exported_step"] = read_state(checkpoint_dir).get("step")
+    card["trained_steps"] = card["exported_step"] if trained_steps is None else trained_steps
     (model_dir / "raylm.json").write_text(json.dumps(card, indent=2, default=str))
     return model_dir

@@ -220,15 +220,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if not (should_eval or should_checkpoint):
             meter.reset()
             continue
-        if not should_checkpoint:
-            ray.train.report(metrics)
-            meter.reset()
-            continue
+        # The eval loss is all-reduced, so every rank reaches the same verdict (saving is collective).
         eval_loss = metrics.get("eval_loss")
         is_best = eval_loss is not None and math.isfinite(eval_loss) and (
             best_eval_loss is None or eval_loss < best_eval_loss)
         if is_best:
             best_eval_loss = eval_loss
+        keep_best = is_best and config.keep_best_checkpoint
+        if not should_checkpoint and not keep_best:
+            ray.train.report(metrics)
+            meter.reset()
+            continue
         with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as directory:
             trainer.save_checkpoint(
                 Path(directory),
@@ -239,11 +241,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
             checkpoint = None
             if rank == 0:
-                checkpoint = ray.train.Checkpoint.from_directory(directory)
-                if is_best and config.keep_best_checkpoint:
+                if keep_best:
+                    # A best evaluation between checkpoints is kept too: train.export=best exports it.
                     storage = context.get_storage()
                     publish_folder(directory, os.path.join(storage.experiment_fs_path, BEST_CHECKPOINT),
                                    storage.storage_filesystem)
+                if should_checkpoint:
+                    checkpoint = ray.train.Checkpoint.from_directory(directory)
+            if not should_checkpoint:
+                ray.train.report(metrics)
+                meter.reset()
+                continue
             # Step in the folder name for people browsing storage; the time keeps names unique
             # when a run resumes from an older checkpoint and reaches the same step again.
             ray.train.report(metrics, checkpoint=checkpoint,

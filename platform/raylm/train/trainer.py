@@ -7,10 +7,12 @@ the whole global batch (all micro-batches on all workers), which makes k
 micro-batches of size b give the same update as one batch of size k*b, and N
 workers give the same update as one worker on the same global batch.
 
-Two tasks share the loop: ``causal_lm`` (next-token loss on packed blocks with
-position ids, labels -100 where no loss is wanted) and
-``sequence_classification`` (one label per padded sequence, with an attention
-mask); for the latter "label tokens" are labelled sequences.
+Three tasks share the loop: ``causal_lm`` (next-token loss on packed blocks with
+position ids, labels -100 where no loss is wanted), ``sequence_classification``
+(one label per padded sequence, with an attention mask) and
+``question_answering`` (an extractive span: start and end token positions per
+padded question+context window, two classifications over positions); for the
+latter two "label tokens" are labelled sequences (or span ends).
 
 Checkpoints are portable across worker counts and parallel modes: weights are
 saved unsharded with ``save_pretrained`` (safetensors) and the optimiser state
@@ -36,8 +38,8 @@ from raylm.train import parallel
 from raylm.train.checkpoint import HISTORY_FILE, STATE_FILE, write_manifest
 
 IGNORE_INDEX = -100
-BATCH_KEYS = ("input_ids", "labels", "position_ids", "attention_mask")
-TASKS = ("causal_lm", "sequence_classification")
+BATCH_KEYS = ("input_ids", "labels", "position_ids", "attention_mask", "token_type_ids")
+TASKS = ("causal_lm", "sequence_classification", "question_answering")
 # Device types with a fused AdamW kernel in torch.
 FUSED_OPTIMIZER_DEVICES = ("cpu", "cuda", "xpu", "mps")
 
@@ -109,7 +111,12 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
 
 
 def infer_task(model: torch.nn.Module) -> str:
-    return "sequence_classification" if type(model).__name__.endswith("ForSequenceClassification") else "causal_lm"
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "sequence_classification"
+    if name.endswith("ForQuestionAnswering"):
+        return "question_answering"
+    return "causal_lm"
 
 
 class LMTrainer:
@@ -160,13 +167,19 @@ class LMTrainer:
         with self._autocast():
             if self.task == "sequence_classification":
                 return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+            if self.task == "question_answering":
+                out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                 token_type_ids=batch.get("token_type_ids"))
+                # (batch, 2, seq) -> rows [start_0, end_0, start_1, ...]: two classifications over
+                # positions per example, matching the (batch, 2) start/end labels flattened.
+                return torch.stack([out.start_logits, out.end_logits], dim=1).reshape(-1, out.start_logits.size(-1))
             # No KV cache and no attention mask: with position ids, transformers builds a
             # block-diagonal causal mask, so packed examples cannot attend to each other.
             return self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
                               use_cache=False).logits
 
     def _targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.task == "sequence_classification":
+        if self.task in ("sequence_classification", "question_answering"):
             return batch["labels"].reshape(-1)
         # Next-token targets aligned with the logits: shift the labels, not the logits, so the
         # (batch x seq x vocab) logits are never sliced and copied (the last position has none).
@@ -249,7 +262,7 @@ class LMTrainer:
             logits = self._logits(batch)
             totals[0] += self._loss_sum(batch, logits).double()
             totals[1] += self._num_targets(batch)
-            if self.task == "sequence_classification":
+            if self.task in ("sequence_classification", "question_answering"):
                 targets = self._targets(batch)
                 mask = targets != IGNORE_INDEX
                 totals[2] += float((logits.argmax(-1)[mask] == targets[mask]).sum())
@@ -257,7 +270,8 @@ class LMTrainer:
         count = float(totals[1])
         loss = float(totals[0]) / count if count else float("nan")
         metrics = {"eval_loss": loss}
-        if self.task == "sequence_classification":
+        if self.task in ("sequence_classification", "question_answering"):
+            # For spans: the share of start and end positions predicted exactly.
             metrics["eval_accuracy"] = float(totals[2]) / count if count else float("nan")
         else:
             metrics["eval_perplexity"] = float(math.exp(min(loss, 50.0)))
