@@ -279,8 +279,7 @@ class Engine(TaskModel):
         sampled_lines = [line for line, row in enumerate(rows) if row.params.temperature > 0]
         if sampled_lines:
             chosen = chosen.clone()
-            for line in sampled_lines:
-                chosen[line] = _sample(logits[line], rows[line].params, rows[line].generator)
+            chosen[sampled_lines] = _sample([rows[line] for line in sampled_lines], logits[sampled_lines])
         next_ids = chosen.tolist()
         chosen_logprobs = top = None
         if log_probs is not None:
@@ -428,21 +427,29 @@ class Engine(TaskModel):
         return [result.text.strip() for result in self.generate(requests)]
 
 
-def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Draw one token from ``logits`` (1-D) after temperature, top-k and top-p (nucleus) filtering."""
-    scaled = logits / max(params.temperature, 1e-5)
-    if params.top_k and params.top_k < scaled.shape[-1]:
-        threshold = torch.topk(scaled, params.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < threshold, -math.inf)
-    if params.top_p < 1.0:
-        ordered, order = torch.sort(scaled, descending=True)
-        probs = torch.softmax(ordered, dim=-1)
+def _sample(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row after its temperature, top-k and top-p (nucleus) cuts, from its own generator.
+
+    One sort serves both cuts for the whole batch; each row then draws a single
+    uniform number from its own generator (so a seeded row's tokens do not
+    depend on the rest of the batch) and picks its token by inverse CDF.
+    """
+    device = logits.device
+    temperature = torch.tensor([max(row.params.temperature, 1e-5) for row in rows], device=device)
+    ordered, order = torch.sort(logits / temperature[:, None], dim=-1, descending=True)
+    vocab = ordered.shape[-1]
+    top_k = torch.tensor([row.params.top_k if 0 < row.params.top_k < vocab else vocab for row in rows], device=device)
+    drop = torch.arange(vocab, device=device)[None, :] >= top_k[:, None]
+    top_p = torch.tensor([row.params.top_p for row in rows], device=device)
+    if bool((top_p < 1.0).any()):
+        probs = torch.softmax(ordered.masked_fill(drop, -math.inf), dim=-1)
         # Drop a token when the tokens before it already hold top_p of the mass; the first always stays.
-        drop = (probs.cumsum(-1) - probs) >= params.top_p
-        scaled = scaled.clone()
-        scaled[order[drop]] = -math.inf
-    probs = torch.softmax(scaled, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+        drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+    probs = torch.softmax(ordered.masked_fill(drop, -math.inf), dim=-1)
+    cumulative = probs.cumsum(-1)
+    uniform = torch.stack([torch.rand((), generator=row.generator, device=device) for row in rows])
+    picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None]).clamp(max=vocab - 1)
+    return order.gather(-1, picked).squeeze(-1)
 
 
 def _span_mask(sources: list[list[int]], generated: list[list[int]], vocab_size: int, eos: int) -> torch.Tensor:

@@ -38,8 +38,11 @@ class RaylmServer:
         torch.set_num_threads(max(1, int(self.config.num_cpus_per_replica)))
         options = InferenceOptions(device=self.config.resolved_device(), dtype=self.config.dtype,
                                    max_new_tokens=self.config.max_new_tokens)
-        # One thread runs every model call of this replica: torch gets the replica's cores, the event loop stays free.
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-model")
+        # Model calls run off the event loop, which keeps accepting and answering requests meanwhile:
+        # one thread for scoring batches, one per concurrent generation batch.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-score")
+        self.generation_executor = ThreadPoolExecutor(max_workers=self.config.max_concurrent_batches,
+                                                      thread_name_prefix="raylm-generate")
         self.stats = BatchStats()
         by_reference: dict[str, ModelWorker] = {}
         for reference in dict.fromkeys(task_models.values()):
@@ -47,7 +50,7 @@ class RaylmServer:
             name = reference if reference.startswith("models:/") else public_model_name(folder)
             model = load_task_model(folder, options, name=name)
             by_reference[reference] = ModelWorker(
-                model, self.executor, self.stats, max_batch_size=self.config.max_batch_size,
+                model, self.executor, self.generation_executor, self.stats, max_batch_size=self.config.max_batch_size,
                 batch_wait_timeout_s=self.config.batch_wait_timeout_s,
                 max_concurrent_batches=self.config.max_concurrent_batches)
         self.workers = {task: by_reference[reference] for task, reference in task_models.items()}

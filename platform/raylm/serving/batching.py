@@ -4,15 +4,17 @@ Every request handler of a replica is async. A handler puts its input on the
 model's queue for that kind of work and awaits its own result; ``@serve.batch``
 gathers the inputs of concurrent callers (up to ``serve.max_batch_size``,
 waiting at most ``serve.batch_wait_timeout_s``) into one call of the model's
-batch method. Model calls run on one worker thread per replica, so the event
-loop keeps accepting, validating and answering requests while a batch runs.
-There is no lock: nothing waits for another request, only for its batch.
+batch method. Model calls run on worker threads (one for scoring, one per
+concurrent generation batch), so the event loop keeps accepting, validating and
+answering requests while a batch runs. There is no lock: nothing waits for
+another request, only for its batch.
 
 Generation (completions, chat, and on decoder models translation and QA too)
 shares one queue per model, so all of them fill the same batches. Its batch
-method is an async generator that yields one step of every row at a time:
-streamed requests get their tokens as they are decoded, the others collect
-them.
+method is an async generator: the batch decodes on its thread without pausing,
+and every step it makes is handed to the event loop, which passes each row's
+new text to its caller (steps that pile up while the loop is busy go out
+together). Streamed requests send it on at once; the others collect it.
 """
 
 from __future__ import annotations
@@ -51,13 +53,48 @@ class BatchStats:
                     for kind in self.batches}
 
 
-class ModelWorker:
-    """A :class:`TaskModel` behind ``@serve.batch`` queues; its calls run on ``executor`` (one thread)."""
+_END = object()
 
-    def __init__(self, model: TaskModel, executor: ThreadPoolExecutor, stats: BatchStats, *,
-                 max_batch_size: int, batch_wait_timeout_s: float, max_concurrent_batches: int = 1):
+
+class _Failure:
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _merge_steps(steps: list[list[Optional[StreamDelta]]], size: int) -> Optional[list[Optional[StreamDelta]]]:
+    """Several decoding steps as one: per row, the text and log-probabilities joined, the last finish kept."""
+    if not steps:
+        return None
+    if len(steps) == 1:
+        return steps[0]
+    merged: list[Optional[StreamDelta]] = []
+    for row in range(size):
+        deltas = [step[row] for step in steps if step[row] is not None]
+        if not deltas:
+            merged.append(None)
+            continue
+        last = deltas[-1]
+        merged.append(StreamDelta(text="".join(delta.text for delta in deltas),
+                                  logprobs=[entry for delta in deltas for entry in delta.logprobs],
+                                  finish_reason=last.finish_reason, prompt_tokens=last.prompt_tokens,
+                                  completion_tokens=last.completion_tokens))
+    return merged
+
+
+class ModelWorker:
+    """A :class:`TaskModel` behind ``@serve.batch`` queues.
+
+    Scoring batches (sentiment, and the task methods of non-decoder models) run
+    on ``executor``; generation batches on ``generation_executor`` (one thread
+    per concurrent batch), so a long generation never holds up a sentiment batch.
+    """
+
+    def __init__(self, model: TaskModel, executor: ThreadPoolExecutor, generation_executor: ThreadPoolExecutor,
+                 stats: BatchStats, *, max_batch_size: int, batch_wait_timeout_s: float,
+                 max_concurrent_batches: int = 1):
         self.model = model
         self.executor = executor
+        self.generation_executor = generation_executor
         self.stats = stats
         # Decoder models answer translate and QA by generation, in the same batches as completions.
         self.generates_tasks = hasattr(model, "task_request") and model.supports("completions")
@@ -89,16 +126,39 @@ class ModelWorker:
         async def generation_batch(requests: list[GenerationRequest]):
             size = len(requests)
             self.stats.record("generation", size)
-            steps = model.stream(list(requests))
+            loop = asyncio.get_running_loop()
+            steps: asyncio.Queue = asyncio.Queue()
+            stop = threading.Event()
+
+            def decode() -> None:
+                # The whole batch decodes on the generation thread without waiting for the event loop;
+                # each step is handed over as it is made.
+                try:
+                    for step in model.stream(list(requests)):
+                        loop.call_soon_threadsafe(steps.put_nowait, step)
+                        if stop.is_set():
+                            break
+                    loop.call_soon_threadsafe(steps.put_nowait, _END)
+                except BaseException as error:  # reaches every caller of the batch
+                    loop.call_soon_threadsafe(steps.put_nowait, _Failure(error))
+
+            running = loop.run_in_executor(self.generation_executor, decode)
             try:
-                while True:
-                    step = await self._call(next, steps, None)
-                    if step is None:
-                        return
-                    # A row that has ended gets StopIteration: Serve ends that caller's stream.
-                    yield [StopIteration if delta is None else (delta, size) for delta in step]
+                ended = False
+                while not ended:
+                    items = [await steps.get()]
+                    while not steps.empty():  # steps made while the loop was busy go out together
+                        items.append(steps.get_nowait())
+                    if isinstance(items[-1], _Failure):
+                        raise items[-1].error
+                    ended = items[-1] is _END
+                    merged = _merge_steps([item for item in items if item is not _END], size)
+                    if merged is not None:
+                        # A row that has ended gets StopIteration: Serve ends that caller's stream.
+                        yield [StopIteration if delta is None else (delta, size) for delta in merged]
             finally:
-                await self._call(steps.close)
+                stop.set()
+                await running
 
         self._sentiment = batched(sentiment_batch)
         self._qa = batched(qa_batch)
