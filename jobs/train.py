@@ -1,4 +1,8 @@
-"""`ray job submit -- python jobs/train.py --config jobs/configs/demo.yaml [key=value ...]`"""
+"""`ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/demo.yaml [key=value ...]`
+
+Pretraining (any training run): data -> Ray Train -> model folder -> eval -> MLflow. On a cluster, set
+workdir to shared storage (s3://, gs://, or an absolute shared path); `raylm submit` does the packing.
+"""
 
 import sys
 from pathlib import Path

@@ -22,20 +22,8 @@ config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
 app.add_typer(config_app, name="config")
 prepare_app = typer.Typer(no_args_is_help=True, help="Train the corpus tokenizer; tokenize and pack the corpus.")
 app.add_typer(prepare_app, name="prepare")
-
-
-class _RunByDefault(typer.core.TyperGroup):
-    """``raylm tune ARGS`` means ``raylm tune run ARGS`` unless ARGS starts with a subcommand."""
-
-    def parse_args(self, ctx, args):
-        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
-            args = ["run", *args]
-        return super().parse_args(ctx, args)
-
-
-tune_app = typer.Typer(cls=_RunByDefault, help="Scaling sweeps with Ray Tune (raylm tune --config FILE), "
-                                                "and compute-optimal recommendations from them.")
-app.add_typer(tune_app, name="tune")
+jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on a cluster: list, logs, stop.")
+app.add_typer(jobs_app, name="jobs")
 
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file")
 OverridesArgument = typer.Argument(None, help="dotted overrides, e.g. train.lr=1e-3")
@@ -67,6 +55,8 @@ def _run(fn, *args):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         return fn(*args)
+    except ConfigError as err:
+        _fail(str(err), 2)
     except _user_errors() as err:
         _fail(str(err))
     except KeyboardInterrupt:
@@ -112,6 +102,41 @@ def train(
 
     summary = _run(workflow.train, job, workflow._print, resume)
     typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def finetune(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="continue this run (its id, or its folder) instead of starting a new one"),
+) -> None:
+    """Train starting from a trained model folder (model.init_from): the same stages as `raylm train`."""
+    job = _load(config, overrides)
+    if not job.model.init_from:
+        _fail("config error: model.init_from: fine-tuning starts from a trained model folder; "
+              "give model.init_from=<folder>", 2)
+    from raylm import workflow
+
+    summary = _run(workflow.train, job, workflow._print, resume)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def deploy(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="model folder or models:/name/version"),
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+) -> None:
+    """Deploy a model on a running cluster's Ray Serve ($RAY_ADDRESS) and exit; it keeps serving there."""
+    job = _load(config, overrides)
+    model_path = model or job.serve.model_path
+    if not model_path:
+        _fail("give --model or serve.model_path", 2)
+    from raylm import workflow
+
+    url = _run(workflow.deploy, job, model_path)
+    typer.echo(url)
 
 
 @app.command("eval")
@@ -205,56 +230,76 @@ def demo(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] =
     typer.echo(str(path))
 
 
-@tune_app.command("run")
-def tune_run(
-    config: Optional[Path] = ConfigOption,
-    overrides: Optional[List[str]] = OverridesArgument,
-    resume: Optional[str] = typer.Option(
-        None, "--resume", help="continue the interrupted sweep in this folder (finished trials are not rerun)"),
+AddressOption = typer.Option(
+    None, "--address", help="Ray Jobs API, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS, an http "
+                            "$RAY_ADDRESS, else http://127.0.0.1:8265, where `ray dashboard cluster.yaml` forwards)")
+
+
+def _submission(fn, *args, **kwargs):
+    """Run a jobs-client call; cluster, address and token problems print one line and exit 1."""
+    from raylm.submission import SubmissionError
+
+    try:
+        return fn(*args, **kwargs)
+    except SubmissionError as err:
+        _fail(str(err))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def submit(
+    entrypoint: Optional[List[str]] = typer.Argument(None, help="the job's command, after --"),
+    address: Optional[str] = AddressOption,
+    working_dir: Path = typer.Option(Path("."), "--working-dir", help="folder uploaded as the job's working dir"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="print the submission id and return"),
+    env: Optional[List[str]] = typer.Option(None, "--env", help="KEY=value for the job's environment (repeatable)"),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="more paths to leave out of the upload"),
+    submission_id: Optional[str] = typer.Option(None, "--submission-id", help="default: chosen by Ray"),
 ) -> None:
-    """Run the sweep in tune.*: Ray Train trials under Ray Tune (ASHA), a scaling-law fit, tables and plots."""
-    from raylm import workflow
-    from raylm.tune.space import validate_sweep
-    from raylm.tune.sweep import run_sweep
+    """Submit a job with this folder's raylm: `raylm submit -- python jobs/train.py --config jobs/configs/demo.yaml`.
 
-    job = None
-    if resume is not None:
-        if config is not None or overrides:
-            _fail("--resume continues a sweep with its own config; give no --config or overrides", 2)
-    else:
-        job = _load(config, overrides)
-        try:
-            validate_sweep(job)
-        except ConfigError as err:
-            _fail(str(err), 2)
-    results = _run(run_sweep, job, workflow._print, resume)
-    keys = ("sweep_id", "sweep_dir", "status", "num_trials", "num_finished", "num_stopped", "num_errors",
-            "total_steps", "best_trial", "best_eval_loss", "best_model_dir", "registry_uri", "parent_run_id")
-    compact = {key: results.get(key) for key in keys}
-    if results.get("fit"):
-        compact["fit"] = {key: results["fit"][key] for key in ("E", "A", "alpha", "B", "beta", "r2", "intervals")}
-    else:
-        compact["fit_problem"] = results.get("fit_problem")
-    typer.echo(json.dumps(compact, indent=2, default=str))
+    Prints the submission id, streams the logs and exits 0 if the job SUCCEEDED, 1 otherwise.
+    """
+    from raylm import submission
+
+    def run() -> int:
+        return submission.submit(list(entrypoint or []), address, working_dir, submission.parse_env(env or []),
+                                 list(exclude or []), submission_id, wait=not no_wait)
+
+    raise typer.Exit(_submission(run))
 
 
-@tune_app.command("recommend")
-def tune_recommend(
-    sweep: str = typer.Option(..., "--sweep", help="a sweep folder, or the MLflow run id of a sweep"),
-    flops: float = typer.Option(..., "--flops", help="the compute budget in FLOPs, e.g. 1e18"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="where to write the train config "
-                                                                  "(default: in the sweep folder)"),
-    config: Optional[Path] = ConfigOption,
-    overrides: Optional[List[str]] = OverridesArgument,
-) -> None:
-    """Compute-optimal N and D for a budget from a sweep's fit, and a config file for raylm train."""
-    from raylm.tune.recommend import format_recommendation, load_results, recommend
+@jobs_app.command("list")
+def jobs_list(address: Optional[str] = AddressOption,
+              as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """The cluster's jobs, newest first: submission id, status, entrypoint."""
+    from raylm import submission
 
-    job = _load(config, overrides)
-    results = _run(load_results, sweep, job.resolved_tracking_uri())
-    recommendation = _run(recommend, results, flops, out)
-    for line in format_recommendation(recommendation):
-        typer.echo(line)
+    rows = _submission(submission.list_jobs, address)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for row in rows:
+        typer.echo(f"{row['submission_id']:<32} {row['status']:<10} {row['entrypoint']}")
+
+
+@jobs_app.command("logs")
+def jobs_logs(submission_id: str = typer.Argument(..., help="the job's submission id"),
+              address: Optional[str] = AddressOption,
+              follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends")) -> None:
+    """Print a job's logs; exits 1 if the job FAILED or was STOPPED."""
+    from raylm import submission
+
+    raise typer.Exit(_submission(submission.job_logs, submission_id, address, follow))
+
+
+@jobs_app.command("stop")
+def jobs_stop(submission_id: str = typer.Argument(..., help="the job's submission id"),
+              address: Optional[str] = AddressOption) -> None:
+    """Stop a job and wait until it has stopped."""
+    from raylm import submission
+
+    status = _submission(submission.stop_job, submission_id, address)
+    typer.echo(f"job {submission_id} {status}")
 
 
 def main() -> None:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import time
-from pathlib import Path
 from typing import Any
 
+from raylm import storage
 from raylm.config import ConfigError, JobConfig
 
 RECORD_FILE = "run.json"
@@ -35,7 +36,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
     "train.keep_checkpoints", "train.keep_best_checkpoint", "train.max_failures", "train.num_workers",
     "train.micro_batch_size", "train.grad_accum_steps", "train.cpus_per_worker", "train.threads_per_worker",
-    "train.use_gpu", "train.export", "data.test_sources",
+    "train.use_gpu", "train.placement_strategy", "train.export", "data.test_sources",
     "eval.", "serve.", "tracking.",
 )
 
@@ -84,32 +85,34 @@ def new_run_id(run_name: str) -> str:
     return f"{run_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
-def read_record(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / RECORD_FILE
+def read_record(run_location: str | os.PathLike) -> dict[str, Any]:
+    """The record of the run in folder ``run_location`` (a path or a URI)."""
+    path = storage.join(run_location, RECORD_FILE)
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(path))
     except FileNotFoundError:
-        raise ConfigError(f"resume: {run_dir} is not a raylm run (no {RECORD_FILE})") from None
+        raise ConfigError(f"resume: {run_location} is not a raylm run (no {RECORD_FILE})") from None
     except ValueError:
         raise ConfigError(f"resume: {path} is not valid JSON") from None
 
 
-def write_record(run_dir: Path, record: dict[str, Any]) -> None:
+def write_record(run_location: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Write ``run.json`` whole (readers never see half a record), locally or to an object store."""
     record["updated"] = time.time()
-    path = Path(run_dir) / RECORD_FILE
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(record, indent=2, default=str))
-    temporary.replace(path)
+    storage.write_text(storage.join(run_location, RECORD_FILE), json.dumps(record, indent=2, default=str))
 
 
-def locate_run(job: JobConfig, reference: str) -> Path:
-    """The folder of the run ``reference`` names: a run folder, or a run id under ``job.workdir``."""
-    candidate = Path(reference)
-    if (candidate / RECORD_FILE).is_file():
-        return candidate.resolve()
-    under_workdir = Path(job.workdir).resolve() / reference
-    if (under_workdir / RECORD_FILE).is_file():
-        return under_workdir
+def locate_run(job: JobConfig, reference: str) -> str:
+    """The folder of the run ``reference`` names: a run folder (path or URI), or a run id under ``job.workdir``."""
+    candidates = [reference]
+    if "/" not in reference.rstrip("/"):
+        candidates.append(storage.join(job.workdir, reference))
+    for candidate in candidates:
+        try:
+            if storage.is_file(storage.join(candidate, RECORD_FILE)):
+                return storage.normalize(candidate)
+        except OSError:  # an unreachable or unknown file system: try the next reading
+            continue
     raise ConfigError(f"resume: no run {reference!r} (neither a run folder nor a run id under {job.workdir})")
 
 
@@ -123,17 +126,17 @@ def begin_run(job: JobConfig, resume: str | None = None) -> dict[str, Any]:
     """
     if resume is None:
         job.run_id = job.run_id or new_run_id(job.run_name)
-        if (job.run_dir / RECORD_FILE).exists():
+        if storage.exists(storage.join(job.run_uri, RECORD_FILE)):
             raise ConfigError(f"run {job.run_id} already exists in {job.workdir}; resume it with --resume {job.run_id}")
-        job.run_dir.mkdir(parents=True, exist_ok=True)
+        storage.make_dirs(job.run_uri)
         record = {"run_id": job.run_id, "run_name": job.run_name, "config_hash": config_hash(job),
                   "identity": identity(job), "status": "running", "created": time.time(), "attempts": 1,
                   "trained_steps": 0, "mlflow_run_id": None, "registered": []}
-        write_record(job.run_dir, record)
+        write_record(job.run_uri, record)
         return record
-    run_dir = locate_run(job, resume)
-    record = read_record(run_dir)
-    job.workdir = str(run_dir.parent)
+    run_location = locate_run(job, resume)
+    record = read_record(run_location)
+    job.workdir = storage.parent(run_location)
     job.run_id = record["run_id"]
     if record["run_name"] != job.run_name:
         # The run name is part of the id; take the stored one rather than fail on a default.
@@ -148,7 +151,7 @@ def begin_run(job: JobConfig, resume: str | None = None) -> dict[str, Any]:
         raise ConfigError(f"resume: run {job.run_id} already finished at step {trained}; "
                           f"raise train.max_steps above {trained} to train it further")
     record.update(status="running", attempts=int(record.get("attempts", 1)) + 1)
-    write_record(run_dir, record)
+    write_record(run_location, record)
     return record
 
 

@@ -29,9 +29,20 @@ def quiet_ray_worker_logs() -> None:
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
+WORKER_ENV_VARS = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+WORKER_SETUP_HOOK = "raylm.workflow.quiet_ray_worker_logs"
+
+
 def ensure_ray(job: JobConfig, log: Log = _print) -> None:
-    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray sized for the run."""
+    """Connect to ``RAY_ADDRESS`` if set, else start a local Ray sized for the run.
+
+    On a cluster (a submitted job has ``RAY_ADDRESS`` set) this process's own
+    raylm package travels to every worker in the job's runtime environment
+    (:mod:`raylm.cluster`), so no worker imports an older installed copy.
+    """
     import ray
+
+    from raylm import cluster
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Serve's proxy must import FastAPI and friends within its readiness check; on a busy
@@ -41,20 +52,27 @@ def ensure_ray(job: JobConfig, log: Log = _print) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
-        log(f"connected to Ray at {address}")
+        # Only what the submitted job's runtime env lacks (nothing, for a `raylm submit` job).
+        runtime_env = cluster.runtime_env_for_cluster(WORKER_ENV_VARS, WORKER_SETUP_HOOK)
+        ray.init(address=address, runtime_env=runtime_env or None)
+        cluster.mark_connected()
+        log(f"connected to Ray at {address}; workers run this job's raylm (code {cluster.code_fingerprint()})")
         return
     # Logical CPUs: the training workers, plus room for Ray Data tasks and a Serve replica.
     num_cpus = int(job.train.num_workers * job.train.cpus_per_worker) + 2
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"},
-                          "worker_process_setup_hook": "raylm.workflow.quiet_ray_worker_logs"})
+             runtime_env={"env_vars": dict(WORKER_ENV_VARS), "worker_process_setup_hook": WORKER_SETUP_HOOK})
     log(f"started a local Ray with {num_cpus} logical CPUs")
 
 
 def check_inputs(job: JobConfig) -> None:
-    """Fail on missing local inputs before any cluster resource is taken."""
+    """Fail on missing local inputs and unusable storage before any cluster resource is taken."""
+    from raylm import cluster
     from raylm.data.prepare import check_sources
+
+    cluster.check_workdir(job)
+    if job.tracking.enabled and job.resolved_tracking_uri() is None:
+        cluster.check_tracking(job, spans_nodes=False)
 
     for field, value in (("model.init_from", job.model.init_from), ("data.tokenizer_path", job.data.tokenizer_path)):
         if value and "://" not in value and not Path(value).is_dir():
@@ -71,17 +89,26 @@ def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[
     and a model version is registered at most once per trained step.
     """
     check_inputs(job)
-    from raylm import runs, tracking
+    from raylm import cluster, runs, storage, tracking
     from raylm.data.pipeline import prepare_data
     from raylm.eval.runner import evaluate_tasks
     from raylm.inference.engine import Engine
     from raylm.train.driver import export_model, run_training
 
     record = runs.begin_run(job, resume)
-    log(("resuming run " if resume else "run ") + f"{job.run_id} in {job.run_dir}")
-    ensure_ray(job, log)
+    log(("resuming run " if resume else "run ") + f"{job.run_id} in {job.run_uri}")
+    try:
+        ensure_ray(job, log)
+        cluster.check_storage_and_tracking(job, log)
+    except BaseException:
+        record["status"] = "failed"
+        runs.write_record(job.run_uri, record)
+        raise
     started = time.time()
-    (job.run_dir / "config.yaml").write_text(job.to_yaml())
+    storage.write_text(storage.join(job.run_uri, "config.yaml"), job.to_yaml())
+    # Files that are assembled here first: in the run folder itself, or in a scratch folder
+    # uploaded to a remote workdir.
+    local_run = storage.local_scratch(f"raylm-{job.run_id}-") if job.storage_is_remote else job.run_dir
     import ray.data
 
     # raylm prints its own progress lines; Ray Data's per-operator bars would drown them.
@@ -94,7 +121,7 @@ def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[
         raise runs.ConfigError(f"resume: run {job.run_id} trained on data {record['data_fingerprint']}, "
                                f"but the configured data is now {data.fingerprint}")
     record["data_fingerprint"] = data.fingerprint
-    runs.write_record(job.run_dir, record)
+    runs.write_record(job.run_uri, record)
 
     tracking_uri = job.resolved_tracking_uri()
     run_id = record.get("mlflow_run_id")
@@ -105,7 +132,7 @@ def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[
             run_id = tracking.start_run(tracking_uri, job.tracking.experiment, job.run_id, job.public_dict(),
                                         tags={"raylm.run_id": job.run_id, "raylm.config_hash": record["config_hash"]})
             record["mlflow_run_id"] = run_id
-            runs.write_record(job.run_dir, record)
+            runs.write_record(job.run_uri, record)
         log(f"MLflow run {run_id} at {tracking_uri}")
     try:
         log(f"training {job.model.describe()} on {job.train.num_workers} workers "
@@ -120,10 +147,10 @@ def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[
             "data_fingerprint": data.fingerprint,
             "train_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
         }
-        model_dir = export_model(result.checkpoint_dir, data.tokenizer, job.model_dir, card)
+        model_dir = export_model(result.checkpoint_dir, data.tokenizer, local_run / "model", card)
         trained_steps = card["trained_steps"]
         record["trained_steps"] = trained_steps
-        runs.write_record(job.run_dir, record)
+        runs.write_record(job.run_uri, record)
         log("evaluating on the dev split")
         engine = Engine.from_directory(model_dir, max_new_tokens=job.eval.max_new_tokens)
         metrics = evaluate_tasks(engine, data.dev_examples, job.eval.max_examples_per_task,
@@ -132,11 +159,13 @@ def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[
         metrics["eval_perplexity"] = result.metrics.get("eval_perplexity")
         card["eval_metrics"] = metrics
         (model_dir / "raylm.json").write_text(json.dumps(card, indent=2, default=str))
+        if job.storage_is_remote:
+            storage.upload_folder(model_dir, job.model_uri)
         registry_uri = runs.registered_at(record, trained_steps)
         if registry_uri:
             log(f"step {trained_steps} of this run is already registered as {registry_uri}; not registering again")
         if run_id:
-            curve = tracking.plot_loss_curve(result.history, job.run_dir / "loss_curve.png")
+            curve = tracking.plot_loss_curve(result.history, local_run / "loss_curve.png")
             new_uri = tracking.finish_run(
                 tracking_uri, run_id, model_dir, {k: v for k, v in metrics.items() if v is not None},
                 job.tracking.model_name if job.tracking.register_model and not registry_uri else None,
@@ -147,18 +176,18 @@ def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[
                 record["registered"].append({"uri": new_uri, "step": trained_steps})
                 log(f"registered {registry_uri}")
         record["status"] = "finished"
-        runs.write_record(job.run_dir, record)
+        runs.write_record(job.run_uri, record)
     except BaseException:
         record["status"] = "failed"
-        runs.write_record(job.run_dir, record)
+        runs.write_record(job.run_uri, record)
         if run_id:
             tracking.fail_run(tracking_uri, run_id)
         raise
     return {
         "run_id": job.run_id,
         "run_name": job.run_name,
-        "run_dir": str(job.run_dir),
-        "model_dir": str(model_dir),
+        "run_dir": job.run_uri,
+        "model_dir": job.model_uri,
         "metrics": metrics,
         "mlflow_run_id": run_id,
         "tracking_uri": tracking_uri if run_id else None,
@@ -196,6 +225,25 @@ def prepare_dataset(job: JobConfig, log: Log = _print) -> dict[str, Any]:
     return prepare_dataset(job, log)
 
 
+def deploy(job: JobConfig, model_path: str, log: Log = _print) -> str:
+    """Deploy ``model_path`` on the Ray Serve of the cluster at ``$RAY_ADDRESS``; returns the base URL.
+
+    Serve's controller and replicas outlive this driver, so a deployment job can
+    exit once the application is running. Without a cluster to deploy to there is
+    nothing that would keep serving: use ``raylm serve`` instead.
+    """
+    from raylm.config import ConfigError
+    from raylm.serving.app import start_serving
+
+    if not os.environ.get("RAY_ADDRESS"):
+        raise ConfigError("deploy: no cluster to deploy to ($RAY_ADDRESS is not set; a submitted job has it); "
+                          "`raylm serve` serves from this process instead")
+    ensure_ray(job, log)
+    url = start_serving(model_path, job.serve, tracking_uri=job.resolved_tracking_uri())
+    log(f"deployed {model_path} at {url} on every node's Serve proxy")
+    return url
+
+
 DEMO_REQUESTS = {
     "translate": {"text": "today the big dog sees the red ball."},
     "qa": {"context": "Anna lives in Berlin. Ben works as a baker. The favorite color of Anna is blue.",
@@ -218,17 +266,20 @@ def query_endpoints(base_url: str, requests_by_task: dict[str, dict] = DEMO_REQU
     return answers
 
 
-def demo(job: JobConfig, log: Log = _print) -> Path:
-    """The whole pipeline on the demo corpus; returns the path of the JSON summary."""
+def demo(job: JobConfig, log: Log = _print) -> Path | str:
+    """The whole pipeline on the demo corpus; returns the location of the JSON summary (a path, or a URI)."""
     from ray import serve
 
+    from raylm import storage
     from raylm.serving.app import start_serving
 
     started = time.time()
     summary = train(job, log)
     log("deploying on Ray Serve")
-    base_url = start_serving(summary["registry_uri"] or summary["model_dir"], job.serve,
-                             tracking_uri=summary["tracking_uri"])
+    model = summary["registry_uri"] or summary["model_dir"]
+    if not summary["registry_uri"] and storage.is_remote(model):
+        model = str(storage.download_folder(model, storage.local_scratch("raylm-model-") / "model"))
+    base_url = start_serving(model, job.serve, tracking_uri=summary["tracking_uri"])
     try:
         answers = query_endpoints(base_url, api_key=job.serve.api_key_value())
     finally:
@@ -242,6 +293,6 @@ def demo(job: JobConfig, log: Log = _print) -> Path:
         value = summary["metrics"].get(key)
         if value is not None:
             log(f"{key} = {value:.4f}")
-    path = job.run_dir / "summary.json"
-    path.write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=str))
-    return path
+    location = storage.join(job.run_uri, "summary.json")
+    storage.write_text(location, json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    return location if storage.is_remote(location) else Path(location)

@@ -71,9 +71,11 @@ def resolve_corpus(job: JobConfig) -> ResolvedCorpus:
 
 def prepared_root(job: JobConfig) -> str:
     """Where prepared datasets and trained tokenizers live (``data.cache_dir``, default ``<workdir>/prepared``)."""
+    from raylm import storage
+
     if job.data.cache_dir:
         return job.data.cache_dir if "://" in job.data.cache_dir else str(Path(job.data.cache_dir).resolve())
-    return str(Path(job.workdir).resolve() / "prepared")
+    return storage.join(job.workdir, "prepared")
 
 
 def _hash(payload: Any) -> str:
@@ -167,13 +169,16 @@ def resolve_tokenizer(job: JobConfig, corpus: ResolvedCorpus, log: Log = _quiet)
     if job.model.init_from:
         return load_tokenizer(job.model.init_from), {"origin": "model.init_from",
                                                      "path": str(Path(job.model.init_from).resolve())}
-    folder = Path(prepared_root(job)) / "tokenizers" / tokenizer_key(job, corpus)
+    from raylm import storage
+
+    location = storage.join(prepared_root(job), "tokenizers", tokenizer_key(job, corpus))
+    if storage.is_remote(location):
+        return _remote_cached_tokenizer(job, corpus, location, log)
+    folder = Path(location)
     info_path = folder / "raylm_tokenizer.json"
     if info_path.is_file():
         info = json.loads(info_path.read_text())
         return load_tokenizer(folder), {**info, "origin": "cache", "path": str(folder)}
-    if "://" in str(folder):
-        raise DataError("data.cache_dir: a remote cache needs data.tokenizer_path (train it with a local cache_dir)")
     tokenizer, stats = train_tokenizer_on_sources(job, corpus, log)
     staging = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
     tokenizer.save_pretrained(staging)
@@ -182,6 +187,29 @@ def resolve_tokenizer(job: JobConfig, corpus: ResolvedCorpus, log: Log = _quiet)
     (staging / "raylm_tokenizer.json").write_text(json.dumps(info, indent=2))
     _publish(staging, folder)
     return load_tokenizer(folder), {**info, "origin": "trained", "path": str(folder)}
+
+
+def _remote_cached_tokenizer(job: JobConfig, corpus: ResolvedCorpus, location: str,
+                             log: Log) -> tuple[Any, dict[str, Any]]:
+    """The corpus tokenizer cached in an object store (s3://, gs://): downloaded, or trained and uploaded.
+
+    The description file is uploaded last, so a reader never takes a partial upload for a cached tokenizer.
+    """
+    from raylm import storage
+
+    local = storage.local_scratch("raylm-tokenizer-")
+    info_location = storage.join(location, "raylm_tokenizer.json")
+    if storage.is_file(info_location):
+        storage.download_folder(location, local)
+        info = json.loads((local / "raylm_tokenizer.json").read_text())
+        return load_tokenizer(local), {**info, "origin": "cache", "path": location}
+    tokenizer, stats = train_tokenizer_on_sources(job, corpus, log)
+    tokenizer.save_pretrained(local)
+    info = {"vocab_size": len(tokenizer), "hash": tokenizer_fingerprint(tokenizer),
+            "sources": [source.describe() for source in corpus.train], **stats}
+    storage.upload_folder(local, location)
+    storage.write_text(info_location, json.dumps(info, indent=2))
+    return load_tokenizer(local), {**info, "origin": "trained", "path": location}
 
 
 def _publish(staging: Path, final: Path) -> None:
@@ -391,8 +419,13 @@ def prepare_dataset(job: JobConfig, log: Log = _quiet, corpus: ResolvedCorpus | 
 def open_prepared(manifest: dict[str, Any], seed: int):
     """Lazy Ray Datasets ``(train, dev)`` over a prepared dataset's Parquet files.
 
-    The training files are read in a seeded random order (a new order every
-    epoch), which mixes the sources; rows within a file keep their order.
+    The training files are read in one seeded random order, which mixes the
+    sources; rows within a file keep their order. The order is the same on every
+    epoch, as the demo corpus's is: Ray Data would reseed a file shuffle on each
+    execution of the dataset, counting executions from zero again when a worker
+    group restarts, so a resumed epoch would read its rows in another order than
+    the interrupted one. Each epoch still sees another order, from the workers'
+    local shuffle, which is seeded by the epoch (``train.loop.iterate_micro_batches``).
     """
     import ray.data
     from ray.data import FileShuffleConfig
@@ -404,7 +437,8 @@ def open_prepared(manifest: dict[str, Any], seed: int):
     # created, so reading these files through the V1 reader costs nothing elsewhere.
     use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        train = ray.data.read_parquet(f"{manifest['path']}/train", shuffle=FileShuffleConfig(seed=seed))
+        train = ray.data.read_parquet(f"{manifest['path']}/train",
+                                      shuffle=FileShuffleConfig(seed=seed, reseed_after_execution=False))
         dev = ray.data.read_parquet(f"{manifest['path']}/dev")
     finally:
         context.use_datasource_v2 = use_v2

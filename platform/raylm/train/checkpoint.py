@@ -155,15 +155,54 @@ def open_checkpoint(path: str, filesystem=None) -> Iterator[Path]:
         verify_checkpoint(path)
         yield Path(path)
         return
-    import pyarrow.fs
-
     with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as local:
-        try:
-            pyarrow.fs.copy_files(path, local, source_filesystem=filesystem)
-        except OSError as err:
-            raise CorruptCheckpointError(f"checkpoint {path} could not be read: {err}") from None
-        verify_checkpoint(local)
+        fetch_checkpoint(path, filesystem, local)
         yield Path(local)
+
+
+def fetch_checkpoint(path: str, filesystem, destination: str | Path) -> Path:
+    """Download the checkpoint at ``path`` into ``destination`` through Ray Train's ``Checkpoint`` API, verified.
+
+    Raises :class:`CorruptCheckpointError` when it cannot be read or fails its manifest.
+    """
+    from ray.train import Checkpoint
+
+    try:
+        Checkpoint(path, filesystem=filesystem).to_directory(str(destination))
+    except (OSError, RuntimeError) as err:
+        raise CorruptCheckpointError(f"checkpoint {path} could not be read: {err}") from None
+    verify_checkpoint(destination)
+    return Path(destination)
+
+
+def local_valid_checkpoint(latest: str, filesystem=None, scratch: str | Path | None = None
+                           ) -> tuple[Path | None, str | None, list[str]]:
+    """``(local folder, path in storage, problems)`` for the newest checkpoint that verifies, from ``latest`` on.
+
+    On a local file system the folder is the checkpoint itself. On a remote one
+    (S3, GCS) each candidate is downloaded through Ray Train's ``Checkpoint`` API
+    into a new folder under ``scratch`` that outlives the call, so the caller can
+    export from it; candidates that fail are deleted again.
+    """
+    import shutil
+
+    filesystem, candidates = _candidates(latest, filesystem)
+    problems: list[str] = []
+    for candidate in candidates:
+        if _is_local(filesystem):
+            try:
+                verify_checkpoint(candidate)
+            except CorruptCheckpointError as err:
+                problems.append(str(err))
+                continue
+            return Path(candidate), candidate, problems
+        local = Path(tempfile.mkdtemp(prefix="raylm-ckpt-", dir=scratch))
+        try:
+            return fetch_checkpoint(candidate, filesystem, local), candidate, problems
+        except CorruptCheckpointError as err:
+            problems.append(str(err))
+            shutil.rmtree(local, ignore_errors=True)
+    return None, None, problems
 
 
 def choose_valid_checkpoint(latest: str | Path | None, filesystem=None,

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raylm import storage
 from raylm.config import JobConfig
-from raylm.train.checkpoint import BEST_CHECKPOINT, find_valid_checkpoint, read_history, read_state, verify_checkpoint, \
-    CorruptCheckpointError
+from raylm.train.checkpoint import BEST_CHECKPOINT, CorruptCheckpointError, STATE_FILE, fetch_checkpoint, \
+    local_valid_checkpoint, read_history, read_state, verify_checkpoint
 from raylm.train.loop import train_loop_per_worker
 
 MODEL_FILES = ("config.json", "generation_config.json")
@@ -18,15 +19,28 @@ MODEL_FILES = ("config.json", "generation_config.json")
 
 @dataclass
 class TrainingResult:
+    """What a fit leaves: the final checkpoint (in storage, and as a local verified folder), metrics, history.
+
+    ``checkpoint`` is the ``ray.train.Checkpoint`` in the run's storage (a local
+    path, NFS, S3, GCS); ``checkpoint_dir`` is a local folder with the same files,
+    the checkpoint itself on a local file system, else a verified download.
+    """
+
     checkpoint_dir: Path
     metrics: dict[str, Any]
     history: list[dict[str, Any]]
     best_checkpoint_dir: Path | None = None
     problems: list[str] = field(default_factory=list)
+    checkpoint: Any = None  # ray.train.Checkpoint
+
+
+def experiment_uri(job: JobConfig) -> str:
+    """Where Ray Train keeps this run's checkpoints and state: ``<run>/ray_results/<run_name>`` (path or URI)."""
+    return storage.join(job.run_uri, "ray_results", job.run_name)
 
 
 def experiment_dir(job: JobConfig) -> Path:
-    """Where Ray Train keeps this run's checkpoints and state."""
+    """:func:`experiment_uri` for a run on a local (or shared) file system."""
     return job.run_dir / "ray_results" / job.run_name
 
 
@@ -42,7 +56,8 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
                   seq_len: int | None = None, callbacks: list | None = None):
     """The ``TorchTrainer`` that runs ``train_loop_per_worker`` on ``job.train.num_workers`` workers.
 
-    Checkpoints and Ray Train's run state live under ``<run_dir>/ray_results``;
+    Checkpoints and Ray Train's run state live under ``<run>/ray_results``, on
+    whatever storage the workdir names (a path, NFS, ``s3://``, ``gs://``);
     fitting a trainer for the same run folder again resumes from its latest
     valid checkpoint (with any worker count). A failed worker group is
     restarted from the latest checkpoint up to ``train.max_failures`` times.
@@ -52,6 +67,8 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raylm import cluster
 
     config = job.train
     resources = {"CPU": config.cpus_per_worker}
@@ -71,12 +88,14 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
             "seq_len": seq_len,
             "mlflow_run_id": mlflow_run_id,
             "tracking_uri": job.resolved_tracking_uri(),
+            # On a cluster every worker checks that it imported the driver's raylm.
+            "code_fingerprint": cluster.expected_worker_code(),
         },
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources, placement_strategy=config.placement_strategy),
         run_config=RunConfig(
             name=job.run_name,
-            storage_path=str(job.run_dir / "ray_results"),
+            storage_path=storage.join(job.run_uri, "ray_results"),
             failure_config=FailureConfig(max_failures=config.max_failures),
             # No score attribute: Ray keeps the K most recent; the loop keeps the best apart.
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
@@ -88,26 +107,61 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
     )
 
 
+def _best_checkpoint(job: JobConfig, filesystem, last_step: Any, last_dir: Path, scratch: Path | None) -> Path | None:
+    """The verified local folder of the run's best-eval-loss copy, or None when there is no valid one.
+
+    In remote storage it is downloaded only when it is another step than the last checkpoint.
+    """
+    _, experiment = storage.filesystem(experiment_uri(job))
+    path = f"{experiment}/{BEST_CHECKPOINT}"
+    if storage.is_remote(job.workdir):
+        try:
+            with filesystem.open_input_stream(f"{path}/{STATE_FILE}") as stream:
+                step = json.loads(stream.read()).get("step")
+        except (OSError, ValueError):
+            return None
+        if step == last_step:
+            return last_dir
+        import tempfile
+
+        try:
+            return fetch_checkpoint(path, filesystem, tempfile.mkdtemp(prefix="raylm-best-", dir=scratch))
+        except CorruptCheckpointError:
+            return None
+    try:
+        verify_checkpoint(path)
+    except CorruptCheckpointError:
+        return None
+    return Path(path)
+
+
 def fit_trainer(job: JobConfig, trainer) -> TrainingResult:
-    """Fit a trainer from :func:`build_trainer` and collect its final checkpoint, metrics and history."""
+    """Fit a trainer from :func:`build_trainer` and collect its final checkpoint, metrics and history.
+
+    The final checkpoint is read through Ray Train's ``Checkpoint`` (its path and
+    file system): if it fails its manifest, the newest older one that verifies is
+    taken. From remote storage the chosen checkpoint is downloaded once, verified,
+    into a local folder that lives until the process exits.
+    """
+    from ray.train import Checkpoint
+
     result = trainer.fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    folder, problems = find_valid_checkpoint(result.checkpoint.path)
+    filesystem = result.checkpoint.filesystem
+    scratch = storage.local_scratch("raylm-checkpoints-") if storage.is_remote(job.workdir) else None
+    folder, chosen, problems = local_valid_checkpoint(result.checkpoint.path, filesystem, scratch)
     if folder is None:
         raise RuntimeError("no valid checkpoint: " + "; ".join(problems))
-    best = experiment_dir(job) / BEST_CHECKPOINT
-    try:
-        verify_checkpoint(best)
-    except CorruptCheckpointError:
-        best = None
+    best = _best_checkpoint(job, filesystem, read_state(folder).get("step"), folder, scratch)
     history = read_history(folder)
     if not history and result.metrics_dataframe is not None:
         history = result.metrics_dataframe.to_dict(orient="records")
     return TrainingResult(checkpoint_dir=folder, metrics=dict(result.metrics or {}), history=history,
-                          best_checkpoint_dir=best, problems=problems)
+                          best_checkpoint_dir=best, problems=problems,
+                          checkpoint=Checkpoint(chosen, filesystem=filesystem))
 
 
 def run_training(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_run_id: str | None = None,

@@ -139,6 +139,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from raylm.cluster import check_worker_code
+
+    check_worker_code(loop_config.get("code_fingerprint"))
     job = JobConfig.model_validate(loop_config["job"])
     config = job.train
     keep_freed_memory()  # no page faults re-mapping the same buffers every step (see raylm.train.allocator)

@@ -1,0 +1,114 @@
+"""raylm submit's pieces without a cluster: token discovery, addresses, the runtime env, code shipping, and the
+checks a driver runs before workers start. The real cluster is in tests/integration/test_cluster.py."""
+
+import json
+
+import pytest
+
+from raylm import cluster, submission
+from raylm.config import ConfigError, load_config
+from tests.conftest import REPO_ROOT
+
+
+def test_token_is_found_where_ray_looks_for_it(tmp_path):
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("from-home\n")
+    named = tmp_path / "token"
+    named.write_text("  from-path \n")
+    assert submission.find_auth_token({"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(named)},
+                                      home).value == "from-env"
+    found = submission.find_auth_token({"RAY_AUTH_TOKEN_PATH": str(named)}, home)
+    assert found.value == "from-path" and str(named) in found.source
+    assert submission.find_auth_token({}, home).value == "from-home"
+    missing = submission.find_auth_token({}, tmp_path / "nobody")
+    assert missing.value is None
+    assert "$RAY_AUTH_TOKEN" in missing.source and str(tmp_path / "nobody" / ".ray" / "auth_token") in missing.source
+    # A named file that is not there is the user's mistake, not a reason to fall back silently.
+    with pytest.raises(submission.SubmissionError, match="RAY_AUTH_TOKEN_PATH=.*does not exist"):
+        submission.find_auth_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "gone")}, home)
+
+
+def test_jobs_api_address():
+    assert submission.resolve_address(None, {}) == "http://127.0.0.1:8265"
+    assert submission.resolve_address("10.0.0.5:8265", {}) == "http://10.0.0.5:8265"
+    assert submission.resolve_address(None, {"RAY_API_SERVER_ADDRESS": "http://h:1/"}) == "http://h:1"
+    # A GCS address in RAY_ADDRESS is not the Jobs API.
+    assert submission.resolve_address(None, {"RAY_ADDRESS": "10.0.0.5:6379"}) == "http://127.0.0.1:8265"
+    assert submission.resolve_address(None, {"RAY_ADDRESS": "http://h:8265"}) == "http://h:8265"
+
+
+def test_submission_runtime_env_ships_the_working_trees_raylm(tmp_path):
+    env = submission.build_runtime_env(REPO_ROOT, {"HF_HOME": "/cache"}, ["data/"])
+    assert env["working_dir"] == str(REPO_ROOT)
+    assert env["py_modules"] == [str(REPO_ROOT / "platform" / "raylm")]
+    assert {".git", ".venv", "runs", "mlruns", "__pycache__", "data/"} <= set(env["excludes"])
+    assert env["env_vars"]["HF_HOME"] == "/cache" and env["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
+    assert env["worker_process_setup_hook"] == "raylm.workflow.quiet_ray_worker_logs"
+    plain = tmp_path / "scripts"
+    plain.mkdir()
+    assert "py_modules" not in submission.build_runtime_env(plain)  # no raylm in it: nothing to ship
+    with pytest.raises(submission.SubmissionError, match="working folder not found"):
+        submission.build_runtime_env(tmp_path / "missing")
+    assert submission.parse_env(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
+    with pytest.raises(submission.SubmissionError, match="KEY=value"):
+        submission.parse_env(["novalue"])
+
+
+def test_driver_adds_only_what_the_submitted_job_lacks(monkeypatch):
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    hook = "raylm.workflow.quiet_ray_worker_logs"
+    variables = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
+    alone = cluster.runtime_env_for_cluster(variables, hook)
+    assert alone["py_modules"] == [str(cluster.package_dir())] and alone["env_vars"] == variables
+    # `ray job submit --working-dir .`: the driver adds raylm and what else is missing, never a field the job set
+    # (Ray refuses to merge two runtime envs that set the same field or variable).
+    submitted = {"working_dir": "gcs://_ray_pkg_1.zip", "env_vars": {"TOKENIZERS_PARALLELISM": "true"}}
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps({"runtime_env": submitted}))
+    added = cluster.runtime_env_for_cluster(variables, hook)
+    assert added["py_modules"] == [str(cluster.package_dir())]
+    assert added["env_vars"] == {"RAY_USAGE_STATS_ENABLED": "0"} and added["worker_process_setup_hook"] == hook
+    # `raylm submit`: everything is in the submitted env already, so the driver's env is the job's.
+    shipped = {"working_dir": "gcs://_ray_pkg_1.zip", "py_modules": ["gcs://_ray_pkg_2.zip"],
+               "env_vars": {**variables, cluster.SETUP_HOOK_ENV_VAR: hook}}
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps({"runtime_env": shipped}))
+    assert cluster.runtime_env_for_cluster(variables, hook) == {}
+
+
+def test_workers_refuse_code_other_than_the_drivers():
+    cluster.check_worker_code(None)  # a local run: nothing to compare
+    cluster.check_worker_code(cluster.code_fingerprint())
+    with pytest.raises(RuntimeError, match="not the code the driver runs"):
+        cluster.check_worker_code("0123456789abcdef")
+
+
+def test_relative_workdir_in_rays_copy_of_the_working_dir_is_refused(tmp_path, monkeypatch):
+    copy = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_abc"
+    copy.mkdir(parents=True)
+    assert cluster.in_ray_working_dir_copy(copy) and not cluster.in_ray_working_dir_copy(tmp_path)
+    monkeypatch.chdir(copy)
+    with pytest.raises(ConfigError, match="workdir: 'runs' is relative.*Ray deletes") as err:
+        cluster.check_workdir(load_config(None, []))
+    assert "\n" not in str(err.value)
+    for fine in (str(tmp_path / "runs"), "s3://bucket/runs"):
+        cluster.check_workdir(load_config(None, [f"workdir={fine}"]))
+    monkeypatch.chdir(tmp_path)
+    cluster.check_workdir(load_config(None, []))  # relative is fine outside Ray's copy
+
+
+def test_tracking_checks(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cluster.is_local_tracking_uri("sqlite:////tmp/m.db") and cluster.is_local_tracking_uri("./mlruns")
+    assert cluster.is_local_tracking_uri("file:///tmp/mlruns")
+    assert not cluster.is_local_tracking_uri("http://mlflow:5000")
+    assert not cluster.is_local_tracking_uri("postgresql://db/mlflow")
+    local = load_config(None, ["workdir=/shared/runs"])
+    cluster.check_tracking(local, spans_nodes=False)
+    with pytest.raises(ConfigError, match="local MLflow store, but the training workers run on several nodes"):
+        cluster.check_tracking(local, spans_nodes=True)
+    cluster.check_tracking(load_config(None, ["workdir=/shared/runs", "tracking.tracking_uri=http://m:5000"]), True)
+    cluster.check_tracking(load_config(None, ["workdir=/shared/runs", "tracking.enabled=false"]), True)
+    with pytest.raises(ConfigError, match="is remote and an SQLite file cannot live there"):
+        cluster.check_tracking(load_config(None, ["workdir=s3://bucket/runs"]), spans_nodes=False)
