@@ -25,6 +25,20 @@ app.add_typer(prepare_app, name="prepare")
 jobs_app = typer.Typer(no_args_is_help=True, help="Ray jobs on a cluster: list, logs, stop.")
 app.add_typer(jobs_app, name="jobs")
 
+
+class _RunByDefault(typer.core.TyperGroup):
+    """``raylm tune ARGS`` means ``raylm tune run ARGS`` unless ARGS starts with a subcommand."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+tune_app = typer.Typer(cls=_RunByDefault, help="Scaling sweeps with Ray Tune (raylm tune --config FILE), "
+                                                "and compute-optimal recommendations from them.")
+app.add_typer(tune_app, name="tune")
+
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file")
 OverridesArgument = typer.Argument(None, help="dotted overrides, e.g. train.lr=1e-3")
 
@@ -228,6 +242,58 @@ def demo(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] =
     if ray.is_initialized():
         ray.shutdown()
     typer.echo(str(path))
+
+
+@tune_app.command("run")
+def tune_run(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="continue the interrupted sweep in this folder (finished trials are not rerun)"),
+) -> None:
+    """Run the sweep in tune.*: Ray Train trials under Ray Tune (ASHA), a scaling-law fit, tables and plots."""
+    from raylm import workflow
+    from raylm.tune.space import validate_sweep
+    from raylm.tune.sweep import run_sweep
+
+    job = None
+    if resume is not None:
+        if config is not None or overrides:
+            _fail("--resume continues a sweep with its own config; give no --config or overrides", 2)
+    else:
+        job = _load(config, overrides)
+        try:
+            validate_sweep(job)
+        except ConfigError as err:
+            _fail(str(err), 2)
+    results = _run(run_sweep, job, workflow._print, resume)
+    keys = ("sweep_id", "sweep_dir", "status", "num_trials", "num_finished", "num_stopped", "num_errors",
+            "total_steps", "best_trial", "best_eval_loss", "best_model_dir", "registry_uri", "parent_run_id")
+    compact = {key: results.get(key) for key in keys}
+    if results.get("fit"):
+        compact["fit"] = {key: results["fit"][key] for key in ("E", "A", "alpha", "B", "beta", "r2", "intervals")}
+    else:
+        compact["fit_problem"] = results.get("fit_problem")
+    typer.echo(json.dumps(compact, indent=2, default=str))
+
+
+@tune_app.command("recommend")
+def tune_recommend(
+    sweep: str = typer.Option(..., "--sweep", help="a sweep folder, or the MLflow run id of a sweep"),
+    flops: float = typer.Option(..., "--flops", help="the compute budget in FLOPs, e.g. 1e18"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="where to write the train config "
+                                                                  "(default: in the sweep folder)"),
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+) -> None:
+    """Compute-optimal N and D for a budget from a sweep's fit, and a config file for raylm train."""
+    from raylm.tune.recommend import format_recommendation, load_results, recommend
+
+    job = _load(config, overrides)
+    results = _run(load_results, sweep, job.resolved_tracking_uri())
+    recommendation = _run(recommend, results, flops, out)
+    for line in format_recommendation(recommendation):
+        typer.echo(line)
 
 
 AddressOption = typer.Option(

@@ -81,16 +81,34 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas: Sequence[float], w
                              fused=torch.device(device).type in FUSED_OPTIMIZER_DEVICES)
 
 
-def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float):
-    """Linear warmup to the peak, then cosine decay to ``min_lr_ratio`` of it."""
+def lr_lambda(warmup_steps: int, max_steps: int, min_lr_ratio: float, schedule: str = "cosine",
+              decay_fraction: float = 0.2):
+    """Linear warmup to the peak, then cosine decay to ``min_lr_ratio`` of it (``schedule="cosine"``),
+    or warmup-stable-decay (``"wsd"``): the peak until the last ``decay_fraction`` of
+    ``max_steps``, then a linear decay to ``min_lr_ratio``.
 
-    def schedule(step: int) -> float:
+    WSD makes runs of different lengths identical until their decay starts, so a
+    sweep's early evaluations compare like with like across ``train.max_steps``.
+    """
+    decay_start = max(warmup_steps, int(round(max_steps * (1 - decay_fraction))))
+
+    def cosine(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
         progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return schedule
+    def warmup_stable_decay(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+        return 1.0 - (1 - min_lr_ratio) * progress
+
+    if schedule not in ("cosine", "wsd"):
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return cosine if schedule == "cosine" else warmup_stable_decay
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
@@ -140,7 +158,8 @@ class LMTrainer:
         self.optimizer = build_optimizer(self.base_model, train_config.lr, train_config.betas,
                                          train_config.weight_decay, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(train_config.warmup_steps, train_config.max_steps, train_config.min_lr_ratio)
+            self.optimizer, lr_lambda(train_config.warmup_steps, train_config.max_steps, train_config.min_lr_ratio,
+                                      train_config.schedule, train_config.decay_fraction)
         )
         self.scaler = self._make_scaler()
         self.step = 0
