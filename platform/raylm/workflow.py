@@ -89,11 +89,11 @@ def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[
     and a model version is registered at most once per trained step.
     """
     check_inputs(job)
-    from raylm import cluster, runs, storage, tracking
+    from raylm import cluster, release, runs, storage, tracking
     from raylm.data.pipeline import prepare_data
-    from raylm.eval.runner import evaluate_tasks
-    from raylm.inference.engine import Engine
-    from raylm.train.driver import export_model, run_training
+    from raylm.lineage import lineage_tags
+    from raylm.train.driver import run_training
+    from raylm.train.task_data import prepare_encoder_data
 
     record = runs.begin_run(job, resume)
     log(("resuming run " if resume else "run ") + f"{job.run_id} in {job.run_uri}")
@@ -114,7 +114,8 @@ def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[
     # raylm prints its own progress lines; Ray Data's per-operator bars would drown them.
     ray.data.DataContext.get_current().enable_progress_bars = False
     log("preparing data with Ray Data")
-    data = prepare_data(job, log)
+    # An encoder head (classifier, span head) trains on one tokenized row per example, not packed blocks.
+    data = prepare_data(job, log) if job.model.task == "causal_lm" else prepare_encoder_data(job, log)
     log(f"data ready: {data.stats['num_train_rows']} train rows, {data.stats['num_dev_rows']} dev rows, "
         f"vocab {data.stats['vocab_size']}, fingerprint {data.fingerprint}")
     if record.get("data_fingerprint") not in (None, data.fingerprint):
@@ -129,36 +130,36 @@ def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[
         if run_id:
             tracking.reopen_run(tracking_uri, run_id)
         else:
-            run_id = tracking.start_run(tracking_uri, job.tracking.experiment, job.run_id, job.public_dict(),
-                                        tags={"raylm.run_id": job.run_id, "raylm.config_hash": record["config_hash"]})
+            tags = {"raylm.run_id": job.run_id, "raylm.config_hash": record["config_hash"]}
+            if job.tracking.parent_run_id:
+                tags["mlflow.parentRunId"] = job.tracking.parent_run_id
+            run_id = tracking.start_run(tracking_uri, job.tracking.experiment, job.run_id, job.public_dict(), tags=tags)
             record["mlflow_run_id"] = run_id
             runs.write_record(job.run_uri, record)
         log(f"MLflow run {run_id} at {tracking_uri}")
+    promotion = None
     try:
         log(f"training {job.model.describe()} on {job.train.num_workers} workers "
             f"({job.train.parallel}, {job.train.precision}) for {job.train.max_steps} steps")
-        result = run_training(job, data.train, data.dev, data.tokenizer, mlflow_run_id=run_id)
+        result = run_training(job, data.train, data.dev, data.tokenizer, mlflow_run_id=run_id,
+                              seq_len=data.stats.get("max_length"))
         log(f"training done: loss {result.metrics.get('loss', float('nan')):.4f}, "
             f"eval loss {result.metrics.get('eval_loss', float('nan')):.4f}")
-        card = {
-            "run_id": job.run_id,
-            "config": job.public_dict(),
-            "config_hash": record["config_hash"],
-            "data_fingerprint": data.fingerprint,
-            "train_metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-        }
-        model_dir = export_model(result.checkpoint_dir, data.tokenizer, local_run / "model", card)
+        parent_run_id = release.parent_run_of(tracking_uri, run_id) if run_id else None
+        model_dir, card = release.export_run_model(job, result, data, record, local_run / "model", run_id,
+                                                   parent_run_id, log)
         trained_steps = card["trained_steps"]
         record["trained_steps"] = trained_steps
         runs.write_record(job.run_uri, record)
         log("evaluating on the dev split")
-        engine = Engine.from_directory(model_dir, max_new_tokens=job.eval.max_new_tokens)
-        metrics = evaluate_tasks(engine, data.dev_examples, job.eval.max_examples_per_task,
-                                 job.eval.batch_size, job.eval.max_new_tokens)
-        metrics["eval_loss"] = result.metrics.get("eval_loss")
+        report = release.evaluate_exported(job, model_dir, data.dev_examples, card, log)
+        metrics = report.flat_metrics()
+        # The dev loss of the exported checkpoint (train.export), and the last one's.
+        metrics["eval_loss"] = card["export"].get("eval_loss")
+        metrics["last_eval_loss"] = card["export"].get("last_eval_loss")
         metrics["eval_perplexity"] = result.metrics.get("eval_perplexity")
-        card["eval_metrics"] = metrics
-        (model_dir / "raylm.json").write_text(json.dumps(card, indent=2, default=str))
+        card["eval_metrics"].update({key: metrics[key] for key in ("eval_loss", "last_eval_loss", "eval_perplexity")})
+        release.write_card(model_dir, card)
         if job.storage_is_remote:
             storage.upload_folder(model_dir, job.model_uri)
         registry_uri = runs.registered_at(record, trained_steps)
@@ -169,12 +170,14 @@ def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[
             new_uri = tracking.finish_run(
                 tracking_uri, run_id, model_dir, {k: v for k, v in metrics.items() if v is not None},
                 job.tracking.model_name if job.tracking.register_model and not registry_uri else None,
-                extra_artifacts=[curve] if curve else [],
+                extra_artifacts=[curve] if curve else [], version_tags=lineage_tags(card["lineage"]),
             )
             if new_uri:
                 registry_uri = new_uri
                 record["registered"].append({"uri": new_uri, "step": trained_steps})
                 log(f"registered {registry_uri}")
+                if job.tracking.promote_alias:
+                    promotion = release.promote_after_training(job, new_uri, log)
         record["status"] = "finished"
         runs.write_record(job.run_uri, record)
     except BaseException:
@@ -192,6 +195,9 @@ def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[
         "mlflow_run_id": run_id,
         "tracking_uri": tracking_uri if run_id else None,
         "registry_uri": registry_uri,
+        "promotion": promotion,
+        "eval": report.summary(),
+        "export": card["export"],
         "train_seconds": round(time.time() - started, 1),
     }
 

@@ -218,8 +218,21 @@ class LMTrainer:
         return int((self._targets(batch) != IGNORE_INDEX).sum())
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {key: torch.as_tensor(value).to(self.device, dtype=torch.long, non_blocking=True)
-                for key, value in batch.items() if key in BATCH_KEYS}
+        tensors = {key: torch.as_tensor(value) for key, value in batch.items() if key in BATCH_KEYS}
+        mask = tensors.get("attention_mask")
+        if self.task != "causal_lm" and mask is not None and mask.dim() == 2 and not self.config.compile:
+            # Encoder rows are padded to one fixed length; columns that are padding in every row
+            # change nothing (they are masked), so drop them: SST-2 sentences average 23 of 64 tokens.
+            used = mask.bool().any(0)
+            if bool(used.any()):
+                first = int(used.int().argmax())
+                end = len(used) - int(used.flip(0).int().argmax())
+                if self.task == "question_answering":
+                    first = 0  # span labels are positions: never shift them
+                for key in ("input_ids", "attention_mask", "token_type_ids"):
+                    if key in tensors and tensors[key].dim() == 2:
+                        tensors[key] = tensors[key][:, first:end]
+        return {key: value.to(self.device, dtype=torch.long, non_blocking=True) for key, value in tensors.items()}
 
     # ----------------------------------------------------------------- training
 
