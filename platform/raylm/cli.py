@@ -59,10 +59,11 @@ def _load(config: Optional[Path], overrides: Optional[List[str]]) -> JobConfig:
 def _user_errors():
     """Map the error types users can cause to one-line messages."""
     from raylm.data.pipeline import DataError
+    from raylm.inference.task_model import ModelLoadError
     from raylm.tracking import RegistryError
     from raylm.train.checkpoint import CorruptCheckpointError
 
-    return (ConfigError, DataError, FileNotFoundError, CorruptCheckpointError, RegistryError)
+    return (ConfigError, DataError, FileNotFoundError, CorruptCheckpointError, RegistryError, ModelLoadError)
 
 
 def _run(fn, *args):
@@ -208,24 +209,25 @@ def serve(
     config: Optional[Path] = ConfigOption,
     overrides: Optional[List[str]] = OverridesArgument,
 ) -> None:
-    """Serve a model on Ray Serve until interrupted."""
+    """Serve a model on Ray Serve until SIGTERM or Ctrl-C, then drain in-flight requests and exit 0."""
     job = _load(config, overrides)
     model_path = model or job.serve.model_path
-    if not model_path:
-        _fail("give --model or serve.model_path", 2)
-    if not model_path.startswith("models:/") and not Path(model_path).is_dir():
-        _fail(f"model folder not found: {model_path}")
+    if not model_path and not job.serve.models:
+        _fail("give --model, serve.model_path or serve.models", 2)
+    for reference in filter(None, [model_path, *job.serve.models.values()]):
+        if not reference.startswith("models:/") and not Path(reference).is_dir():
+            _fail(f"model folder not found: {reference}")
     from raylm import workflow
-    from raylm.serving.app import start_serving
+    from raylm.serving.app import serve_until_stopped
 
     def run() -> None:
-        import time
+        import ray
 
         workflow.ensure_ray(job)
-        url = start_serving(model_path, job.serve, tracking_uri=job.resolved_tracking_uri())
-        typer.echo(f"serving {model_path} at {url} (Ctrl-C to stop)")
-        while True:
-            time.sleep(3600)
+        try:
+            serve_until_stopped(model_path, job.serve, job.resolved_tracking_uri(), log=typer.echo)
+        finally:
+            ray.shutdown()
 
     _run(run)
 

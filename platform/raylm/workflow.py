@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -60,6 +61,9 @@ def ensure_ray(job: JobConfig, log: Log = _print) -> None:
         return
     # Logical CPUs: the training workers, plus room for Ray Data tasks and a Serve replica.
     num_cpus = int(job.train.num_workers * job.train.cpus_per_worker) + 2
+    # ... or room for every replica the serve config may start (autoscaling up to max_replicas), and the proxy.
+    max_replicas = job.serve.autoscaling.max_replicas if job.serve.autoscaling else job.serve.num_replicas
+    num_cpus = max(num_cpus, math.ceil(max_replicas * job.serve.num_cpus_per_replica) + 1)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": dict(WORKER_ENV_VARS), "worker_process_setup_hook": WORKER_SETUP_HOOK})
     log(f"started a local Ray with {num_cpus} logical CPUs")

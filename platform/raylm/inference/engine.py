@@ -160,7 +160,7 @@ class Engine(TaskModel):
         else:
             bad = [token for token in request.prompt if not 0 <= int(token) < self.vocab_size]
             if bad:
-                raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
+                raise InputError(f"prompt: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
                                  param="prompt", code="invalid_token")
             prompt_tokens = len(request.prompt) + 1
         if not request.truncate_prompt and prompt_tokens + request.params.max_tokens > self.max_positions:

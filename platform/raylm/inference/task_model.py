@@ -95,8 +95,8 @@ class InputError(ValueError):
         self.code = code
 
 
-class ModelLoadError(Exception):
-    """A folder that is not a model raylm can serve (missing files, unknown kind, bad weights)."""
+class ModelLoadError(ValueError):
+    """A folder that is not a model raylm can serve (missing files, unknown kind, bad weights); one line."""
 
 
 @dataclass(frozen=True)

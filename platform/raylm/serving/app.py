@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Optional
 
 from ray import serve
@@ -150,10 +151,70 @@ def app_builder(args: dict[str, Any]):
     return build_app(config.model_path, config, tracking_uri)
 
 
+def check_model_references(config: ServeConfig, tracking_uri: Optional[str] = None) -> None:
+    """Fail before deploying when a served model does not exist: a folder that is missing or holds no model
+    raylm can load (FileNotFoundError, ModelLoadError), a registry URI that does not resolve (RegistryError)."""
+    from raylm.inference.task_model import model_kind
+    from raylm.tracking import get_model_version
+
+    for reference in dict.fromkeys(config.task_models().values()):
+        if reference.startswith("models:/"):
+            get_model_version(tracking_uri, reference)
+        elif not Path(reference).is_dir():
+            raise FileNotFoundError(f"model folder not found: {reference}")
+        else:
+            model_kind(reference)
+
+
 def start_serving(model_path: Optional[str], serve_config: ServeConfig, tracking_uri: Optional[str] = None,
                   blocking: bool = False) -> str:
     """Start Serve on ``serve_config.host:port`` and deploy the app; returns the base URL."""
+    config = serve_config.model_copy(update={"model_path": model_path}) if model_path else serve_config
+    check_model_references(config, tracking_uri)
     serve.start(http_options={"host": serve_config.host, "port": serve_config.port})
     serve.run(build_app(model_path, serve_config, tracking_uri), name=APP_NAME,
               route_prefix=serve_config.route_prefix, blocking=blocking)
     return f"http://{serve_config.host}:{serve_config.port}{serve_config.route_prefix.rstrip('/')}"
+
+
+def stop_serving(timeout_s: Optional[float] = None) -> None:
+    """Drain and stop: delete the app (each replica finishes its in-flight requests first), then Serve."""
+    try:
+        if APP_NAME in serve.status().applications:
+            serve.delete(APP_NAME)
+    finally:
+        serve.shutdown()
+
+
+def serve_until_stopped(model_path: Optional[str], serve_config: ServeConfig, tracking_uri: Optional[str] = None,
+                        log=print) -> str:
+    """Deploy, then serve until SIGTERM or SIGINT; drain in-flight requests, stop Serve, return the signal's name.
+
+    Ray's own SIGTERM handling in a driver dumps native stacks and exits non-zero;
+    the handlers installed here replace it for the time the app is served.
+    """
+    import signal
+    import threading
+
+    stop = threading.Event()
+    received: list[int] = []
+
+    def request_stop(signum, _frame) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        url = start_serving(model_path, serve_config, tracking_uri)
+        if not stop.is_set():
+            log(f"serving {model_path or 'serve.models'} at {url} (Ctrl-C or SIGTERM to stop)")
+        while not stop.wait(0.5):
+            pass
+        name = signal.Signals(received[0]).name
+        log(f"{name}: draining in-flight requests, then stopping Serve")
+        stop_serving()
+        log("stopped")
+        return name
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -1,0 +1,42 @@
+"""Tiny real model folders for the inference and serving tests: a debug GPT-2 with a BPE tokenizer trained on the demo corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def build_tiny_model_folder(folder: Path, seq_len: int = 256, run_id: str = "tiny-served-model") -> Path:
+    """A causal-LM model folder as ``export_model`` writes it (weights, tokenizer with the chat template, card)."""
+    from raylm.config import ModelConfig
+    from raylm.data.demo import generate_demo_corpus
+    from raylm.data.formatting import CHAT_TEMPLATE, format_example
+    from raylm.data.tokenizer import special_token_ids, train_bpe_tokenizer
+    from raylm.models.registry import build_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = generate_demo_corpus(seed=0, num_train=200, num_dev=10)
+    tokenizer = train_bpe_tokenizer((p + a for p, a in map(format_example, corpus["train"])), vocab_size=500)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = build_model(ModelConfig(size="debug"), len(tokenizer), seq_len, special_token_ids(tokenizer))
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    (folder / "raylm.json").write_text(json.dumps({"run_id": run_id}))
+    return folder
+
+
+def register_with_alias(model_dir: Path, tracking_uri: str, name: str, alias: str) -> str:
+    """Log ``model_dir`` to a real MLflow store, register it as ``name`` and point ``alias`` at it."""
+    from mlflow.tracking import MlflowClient
+
+    from raylm import tracking
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if client.get_experiment_by_name("serving-tests") is None:
+        # Artifacts beside the store (MLflow's default is ./mlruns in the working directory).
+        client.create_experiment("serving-tests", artifact_location=str(Path(model_dir).parent / "artifacts"))
+    run_id = tracking.start_run(tracking_uri, "serving-tests", "served-model", {})
+    uri = tracking.finish_run(tracking_uri, run_id, model_dir, {}, name)
+    version = uri.rsplit("/", 1)[1]
+    client.set_registered_model_alias(name, alias, version)
+    return f"models:/{name}@{alias}"

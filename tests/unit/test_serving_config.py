@@ -1,0 +1,215 @@
+"""Serving without Ray: the serve config and the deployment options it becomes, the serve YAML files, the
+request schemas, and the guard that checks the API key and the body size before any parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from raylm.config import ConfigError, ServeConfig, load_config
+from tests.conftest import REPO_ROOT
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["serve.max_batch_size=100"], "max_ongoing_requests (64) must be >= max_batch_size (100)"),
+    (["serve.autoscaling.min_replicas=3", "serve.autoscaling.max_replicas=2"], "min_replicas (3) must be <="),
+    (["serve.autoscaling.initial_replicas=5"], "initial_replicas (5)"),
+    (["serve.autoscaling.target_ongoing_requests=500"], "target_ongoing_requests (500.0) must be <="),
+    (["serve.device=cuda"], "num_gpus_per_replica is 0"),
+    (["serve.device=cpu", "serve.num_gpus_per_replica=1"], "never used"),
+    (["serve.models.summarize=x"], "serve.models.summarize"),
+    (["serve.max_queued_requests=0"], "serve.max_queued_requests"),
+    (["serve.batch_wait_timeout_s=-1"], "serve.batch_wait_timeout_s"),
+    (["serve.autoscaling.upscale_delay=3"], "serve.autoscaling.upscale_delay: unknown key"),
+])
+def test_bad_serve_settings_are_one_line_config_errors(overrides, fragment):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_task_models_default_to_model_path():
+    config = ServeConfig(model_path="models:/m@prod", models={"sentiment": "/models/clf"})
+    assert config.task_models() == {"sentiment": "/models/clf", "qa": "models:/m@prod", "translate": "models:/m@prod",
+                                    "completions": "models:/m@prod", "chat": "models:/m@prod"}
+    assert ServeConfig(models={"qa": "/q"}).task_models() == {"qa": "/q"}
+    assert ServeConfig(num_gpus_per_replica=1).resolved_device() == "cuda"
+    assert ServeConfig().resolved_device() == "cpu"
+
+
+def test_deployment_options_carry_replicas_autoscaling_queue_and_resources():
+    from raylm.serving.app import deployment_options
+
+    fixed = deployment_options(ServeConfig(num_replicas=3, num_cpus_per_replica=2, max_queued_requests=10,
+                                           retry_after_s=4))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0.0}
+    assert fixed["max_queued_requests"] == 10 and fixed["max_ongoing_requests"] == 64
+    assert (fixed["backpressure_config"].status_code, fixed["backpressure_config"].retry_after_s) == (503, 4)
+    scaled = deployment_options(ServeConfig(
+        num_gpus_per_replica=1, autoscaling={"min_replicas": 0, "max_replicas": 4, "target_ongoing_requests": 8,
+                                             "upscale_delay_s": 2, "downscale_delay_s": 30}))
+    assert "num_replicas" not in scaled and scaled["ray_actor_options"]["num_gpus"] == 1
+    assert scaled["autoscaling_config"] == {"min_replicas": 0, "max_replicas": 4, "initial_replicas": 1,
+                                            "target_ongoing_requests": 8, "upscale_delay_s": 2,
+                                            "downscale_delay_s": 30}
+
+
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "serve").glob("*.yaml")), ids=lambda p: p.name)
+def test_serve_files_build_the_app_with_their_settings(path, monkeypatch):
+    from ray.serve.config import AutoscalingConfig
+
+    from raylm.serving.app import app_builder
+
+    monkeypatch.delenv("RAYLM_API_KEY", raising=False)
+    application = yaml.safe_load(path.read_text())["applications"][0]
+    assert application["import_path"] == "raylm.serving.app:app_builder"
+    built = app_builder(application["args"])
+    deployment = built._bound_deployment
+    config = deployment._deployment_config
+    assert config.max_ongoing_requests == application["args"]["max_ongoing_requests"]
+    assert config.max_queued_requests == application["args"]["max_queued_requests"]
+    scaling = config.autoscaling_config
+    assert isinstance(scaling, AutoscalingConfig)
+    assert scaling.max_replicas == application["args"]["autoscaling"]["max_replicas"]
+    gpus = application["args"].get("num_gpus_per_replica", 0)
+    assert deployment.ray_actor_options["num_gpus"] == gpus
+
+
+def test_app_builder_rejects_bad_args(monkeypatch):
+    from raylm.serving.app import app_builder
+
+    monkeypatch.delenv("RAYLM_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="serve args: max_batch_sise: unknown key"):
+        app_builder({"model_path": "x", "max_batch_sise": 4})
+    with pytest.raises(ConfigError, match="need model_path"):
+        app_builder({})
+
+
+def test_api_key_comes_from_the_environment_and_never_reaches_dumps(monkeypatch):
+    monkeypatch.setenv("RAYLM_API_KEY", "s3cret")
+    job = load_config(None, [])
+    assert job.serve.api_key_value() == "s3cret"
+    assert "s3cret" not in json.dumps(job.public_dict()) and "s3cret" not in job.to_yaml()
+
+
+# ------------------------------------------------------------------ schemas
+
+
+def test_openai_schemas_validate_what_they_use_and_ignore_the_rest():
+    from raylm.serving.schemas import ChatCompletionRequest, CompletionRequest
+
+    request = CompletionRequest.model_validate({"prompt": "hi", "temperature": 0, "user": "u", "logit_bias": {},
+                                                "presence_penalty": 0.5, "stop": "\n"})
+    assert request.prompts() == ["hi"] and request.stop_sequences() == ("\n",) and request.temperature == 0
+    assert CompletionRequest.model_validate({"prompt": [[1, 2], [3]]}).prompts() == [(1, 2), (3,)]
+    assert CompletionRequest.model_validate({"prompt": [5, 6]}).prompts() == [(5, 6)]
+    for bad in ({"prompt": "hi", "temperature": math.nan}, {"prompt": "hi", "temperature": math.inf},
+                {"prompt": "hi", "temperature": -1}, {"prompt": "hi", "temperature": 2.5},
+                {"prompt": "hi", "temperature": "1"}, {"prompt": "hi", "temperature": True},
+                {"prompt": "hi", "top_p": 0}, {"prompt": "hi", "max_tokens": 0}, {"prompt": "hi", "max_tokens": 1.5},
+                {"prompt": "hi", "n": 17}, {"prompt": "hi", "stop": ["a"] * 5}, {"prompt": "hi", "stop": [""]},
+                {"prompt": ""}, {"prompt": []}, {"prompt": [[]]}, {"prompt": 7}, {"prompt": "hi", "logprobs": 9},
+                {"prompt": "hi", "stream_options": {"include_usage": True}}, {"prompt": "hi", "stream": "yes"}):
+        with pytest.raises(ValidationError):
+            CompletionRequest.model_validate(bad)
+    chat = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], "tools": [], "max_completion_tokens": 3})
+    assert chat.messages[0].text() == "ab" and chat.token_budget() == 3
+    for bad in ({"messages": []}, {"messages": [{"role": "user", "content": "   "}]},
+                {"messages": [{"role": "tool", "content": "x"}]},
+                {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+                {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate(bad)
+
+
+def test_task_schemas_take_one_input_or_a_list():
+    from raylm.serving.schemas import QARequest, SentimentRequest, TranslateRequest
+
+    assert [item.text for item in SentimentRequest.model_validate({"text": "a"}).items()] == ["a"]
+    listed = QARequest.model_validate({"inputs": [{"context": "c", "question": "q"}] * 2})
+    assert len(listed.items()) == 2
+    assert TranslateRequest.model_validate({"text": "t", "max_new_tokens": 3}).items()[0].max_new_tokens == 3
+    for model, bad in ((SentimentRequest, {}), (SentimentRequest, {"text": " "}), (SentimentRequest, {"text": 1}),
+                       (SentimentRequest, {"inputs": []}), (SentimentRequest, {"inputs": [{"text": ""}]}),
+                       (SentimentRequest, {"text": "a", "inputs": [{"text": "b"}]}), (QARequest, {"context": "c"}),
+                       (TranslateRequest, {"text": "t", "colour": 1})):
+        with pytest.raises(ValidationError):
+            model.model_validate(bad)
+
+
+# ------------------------------------------------------------------ the guard
+
+
+def _call(app, path: str, body: bytes = b"", headers=(), method: str = "POST", chunks=None):
+    """Run an ASGI app once; returns (status, headers, body) and whether the inner app ran."""
+    messages = [{"type": "http.request", "body": part, "more_body": index < len(chunks) - 1}
+                for index, part in enumerate(chunks)] if chunks else [{"type": "http.request", "body": body}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "path": path, "method": method,
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers]}
+    asyncio.run(app(scope, receive, send))
+    status = sent[0]["status"]
+    payload = b"".join(message.get("body", b"") for message in sent[1:])
+    return status, json.loads(payload) if payload else None
+
+
+def _inner():
+    calls = []
+
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        calls.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": json.dumps({"echo": body.decode()}).encode()})
+
+    return app, calls
+
+
+def test_guard_checks_the_key_before_reading_the_body():
+    from raylm.serving.guard import GuardMiddleware
+
+    inner, calls = _inner()
+    guard = GuardMiddleware(inner, api_key="k3y", max_body_bytes=100)
+    status, body = _call(guard, "/v1/sentiment", b'{"not": "valid for the route"}')
+    assert status == 401 and "API key" in body["error"] and calls == []
+    status, body = _call(guard, "/v1/completions", b"{}", headers=[("Authorization", "Bearer wrong")])
+    assert status == 401 and body["error"]["code"] == "invalid_api_key" and calls == []
+    assert _call(guard, "/docs", method="GET")[0] == 401 and _call(guard, "/openapi.json", method="GET")[0] == 401
+    assert _call(guard, "/healthz", method="GET")[0] == 200
+    status, body = _call(guard, "/v1/sentiment", b'{"text": "x"}', headers=[("authorization", "bearer k3y")])
+    assert status == 200 and body == {"echo": '{"text": "x"}'}
+
+
+def test_guard_limits_the_body_before_parsing():
+    from raylm.serving.guard import GuardMiddleware
+
+    inner, calls = _inner()
+    guard = GuardMiddleware(inner, api_key=None, max_body_bytes=100)
+    status, body = _call(guard, "/v1/translate", b"x" * 101, headers=[("Content-Length", "101")])
+    assert status == 413 and "larger than 100 bytes" in body["error"]
+    # A body sent in chunks without Content-Length is counted as it arrives.
+    status, _ = _call(guard, "/v1/translate", chunks=[b"x" * 60, b"x" * 60])
+    assert status == 413 and calls == []
+    status, body = _call(guard, "/v1/translate", chunks=[b"ab", b"cd"])
+    assert status == 200 and body == {"echo": "abcd"}
+    status, body = _call(guard, "/v1/completions", b"x" * 200, headers=[("Content-Length", "200")])
+    assert status == 413 and body["error"]["code"] == "request_too_large"
