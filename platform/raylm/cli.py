@@ -156,19 +156,28 @@ def deploy(
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Option(..., "--model", "-m", help="model folder, models:/name/version or models:/name@alias"),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="model folder, models:/name/version or models:/name@alias"),
     config: Optional[Path] = ConfigOption,
     overrides: Optional[List[str]] = OverridesArgument,
     split: str = typer.Option("dev", "--split", help="dev, or test (data.test_sources; once, for the final figure)"),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write the full report "
                                                                          "(per-example scores) to this JSON file"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="score a trivial baseline instead of a model: "
+                                                                   "majority, first-sentence or copy-source"),
 ) -> None:
-    """Evaluate a model on the dev (or test) split; prints metrics, confidence intervals and the eval set's
-    fingerprint as JSON."""
+    """Evaluate a model (or a trivial baseline) on the dev (or test) split; prints metrics, confidence
+    intervals and the eval set's fingerprint as JSON."""
     job = _load(config, overrides)
+    if (model is None) == (baseline is None):
+        _fail("give --model or --baseline (one of them)", 2)
+    from raylm.eval.baselines import BASELINES
+
+    if baseline is not None and baseline not in BASELINES:
+        _fail(f"--baseline must be one of {', '.join(BASELINES)}, not {baseline!r}", 2)
     from raylm import release, workflow
 
-    report = _run(release.evaluate_reference, job, model, split, workflow._print, output)
+    report = _run(release.evaluate_reference, job, model, split, workflow._print, output, baseline)
     typer.echo(json.dumps(report.summary(), indent=2))
 
 

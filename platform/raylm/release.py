@@ -185,14 +185,18 @@ def _note_test_use(job: JobConfig, model_path: str, folder: Path, report, log: L
             "is only unbiased the first time (select models on dev)")
 
 
-def evaluate_reference(job: JobConfig, model_path: str, split: str = "dev", log: Log = _quiet,
-                       output: Optional[Path] = None):
+def evaluate_reference(job: JobConfig, model_path: Optional[str], split: str = "dev", log: Log = _quiet,
+                       output: Optional[Path] = None, baseline: Optional[str] = None):
     """Evaluate a model folder or registry URI on ``split`` of the configured corpus; returns the report.
 
     ``split=test`` reads ``data.test_sources`` (never used in training or
     selection) and records the evaluation on the model, warning when it is not
     the first. ``output`` receives the full report (per-example scores).
+    ``baseline`` (instead of a model: majority, first-sentence, copy-source)
+    scores a trivial baseline (:mod:`raylm.eval.baselines`) the same way.
     """
+    if baseline is not None:
+        return _evaluate_baseline(job, baseline, split, log, output)
     from raylm.data.prepare import check_sources
     from raylm.eval.runner import evaluate_model, format_report
     from raylm.tracking import resolve_model_path
@@ -222,6 +226,28 @@ def evaluate_reference(job: JobConfig, model_path: str, split: str = "dev", log:
         log(line)
     if split == "test":
         _note_test_use(job, model_path, folder, report, log)
+    if output is not None:
+        Path(output).write_text(report.to_json())
+    return report
+
+
+def _evaluate_baseline(job: JobConfig, name: str, split: str, log: Log, output: Optional[Path]):
+    from raylm.data.prepare import check_sources
+    from raylm.eval.baselines import build_baseline
+    from raylm.eval.runner import evaluate_model, format_report
+    from raylm.train.task_data import read_split_rows
+    from raylm.workflow import ensure_ray
+
+    check_sources(job)
+    if job.data.corpus == "sources":
+        ensure_ray(job, log)
+    train_rows = read_split_rows(job, "train", "sentiment") if name == "majority" else None
+    model = build_baseline(name, train_rows)
+    rows = eval_rows(job, split)
+    log(f"evaluating the {model.name} baseline on {len(rows)} {split} rows")
+    report = evaluate_model(model, rows, job.eval, split=split, log=log)
+    for line in format_report(report):
+        log(line)
     if output is not None:
         Path(output).write_text(report.to_json())
     return report
