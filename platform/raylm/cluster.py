@@ -42,16 +42,21 @@ def package_dir() -> Path:
     return Path(raylm.__file__).resolve().parent
 
 
-@functools.lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """SHA-256 (16 hex digits) over the paths and contents of raylm's ``*.py`` files, as imported here."""
-    root = package_dir()
+def fingerprint_folder(root: str | os.PathLike) -> str:
+    """SHA-256 (16 hex digits) over the relative paths and contents of the ``*.py`` files under ``root``."""
+    root = Path(root)
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
         if "__pycache__" in path.parts:
             continue
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """:func:`fingerprint_folder` of the raylm package this process imported (computed once)."""
+    return fingerprint_folder(package_dir())
 
 
 def check_worker_code(expected: str | None) -> None:

@@ -205,6 +205,12 @@ def resolve_model_path(model_path: str, tracking_uri: str | None = None, destina
         local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=destination,
                                                     tracking_uri=tracking_uri)
         return Path(local)
+    from raylm import storage
+
+    if storage.is_remote(model_path):
+        # A model folder in an object store, e.g. a run's <workdir>/<run id>/model in S3.
+        target = Path(destination) if destination else storage.local_scratch("raylm-model-") / "model"
+        return storage.download_folder(model_path, target)
     folder = Path(model_path)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder not found: {folder}")
