@@ -61,18 +61,24 @@ def _shape_family(results: dict[str, Any]) -> dict[str, Any]:
     return family
 
 
-def buildable_shapes(family: dict[str, Any], max_layers: int = 128) -> list[ModelConfig]:
-    """Model configs of the family, one per depth: width = ratio x depth, rounded to whole heads."""
+def buildable_shapes(family: dict[str, Any], max_layers: int = 128, max_heads: int = 128,
+                     aspect_tolerance: float = 2.0) -> list[ModelConfig]:
+    """Model configs of the family: whole heads of the family's head size, depth-to-width ratio within a factor
+    ``aspect_tolerance`` of the family's (Kaplan et al. 2020: loss depends weakly on shape in that range)."""
     shapes = []
+    head_dim = family["head_dim"]
     for layers in range(1, max_layers + 1):
-        head_dim = family["head_dim"]
-        heads = max(1, round(family["width_per_layer"] * layers / head_dim))
-        overrides: dict[str, Any] = {"num_layers": layers, "hidden_size": heads * head_dim, "num_heads": heads}
-        if family["arch"] == "llama":
-            group = family["kv_group"] if heads % family["kv_group"] == 0 else 1
-            overrides["num_kv_heads"] = heads // group
-            overrides["intermediate_size"] = max(8, int(round(family["mlp_ratio"] * heads * head_dim / 8)) * 8)
-        shapes.append(ModelConfig(arch=family["arch"], size=family["size"], **overrides))
+        for heads in range(1, max_heads + 1):
+            width = heads * head_dim
+            ratio = width / layers / family["width_per_layer"]
+            if not 1 / aspect_tolerance <= ratio <= aspect_tolerance:
+                continue
+            overrides: dict[str, Any] = {"num_layers": layers, "hidden_size": width, "num_heads": heads}
+            if family["arch"] == "llama":
+                group = family["kv_group"] if heads % family["kv_group"] == 0 else 1
+                overrides["num_kv_heads"] = heads // group
+                overrides["intermediate_size"] = max(8, int(round(family["mlp_ratio"] * width / 8)) * 8)
+            shapes.append(ModelConfig(arch=family["arch"], size=family["size"], **overrides))
     return shapes
 
 

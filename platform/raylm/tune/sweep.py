@@ -70,6 +70,9 @@ def trial_job(sweep: dict[str, Any], params: dict[str, Any], trial_id: str) -> J
     from raylm.tune.space import validate_trial
 
     job = validate_trial(sweep["base"], params)
+    if sweep.get("tracking_uri"):
+        # The default store lives in the workdir, which a trial moves: keep the sweep's store.
+        job.tracking.tracking_uri = sweep["tracking_uri"]
     job.workdir = str(Path(sweep["sweep_dir"]) / "trials")
     job.run_name = "trial"
     job.run_id = trial_id
@@ -161,7 +164,13 @@ def _describe_trial_error(err: Exception, job: JobConfig, timeout_s: float) -> s
                                                                         if train.use_gpu else "")
         return (f"the trial's {train.num_workers} workers ({needs}) could not be placed within "
                 f"{timeout_s:g} s (tune.trial_start_timeout_s): the cluster lacks the resources")
-    first_line = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    # Ray wraps the worker's exception in a WorkerGroupError whose first line says only that:
+    # name the innermost exception instead.
+    import re
+
+    causes = [match.group(0).strip() for match in re.finditer(r"^\s*[\w.]*(?:Error|Exception)\b: .+$", text, re.M)
+              if "WorkerGroupError" not in match.group(0) and "TrainingFailedError" not in match.group(0)]
+    first_line = causes[-1] if causes else (text.strip().splitlines()[0] if text.strip() else type(err).__name__)
     return first_line[:500]
 
 
@@ -263,7 +272,9 @@ def _build_tuner(job: JobConfig, sweep: dict[str, Any], data: dict[str, Any], su
                                   resume_errored=False, restart_errored=False)
     settings = job.tune
     if settings.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="evaluations", max_t=summary["max_evaluations"],
+        # max_t one past the last evaluation: ASHA stops any trial that reaches max_t, which would kill a
+        # trial's actor on its final report, before it could close its run.
+        scheduler = ASHAScheduler(time_attr="evaluations", max_t=summary["max_evaluations"] + 1,
                                   grace_period=min(settings.grace_period, summary["max_evaluations"]),
                                   reduction_factor=settings.reduction_factor)
     else:
@@ -398,7 +409,9 @@ def collect_outcomes(sweep_dir: Path, result_grid) -> list[dict[str, Any]]:
                                 "eval_loss": float(row["eval_loss"])})
         max_steps = int(record.get("max_steps") or 0)
         step = int(metrics.get("step") or 0)
-        if trial.status == "ERROR" or record.get("status") == "error":
+        # Tune's view decides: a trial whose last report was its final step finished, even if its actor
+        # was stopped before the trial function returned (its record then still says running).
+        if trial.status == "ERROR":
             status = "error"
         elif trial.status == "TERMINATED":
             status = "finished" if max_steps and step >= max_steps else "stopped"
@@ -422,7 +435,8 @@ def collect_outcomes(sweep_dir: Path, result_grid) -> list[dict[str, Any]]:
             "best_eval_loss": min(eval_losses) if eval_losses else None,
             "history": history,
             "mlflow_run_id": record.get("mlflow_run_id"),
-            "checkpoint_dir": record.get("checkpoint_dir"),
+            # TuneReportCallback adds the path of each reported checkpoint to the metrics.
+            "checkpoint_dir": record.get("checkpoint_dir") or metrics.get("checkpoint_path"),
             "run_dir": str(sweep_dir / "trials" / str(trial_id)),
         })
     ranked = sorted(outcomes, key=lambda row: (row["eval_loss"] is None, row["eval_loss"] or 0.0))
@@ -451,9 +465,12 @@ def finish_sweep(job: JobConfig, sweep_dir: Path, record: dict[str, Any], outcom
     from raylm.tune.scaling import FitError, fit_scaling_law
 
     tracking_uri = job.resolved_tracking_uri()
-    for row in outcomes:  # a trial ASHA stopped ends with its actor, before it could close its run
-        if row["status"] == "stopped" and row["mlflow_run_id"] and tracking_uri:
-            _terminate_run(tracking_uri, row["mlflow_run_id"], "KILLED", "stopped_early")
+    for row in outcomes:  # a trial Tune stopped ends with its actor, before it could close its run
+        if row["mlflow_run_id"] and tracking_uri and row["status"] in ("stopped", "finished"):
+            if row["status"] == "stopped":
+                _terminate_run(tracking_uri, row["mlflow_run_id"], "KILLED", "stopped_early")
+            else:
+                _terminate_run(tracking_uri, row["mlflow_run_id"], "FINISHED", "finished")
     points = scaling_points(outcomes)
     fit, fit_problem = None, None
     if len(points) >= job.tune.min_fit_trials:
@@ -511,13 +528,17 @@ def finish_sweep(job: JobConfig, sweep_dir: Path, record: dict[str, Any], outcom
 def export_best_model(best: dict[str, Any], job: JobConfig, sweep_dir: Path, tokenizer,
                       record: dict[str, Any]) -> Path:
     """The best finished trial's final checkpoint as a model folder (``<sweep>/best_model``)."""
+    from raylm.train.checkpoint import find_valid_checkpoint
     from raylm.train.driver import export_model
 
+    checkpoint, problems = find_valid_checkpoint(best["checkpoint_dir"])
+    if checkpoint is None:
+        raise RuntimeError(f"the best trial {best['trial_id']} left no valid checkpoint: {'; '.join(problems)}")
     card = {"sweep_id": record["sweep_id"], "trial_id": best["trial_id"], "params": best["params"],
             "config": trial_job({"base": job.public_dict(), "sweep_dir": str(sweep_dir)}, best["params"],
                                 best["trial_id"]).public_dict(),
             "data_fingerprint": record.get("data_fingerprint"), "train_metrics": {"eval_loss": best["eval_loss"]}}
-    return export_model(Path(best["checkpoint_dir"]), tokenizer, sweep_dir / "best_model", card)
+    return export_model(Path(checkpoint), tokenizer, sweep_dir / "best_model", card)
 
 
 def log_sweep_to_parent(job: JobConfig, parent_run_id: str, tracking_uri: str, results: dict[str, Any],
