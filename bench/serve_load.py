@@ -323,18 +323,11 @@ async def fault_run(base_url: str, bodies: dict[str, list[dict]], num_requests: 
 
 
 def replica_pids() -> list[int]:
-    """Process ids of the raylm deployment's replicas (Serve names its replica actors in namespace 'serve')."""
-    import ray
+    """Process ids of the running replicas of raylm's deployment (from Serve's instance details)."""
+    from ray.serve.context import _get_global_client
 
-    pids = []
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == "serve" and entry["name"].startswith("SERVE_REPLICA::raylm#"):
-            actor = ray.get_actor(entry["name"], namespace="serve")
-            try:
-                pids.append(ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=10))
-            except Exception:
-                pass  # a replica that is starting or stopping
-    return pids
+    deployment = _get_global_client().get_serve_details()["applications"]["raylm"]["deployments"]["RaylmModel"]
+    return [replica["pid"] for replica in deployment["replicas"] if replica["state"] == "RUNNING"]
 
 
 def deploy_raylm(model: str, port: int, replicas: int, cpus_per_replica: float, max_body_bytes: int,

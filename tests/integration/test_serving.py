@@ -72,7 +72,7 @@ def served(ray_session, tmp_path_factory):
 def _post(url, body, key=API_KEY, **kwargs):
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     headers.update(kwargs.pop("headers", {}))
-    if isinstance(body, (bytes, str)):
+    if not isinstance(body, (dict, list)):  # raw bytes, text, or a generator of chunks (no Content-Length)
         return requests.post(url, data=body, headers={"Content-Type": "application/json", **headers}, timeout=60,
                              **kwargs)
     return requests.post(url, json=body, headers=headers, timeout=60, **kwargs)

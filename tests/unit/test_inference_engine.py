@@ -208,3 +208,22 @@ def test_exported_model_folders_carry_the_chat_template(folder, tmp_path):
     exported = export_model(checkpoint, tokenizer, tmp_path / "exported",
                             {"config": {"model": {"task": "causal_lm"}}})
     assert load_tokenizer(exported).chat_template == CHAT_TEMPLATE
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_engine_matches_cpu_closely(folder):
+    """What a GPU replica runs (serve.device=cuda, dtype auto -> bf16) against the fp32 CPU engine."""
+    from raylm.inference.engine import Engine
+    from raylm.inference.task_model import InferenceOptions
+
+    cpu = Engine.from_directory(folder, InferenceOptions(device="cpu", max_new_tokens=8))
+    gpu = Engine.from_directory(folder, InferenceOptions(device="cuda", dtype="auto", max_new_tokens=8))
+    assert gpu.describe()["dtype"] == "bfloat16" and gpu.describe()["device"].startswith("cuda")
+    texts = ["a fine film", "dull and long"]
+    assert [r["score"] for r in gpu.classify_sentiment(texts)] == pytest.approx(
+        [r["score"] for r in cpu.classify_sentiment(texts)], abs=0.05)
+    sampled = [GenerationRequest(p, SamplingParams(max_tokens=8, temperature=0.8, seed=1, logprobs=2)) for p in PROMPTS]
+    results = gpu.generate(sampled)
+    assert all(0 < r.completion_tokens <= 8 for r in results)
+    assert gpu.generate(sampled)[0].text == results[0].text  # seeded on the GPU too

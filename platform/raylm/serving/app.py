@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 from ray import serve
 
-from raylm.config import ServeConfig
+from raylm.config import API_KEY_ENV, ServeConfig
 from raylm.serving.routes import APIError
 
 APP_NAME = "raylm"
@@ -203,6 +203,9 @@ def serve_until_stopped(model_path: Optional[str], serve_config: ServeConfig, tr
         received.append(signum)
         stop.set()
 
+    if serve_config.host not in ("127.0.0.1", "localhost", "::1") and serve_config.api_key is None:
+        log(f"warning: serving on {serve_config.host} without an API key: anyone who can reach the port can use "
+            f"the models (set serve.api_key or ${API_KEY_ENV})")
     previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         url = start_serving(model_path, serve_config, tracking_uri)
