@@ -131,7 +131,8 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any], data: dict[str, Any
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", SWEEP_HEALTH_CHECK_INTERVAL_S)
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(sweep["trial_start_timeout_s"])
     trainer = build_trainer(job, data["train"], data["dev"], data["tokenizer"],
-                            mlflow_run_id=record["mlflow_run_id"], callbacks=[TuneReportCallback()])
+                            mlflow_run_id=record["mlflow_run_id"],
+                            callbacks=[TuneReportCallback(), _placement_group_recorder(str(job.run_dir))])
     # A worker group that cannot be placed is a controller failure, which Ray Train retries
     # forever by default: fail the trial after one start timeout instead.
     trainer.run_config.failure_config.controller_failure_limit = 0
@@ -182,10 +183,55 @@ def _terminate_run(tracking_uri: str, run_id: str, status: str, trial_status: st
     client.set_terminated(run_id, status=status)
 
 
+# --------------------------------------------------------------------------- placement groups
+
+PLACEMENT_GROUPS_FILE = "placement_groups.txt"
+
+
+def _placement_group_recorder(trial_dir: str):
+    """A Ray Train callback that writes the id of each worker placement group of a trial to its folder.
+
+    Ray Train V2 creates the workers' placement group from its controller, and
+    the group lives as long as the driver's job. When Tune stops a trial (ASHA),
+    the trial's actor and its controller die without removing it; Ray Train's own
+    cleaner needs the state API (the dashboard), which a local Ray without it
+    lacks. The sweep removes the recorded groups itself (:func:`release_placement_groups`).
+    """
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+
+    class RecordPlacementGroup(WorkerGroupCallback):
+        def after_worker_group_start(self, worker_group):
+            group = worker_group.get_worker_group_state().placement_group_handle.placement_group
+            with open(Path(trial_dir) / PLACEMENT_GROUPS_FILE, "a") as handle:
+                handle.write(group.id.hex() + "\n")
+
+    return RecordPlacementGroup()
+
+
+def release_placement_groups(trial_dir: Path) -> int:
+    """Remove the worker placement groups a trial recorded that still exist; returns how many were removed."""
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    path = Path(trial_dir) / PLACEMENT_GROUPS_FILE
+    if not path.is_file():
+        return 0
+    removed = 0
+    for line in path.read_text().split():
+        group = PlacementGroup(PlacementGroupID(bytes.fromhex(line)))
+        try:
+            if placement_group_table(group).get("state") not in (None, "REMOVED"):
+                remove_placement_group(group)
+                removed += 1
+        except Exception:  # already gone
+            continue
+    return removed
+
+
 # --------------------------------------------------------------------------- progress
 
 
-def _progress_callback(log: Log, expected: int):
+def _progress_callback(log: Log, expected: int, trials_dir: Path):
     from ray.tune import Callback
 
     class SweepProgress(Callback):
@@ -206,12 +252,14 @@ def _progress_callback(log: Log, expected: int):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.completed.add(trial.trial_id)
+            release_placement_groups(trials_dir / trial.trial_id)
             result = trial.last_result or {}
             log(f"trial {trial.trial_id} ended at step {result.get('step')} "
                 f"({len(self.completed)}/{expected} trials done)")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.errored.add(trial.trial_id)
+            release_placement_groups(trials_dir / trial.trial_id)
             log(f"trial {trial.trial_id} failed ({len(self.completed) + len(self.errored)}/{expected})")
 
     return SweepProgress()
@@ -360,7 +408,7 @@ def run_sweep(job: JobConfig, log: Log = _print, resume: str | None = None) -> d
              "parent_run_id": record.get("parent_run_id"), "tracking_uri": tracking_uri,
              "experiment": job.tracking.experiment, "trial_start_timeout_s": job.tune.trial_start_timeout_s,
              "max_concurrent_trials": concurrency}
-    callback = _progress_callback(log, summary["num_trials"])
+    callback = _progress_callback(log, summary["num_trials"], sweep_dir / "trials")
     restore_from = sweep_dir / TUNE_EXPERIMENT if resume is not None else None
     if restore_from is not None and not restore_from.is_dir():
         restore_from = None  # interrupted before Tune wrote its state: start the trials afresh
@@ -375,6 +423,9 @@ def run_sweep(job: JobConfig, log: Log = _print, resume: str | None = None) -> d
         _write_json(sweep_dir / SWEEP_RECORD, record)
         raise
     outcomes = collect_outcomes(sweep_dir, result_grid)
+    for row in outcomes:  # a trial stopped between the callbacks' turns
+        if row["status"] in ("stopped", "error"):
+            release_placement_groups(Path(row["run_dir"]))
     done = sum(1 for outcome in outcomes if outcome["status"] in ("finished", "stopped", "error"))
     interrupted = done < summary["num_trials"]
     report = finish_sweep(job, sweep_dir, record, outcomes, data.tokenizer, log, interrupted)

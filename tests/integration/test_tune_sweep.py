@@ -1,0 +1,147 @@
+"""Real Ray Tune sweeps of real Ray Train runs (tiny GPT-2s, CPU) with ASHA, MLflow and resume."""
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from raylm.config import load_config
+
+TINY = [
+    "data.demo_num_train=150", "data.demo_num_dev=20", "data.seq_len=32", "data.vocab_size=300",
+    "model.size=debug", "model.num_layers=1", "train.num_workers=1", "train.micro_batch_size=8", "train.max_steps=24",
+    "train.warmup_steps=2", "train.eval_every=4", "train.eval_batches=2", "train.log_every=1000",
+    "tune.scheduler=asha", "tune.grace_period=2", "tune.reduction_factor=2", "tune.max_concurrent_trials=2",
+    "tune.trial_start_timeout_s=600", "tracking.experiment=raylm-sweep-test",
+]
+
+
+def _sweep(workdir, *extra):
+    return load_config(None, TINY + [f"workdir={workdir}", *extra])
+
+
+@pytest.fixture(scope="module")
+def asha_sweep(ray_session, tmp_path_factory):
+    from raylm.tune.sweep import run_sweep
+
+    workdir = tmp_path_factory.mktemp("sweep")
+    # A learning rate 300x too small cannot keep up with 3e-3 by the first rung (8 steps): ASHA must stop it.
+    job = _sweep(workdir, "run_name=asha", "tune.space={train.lr: [3.0e-3, 1.0e-5], model.hidden_size: [32, 16]}")
+    lines = []
+    results = run_sweep(job, log=lines.append)
+    return job, results, lines
+
+
+def test_asha_stops_a_trial_early_and_the_rest_finish(asha_sweep, ray_session):
+    job, results, lines = asha_sweep
+    trials = results["trials"]
+    assert len(trials) == 4 and results["status"] == "finished"
+    statuses = {row["trial_id"]: row["status"] for row in trials}
+    assert "error" not in statuses.values(), [row["error"] for row in trials]
+    stopped = [row for row in trials if row["status"] == "stopped"]
+    assert stopped, statuses
+    for row in stopped:
+        assert 0 < row["step"] < row["max_steps"] and row["params"]["train.lr"] == 1e-5
+    finished = [row for row in trials if row["status"] == "finished"]
+    assert finished and all(row["step"] == 24 and row["evaluations"] == 6 for row in finished)
+    assert results["total_steps"] < 4 * 24
+    # Every evaluation reached Tune, with the tokens and FLOPs seen so far.
+    for row in finished:
+        assert [point["step"] for point in row["history"]] == [4, 8, 12, 16, 20, 24]
+        assert row["D"] == 24 * 8 * 32 and row["history"][-1]["tokens_seen"] == row["D"]
+        assert row["N"] > 0 and row["history"][-1]["flops_seen"] > 6 * row["N"] * row["D"]
+    # The table ranks by final dev loss, and the best trial is a finished one with the good learning rate.
+    losses = [row["eval_loss"] for row in trials]
+    assert losses == sorted(losses)
+    best = next(row for row in trials if row["trial_id"] == results["best_trial"])
+    assert best["status"] == "finished" and best["params"]["train.lr"] == 3e-3
+    assert any(line.startswith("rank  trial") for line in lines)
+    assert any("eval loss" in line for line in lines)  # progress while it ran
+    # No placement group of a stopped trial is left holding CPUs.
+    deadline = time.time() + 120
+    while ray_session.available_resources().get("CPU", 0) < ray_session.cluster_resources()["CPU"] - 0.01:
+        assert time.time() < deadline, ray_session.available_resources()
+        time.sleep(2)
+
+
+def test_sweep_folder_holds_table_plots_and_best_model(asha_sweep):
+    job, results, _ = asha_sweep
+    folder = Path(results["sweep_dir"])
+    for name in ("sweep.json", "config.yaml", "results.json", "results.csv", "loss_vs_compute.png"):
+        assert (folder / name).is_file(), name
+    assert (Path(results["best_model_dir"]) / "model.safetensors").is_file()
+    card = json.loads((Path(results["best_model_dir"]) / "raylm.json").read_text())
+    assert card["trial_id"] == results["best_trial"]
+    # Four trials, two finished: too few for the five-parameter fit, said plainly.
+    assert results["fit"] is None and "needs tune.min_fit_trials=5" in results["fit_problem"]
+    # Each trial trained in its own folder named by its Tune trial id.
+    for row in results["trials"]:
+        assert Path(row["run_dir"]).name == row["trial_id"]
+        assert (Path(row["run_dir"]) / "ray_results" / "trial").is_dir()
+
+
+def test_every_trial_is_a_child_mlflow_run_with_its_eval_curve(asha_sweep):
+    from mlflow.tracking import MlflowClient
+
+    job, results, _ = asha_sweep
+    client = MlflowClient(tracking_uri=job.resolved_tracking_uri())
+    parent = client.get_run(results["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["num_trials"] == 4 and parent.data.tags["raylm.best_trial"] == results["best_trial"]
+    artifacts = {item.path for item in client.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "results.json", "loss_vs_compute.png"} <= artifacts
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4
+    by_trial = {run.data.tags["raylm.trial_id"]: run for run in children}
+    for row in results["trials"]:
+        child = by_trial[row["trial_id"]]
+        curve = sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, "eval_loss"))
+        assert [step for step, _ in curve] == [point["step"] for point in row["history"]]
+        expected = {"finished": "FINISHED", "stopped": "KILLED"}[row["status"]]
+        assert child.info.status == expected
+        assert child.data.params["train.lr"] == str(row["params"]["train.lr"])
+    assert all("api_key" not in key for run in children for key in run.data.params)
+
+
+def test_resume_continues_an_interrupted_sweep_without_rerunning_finished_trials(ray_session, tmp_path):
+    from raylm.tune.sweep import run_sweep
+
+    job = _sweep(tmp_path, "run_name=resume", "tune.scheduler=none", "tune.max_concurrent_trials=1",
+                 "train.max_steps=8", "tune.space={model.hidden_size: [16, 32, 48]}")
+    interrupted = threading.Event()
+
+    def interrupt_after_first_trial():
+        # Ctrl-C, as a user would, once one trial has finished.
+        while not interrupted.is_set():
+            for record in tmp_path.glob("resume-*/trials/*/trial.json"):
+                if json.loads(record.read_text()).get("status") == "finished":
+                    os.kill(os.getpid(), signal.SIGINT)
+                    interrupted.set()
+                    return
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=interrupt_after_first_trial, daemon=True)
+    watcher.start()
+    first = run_sweep(job, log=lambda line: None)
+    interrupted.set()
+    assert first["status"] == "interrupted"
+    done_before = {row["trial_id"] for row in first["trials"] if row["status"] == "finished"}
+    assert 1 <= len(done_before) < 3
+    sweep_dir = Path(first["sweep_dir"])
+    assert json.loads((sweep_dir / "sweep.json").read_text())["status"] == "interrupted"
+
+    second = run_sweep(None, log=lambda line: None, resume=str(sweep_dir))
+    assert second["status"] == "finished" and second["num_finished"] == 3
+    for row in second["trials"]:
+        starts = json.loads((Path(row["run_dir"]) / "trial.json").read_text())["starts"]
+        assert starts == 1 if row["trial_id"] in done_before else starts >= 1
+    assert {row["trial_id"] for row in second["trials"]} >= done_before
+    from raylm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="already finished"):
+        run_sweep(None, log=lambda line: None, resume=str(sweep_dir))
