@@ -45,7 +45,9 @@ def test_asha_stops_a_trial_early_and_the_rest_finish(asha_sweep, ray_session):
     stopped = [row for row in trials if row["status"] == "stopped"]
     assert stopped, statuses
     for row in stopped:
-        assert 0 < row["step"] < row["max_steps"] and row["params"]["train.lr"] == 1e-5
+        assert 0 < row["step"] < row["max_steps"] and row["evaluations"] >= 2  # not before the grace period
+    # The grid runs the good learning rate first; the 300x smaller one is behind it at the first rung.
+    assert all(row["status"] == "stopped" for row in trials if row["params"]["train.lr"] == 1e-5), statuses
     finished = [row for row in trials if row["status"] == "finished"]
     assert finished and all(row["step"] == 24 and row["evaluations"] == 6 for row in finished)
     assert results["total_steps"] < 4 * 24
@@ -76,7 +78,7 @@ def test_sweep_folder_holds_table_plots_and_best_model(asha_sweep):
     assert (Path(results["best_model_dir"]) / "model.safetensors").is_file()
     card = json.loads((Path(results["best_model_dir"]) / "raylm.json").read_text())
     assert card["trial_id"] == results["best_trial"]
-    # Four trials, two finished: too few for the five-parameter fit, said plainly.
+    # Four trials, at most two finished: too few for the five-parameter fit, said plainly.
     assert results["fit"] is None and "needs tune.min_fit_trials=5" in results["fit_problem"]
     # Each trial trained in its own folder named by its Tune trial id.
     for row in results["trials"]:
@@ -101,7 +103,11 @@ def test_every_trial_is_a_child_mlflow_run_with_its_eval_curve(asha_sweep):
     for row in results["trials"]:
         child = by_trial[row["trial_id"]]
         curve = sorted((m.step, m.value) for m in client.get_metric_history(child.info.run_id, "eval_loss"))
-        assert [step for step, _ in curve] == [point["step"] for point in row["history"]]
+        reported = [point["step"] for point in row["history"]]
+        # Rank 0 logs to MLflow itself: a stopped trial may log one more evaluation than Tune took.
+        assert [step for step, _ in curve][:len(reported)] == reported
+        if row["status"] == "finished":
+            assert [step for step, _ in curve] == reported
         expected = {"finished": "FINISHED", "stopped": "KILLED"}[row["status"]]
         assert child.info.status == expected
         assert child.data.params["train.lr"] == str(row["params"]["train.lr"])
