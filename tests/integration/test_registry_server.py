@@ -1,0 +1,218 @@
+"""A real MLflow tracking server: train, register, promote and serve by alias against it.
+
+``mlflow server`` runs as its own process (SQLite backend, local artifact store
+served over HTTP, 127.0.0.1). Two tiny GPT-2 runs train through
+``workflow.train`` with ``tracking.promote_alias``: the first becomes the
+holder of ``@production`` (there was none); the second, trained five times as
+long, must beat it on dev perplexity by the paired bootstrap and takes the
+alias. ``raylm promote`` then refuses to move the alias back to the weaker
+version and moves it only with ``--force --reason``. Ray Serve loads
+``models:/<name>@production`` and answers over HTTP with that version. Lineage
+tags are on every version, and the API key given to the runs appears nowhere:
+not in run parameters, run tags, version tags, the model card or the run's
+config copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from typer.testing import CliRunner
+
+from raylm.config import load_config
+
+MLFLOW_PORT = 8460
+SERVE_PORT = 8461
+MODEL = "served-by-alias"
+SECRET = "s3cret-api-key-do-not-log"
+TINY = [
+    "data.tasks=[lm, translate]", "data.demo_num_train=150", "data.demo_num_dev=40", "data.seq_len=64",
+    "data.vocab_size=400", "model.size=debug", "train.num_workers=1", "train.micro_batch_size=8",
+    "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=10", "eval.max_examples_per_task=40",
+    "eval.max_new_tokens=8", "eval.bootstrap_samples=500", "eval.promotion_metrics=[lm_perplexity]",
+    f"tracking.model_name={MODEL}", "tracking.promote_alias=production", "tracking.experiment=server-test",
+    f"serve.api_key={SECRET}",
+]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+               f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+               "--host", "127.0.0.1", "--port", str(MLFLOW_PORT), "--workers", "1"]
+    log = (root / "server.log").open("w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{MLFLOW_PORT}"
+    try:
+        _wait_until_healthy(process, url, root / "server.log", timeout=600)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)  # the server and its worker processes (its own session)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+
+def _wait_until_healthy(process, url: str, log_path: Path, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"mlflow server exited: {log_path.read_text()[-2000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    pytest.fail(f"mlflow server did not answer /health within {timeout:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, server, tmp_path_factory):
+    import mlflow
+
+    from raylm import workflow
+
+    workdir = tmp_path_factory.mktemp("server-runs")
+    parent = mlflow.tracking.MlflowClient(server).create_run(
+        mlflow.tracking.MlflowClient(server).create_experiment("server-test-parent")).info.run_id
+    summaries = []
+    for name, steps in (("short", 8), ("long", 40)):
+        job = load_config(None, TINY + [f"workdir={workdir}", f"run_name={name}", f"train.max_steps={steps}",
+                                        f"train.eval_every={steps // 2}", f"tracking.tracking_uri={server}",
+                                        f"tracking.parent_run_id={parent}"])
+        summaries.append(workflow.train(job))
+    return summaries, parent, workdir
+
+
+def _client(server):
+    import mlflow
+
+    return mlflow.tracking.MlflowClient(tracking_uri=server, registry_uri=server)
+
+
+def _holder(server) -> str:
+    return str(_client(server).get_model_version_by_alias(MODEL, "production").version)
+
+
+def test_train_registers_and_the_gate_promotes_the_better_run(server, runs):
+    (short, long), _, _ = runs
+    assert short["registry_uri"] == f"models:/{MODEL}/1" and long["registry_uri"] == f"models:/{MODEL}/2"
+    assert short["promotion"]["outcome"] == "promoted" and short["promotion"]["holder"] is None
+    decision = long["promotion"]
+    assert decision["outcome"] == "promoted" and decision["holder"] == f"models:/{MODEL}/1"
+    (comparison,) = decision["comparisons"]
+    assert comparison["metric"] == "lm_perplexity" and comparison["significant"]
+    assert comparison["candidate"] < comparison["baseline"]  # lower perplexity
+    assert _holder(server) == "2"
+
+
+def test_lineage_on_every_registered_version(server, runs):
+    summaries, parent, _ = runs
+    for number, summary in enumerate(summaries, start=1):
+        version = _client(server).get_model_version(MODEL, str(number))
+        tags = version.tags
+        assert tags["raylm.run_id"] == summary["run_id"]
+        assert tags["raylm.mlflow_run_id"] == summary["mlflow_run_id"] == version.run_id
+        assert tags["raylm.parent_run_id"] == parent
+        assert len(tags["raylm.config_hash"]) == 16 and tags["raylm.data_fingerprint"]
+        assert tags["raylm.code_version"].startswith(("git:", "raylm-"))
+        assert tags["raylm.eval_fingerprint"] == summary["eval"]["fingerprint"]
+        assert tags["raylm.eval_fingerprint.lm"] == summary["eval"]["task_fingerprints"]["lm"]
+        low, high = summary["eval"]["intervals"]["lm_perplexity"]
+        assert low < summary["metrics"]["lm_perplexity"] < high
+        assert tags["raylm.metric.lm_perplexity"].endswith("(95% CI)")
+        assert int(tags["raylm.exported_step"]) == summary["export"]["step"]
+    # Both runs scored the same dev rows: the precondition of a fair comparison.
+    assert summaries[0]["eval"]["fingerprint"] == summaries[1]["eval"]["fingerprint"]
+
+
+def test_no_secret_in_params_tags_cards_or_config_copies(server, runs, tmp_path):
+    import mlflow
+
+    summaries, _, workdir = runs
+    client = _client(server)
+    for number, summary in enumerate(summaries, start=1):
+        run = client.get_run(summary["mlflow_run_id"])
+        assert run.data.params and "serve.port" in run.data.params
+        assert not any(key.startswith("serve.api_key") for key in run.data.params)
+        for mapping in (run.data.params, run.data.tags, client.get_model_version(MODEL, str(number)).tags):
+            assert SECRET not in json.dumps(mapping)
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version(MODEL, str(number)).source,
+                                                     dst_path=str(tmp_path / str(number)), tracking_uri=server)
+        for path in Path(folder).rglob("*"):
+            if path.is_file() and path.suffix in (".json", ".yaml", ".txt", ".jinja"):
+                assert SECRET not in path.read_text(errors="ignore"), path
+        card = json.loads((Path(folder) / "raylm.json").read_text())
+        assert "api_key" not in card["config"]["serve"]
+    for path in Path(workdir).rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".yaml", ".jsonl"):
+            assert SECRET not in path.read_text(errors="ignore"), path
+
+
+def test_promote_refuses_the_weaker_version_and_force_records_why(server, runs):
+    from raylm.cli import app
+
+    runner = CliRunner()
+    base = ["promote", f"models:/{MODEL}/1", "--alias", "production", f"tracking.tracking_uri={server}",
+            "eval.promotion_metrics=[lm_perplexity]"]
+    refused = runner.invoke(app, base)
+    assert refused.exit_code == 1, refused.output
+    assert "lm_perplexity" in refused.output and f"refused: @production stays on models:/{MODEL}/2" in refused.output
+    assert _holder(server) == "2"
+    forced = runner.invoke(app, base + ["--force", "--reason", "canary of the short run"])
+    assert forced.exit_code == 0, forced.output
+    assert _holder(server) == "1"
+    record = json.loads(_client(server).get_model_version(MODEL, "1").tags["raylm.promotion.production"])
+    assert record["outcome"] == "forced" and record["force_reason"] == "canary of the short run"
+
+
+def test_serve_resolves_the_alias_at_deploy_time(server, runs, tmp_path):
+    """After the forced move, @production is version 1: Serve must load that one (the short run).
+
+    The served translations are compared with each version's own, computed here
+    with the same engine: they must be version 1's (and the versions must differ).
+    """
+    from ray import serve
+
+    from raylm.config import ServeConfig
+    from raylm.inference.task_model import InferenceOptions, load_task_model
+    from raylm.serving.app import start_serving
+    from raylm.tracking import resolve_model_path
+
+    assert _holder(server) == "1"
+    sentences = ["the dog sees the cat.", "today the big woman buys a red book.", "the child does not sleep."]
+    expected = {}
+    for number in ("1", "2"):
+        folder = resolve_model_path(f"models:/{MODEL}/{number}", server, str(tmp_path / number))
+        model = load_task_model(folder, InferenceOptions(max_new_tokens=8))
+        # One sentence per call, as each HTTP request below arrives alone (no padding differences).
+        expected[number] = [model.translate([sentence])[0] for sentence in sentences]
+    assert expected["1"] != expected["2"]
+    # Serve keeps the HTTP port of whoever started it first in this Ray session: start it afresh on ours.
+    serve.shutdown()
+    config = ServeConfig(port=SERVE_PORT, api_key=SECRET, max_new_tokens=8)
+    url = start_serving(f"models:/{MODEL}@production", config, tracking_uri=server)
+    try:
+        headers = {"Authorization": f"Bearer {SECRET}"}
+        served = []
+        for sentence in sentences:
+            answer = requests.post(f"{url}/v1/translate", json={"text": sentence}, headers=headers, timeout=120)
+            assert answer.status_code == 200, answer.text
+            served.append(answer.json()["translation"])
+        assert served == expected["1"]
+        models = requests.get(f"{url}/v1/models", headers=headers, timeout=60).json()
+        assert [entry["id"] for entry in models["data"]] == [f"models:/{MODEL}@production"]
+    finally:
+        serve.shutdown()
