@@ -147,7 +147,7 @@ def test_task_schemas_take_one_input_or_a_list():
 # ------------------------------------------------------------------ the guard
 
 
-def _call(app, path: str, body: bytes = b"", headers=(), method: str = "POST", chunks=None):
+def _call(app, path: str, body: bytes = b"", headers=(), method: str = "POST", chunks=None, root_path: str = ""):
     """Run an ASGI app once; returns (status, headers, body) and whether the inner app ran."""
     messages = [{"type": "http.request", "body": part, "more_body": index < len(chunks) - 1}
                 for index, part in enumerate(chunks)] if chunks else [{"type": "http.request", "body": body}]
@@ -159,7 +159,7 @@ def _call(app, path: str, body: bytes = b"", headers=(), method: str = "POST", c
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "path": path, "method": method,
+    scope = {"type": "http", "path": path, "method": method, "root_path": root_path,
              "headers": [(k.lower().encode(), v.encode()) for k, v in headers]}
     asyncio.run(app(scope, receive, send))
     status = sent[0]["status"]
@@ -213,3 +213,16 @@ def test_guard_limits_the_body_before_parsing():
     assert status == 200 and body == {"echo": "abcd"}
     status, body = _call(guard, "/v1/completions", b"x" * 200, headers=[("Content-Length", "200")])
     assert status == 413 and body["error"]["code"] == "request_too_large"
+
+
+def test_guard_judges_paths_below_the_route_prefix():
+    from raylm.serving.guard import GuardMiddleware
+
+    inner, _ = _inner()
+    guard = GuardMiddleware(inner, api_key="k3y", max_body_bytes=100)
+    # An app deployed at /open: its health check stays open, its OpenAI routes answer in OpenAI's shape.
+    assert _call(guard, "/open/healthz", method="GET", root_path="/open")[0] == 200
+    status, body = _call(guard, "/open/v1/chat/completions", b"{}", root_path="/open")
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    status, body = _call(guard, "/open/v1/qa", b"{}", root_path="/open")
+    assert status == 401 and isinstance(body["error"], str)

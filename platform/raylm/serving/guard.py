@@ -25,7 +25,14 @@ _OPENAI_TYPES = {
 
 
 def is_openai_path(path: str) -> bool:
+    """Whether ``path`` (relative to the app's route prefix) is one of the OpenAI routes."""
     return path.startswith(OPENAI_PREFIXES)
+
+
+def route_path(scope) -> str:
+    """The request path without the application's route prefix (Serve passes the prefix as ``root_path``)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 def error_body(path: str, status: int, message: str, param: Optional[str] = None,
@@ -60,7 +67,7 @@ class GuardMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope.get("path", "")
+        path = route_path(scope)
         if self.api_key and path not in OPEN_PATHS and not self._authorized(scope):
             return await send_json(send, 401, error_body(
                 path, 401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"),

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raylm.inference.task_model import GenerationRequest, InputError, SamplingParams, UnsupportedTaskError
-from raylm.serving.guard import GuardMiddleware, error_body, is_openai_path
+from raylm.serving.guard import GuardMiddleware, error_body, is_openai_path, route_path
 from raylm.serving.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -60,7 +60,7 @@ class APIError(Exception):
 
 def _error(request: Request, status: int, message: str, param: Optional[str] = None,
            code: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=error_body(request.url.path, status, message, param, code),
+    return JSONResponse(status_code=status, content=error_body(route_path(request.scope), status, message, param, code),
                         headers=headers)
 
 
@@ -95,7 +95,7 @@ def build_api(server: "RaylmServer") -> FastAPI:
     async def _validation_error(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
         # OpenAI answers bad parameters with 400; the task routes keep their 422.
-        status = 400 if is_openai_path(request.url.path) else 422
+        status = 400 if is_openai_path(route_path(request.scope)) else 422
         return _error(request, status, message, param)
 
     @api.exception_handler(StarletteHTTPException)
