@@ -183,4 +183,3 @@ class TreeMemorySampler:
         return {"peak_tree_pss_bytes": self.peak_pss, "peak_tree_rss_bytes": self.peak_rss,
                 "peak_tree_processes": self.peak_processes, "memory_samples": self.samples,
                 "memory_sampling_cpu_s": round(self.cpu_seconds, 3)}
-

@@ -12,9 +12,12 @@ Both sides do the same work, in a fresh process each, warmed the same way:
   paragraph}]`` and a small dev file, on ``ray.init(num_cpus=2)``.
 - baseline: ``datasets.load_dataset("text", sample_by="document")`` (one row per
   file) then ``Dataset.map(batched=True, num_proc=2)`` with the same tokenizer
-  and the same per-file packing function, for the corpus and the same dev file;
-  the packed blocks end up in its Arrow cache files, as raylm's end up in
+  and raylm's packing: each file cut into segments as raylm cuts it (its
+  segmenter, the same ``--segment-bytes``, raylm's default unless given) and
+  each segment packed by the same function, for the corpus and the same dev
+  file; the packed blocks end up in its Arrow cache files, as raylm's end up in
   Parquet. Both produce the same packed blocks (checked by a digest at 50 MB).
+  Its unit of parallelism is the file (one row each), raylm's the segment.
 
 Warm-up: each process first runs its own pipeline once on a small corpus, not
 timed (Ray's workers and raylm's imports there; the datasets modules, the
@@ -54,7 +57,6 @@ from _common import TreeMemorySampler, machine_state, spawn_json  # noqa: E402  
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 FILE_BYTES = 2_000_000
-SEGMENT_BYTES = 4 << 20  # > FILE_BYTES
 SEQ_LEN = 256
 PAD_ID = 1  # <|pad|> in raylm's BPE tokenizers (checked below)
 
@@ -110,7 +112,8 @@ def blocks_digest(input_ids, labels, position_ids) -> str:
 # --------------------------------------------------------------------------- workers (one process per run)
 
 
-def run_raylm(corpus: Path, dev: Path, tokenizer: Path, warmup: Path, scratch: Path, digest: bool) -> dict:
+def run_raylm(corpus: Path, dev: Path, tokenizer: Path, warmup: Path, scratch: Path, digest: bool,
+              segment_bytes: int) -> dict:
     import ray
 
     from raylm.config import load_config
@@ -121,8 +124,7 @@ def run_raylm(corpus: Path, dev: Path, tokenizer: Path, warmup: Path, scratch: P
             f"data.sources=[{{path: '{source}/*.txt', text_unit: paragraph}}]",
             f"data.dev_sources=[{{path: '{dev}', text_unit: paragraph}}]",
             f"data.tokenizer_path={tokenizer}", f"data.seq_len={SEQ_LEN}", f"data.cache_dir={scratch / cache}",
-            # one segment per ~2 MB file, so that the baseline (one row per file) packs the same groups
-            f"data.segment_bytes={SEGMENT_BYTES}",
+            f"data.segment_bytes={segment_bytes}",
         ])
 
     started = time.perf_counter()
@@ -158,22 +160,22 @@ def run_raylm(corpus: Path, dev: Path, tokenizer: Path, warmup: Path, scratch: P
     return result
 
 
-def _pack_files(batch, plan, encoder, seq_len):
-    """The baseline's map function: each row is one whole file, packed exactly as raylm packs a segment."""
+def _pack_files(batch, plan, encoder, seq_len, segment_bytes):
+    """The baseline's map function: each row is one whole file, cut into segments and packed exactly as raylm
+    cuts and packs it (:func:`raylm.data.segments.read_bytes_segments`, the same segment size)."""
     import numpy as np
 
-    from raylm.data.segments import pack_examples, segment_examples
+    from raylm.data.segments import pack_examples, read_bytes_segments, segment_examples
 
     outputs = []
     for text in batch["text"]:
-        segment = {"path": "file", "first_line": 1, "continues": False, "doc_start": 0, "continued": False,
-                   "last_doc_start": 0, "ends_file": True, "payload": text.encode("utf-8")}
-        examples, _, _ = segment_examples(segment, plan)
-        outputs.append(pack_examples(examples, plan.task, encoder, seq_len)[0])
+        for segment in read_bytes_segments(text.encode("utf-8"), "file", segment_bytes, plan.text_unit):
+            examples, _, _ = segment_examples(segment, plan)
+            outputs.append(pack_examples(examples, plan.task, encoder, seq_len)[0])
     return {name: np.concatenate([out[name] for out in outputs]) for name in ("input_ids", "labels", "position_ids")}
 
 
-def hf_pipeline(files: list[str], dev: Path, tokenizer: Path, cache: Path):
+def hf_pipeline(files: list[str], dev: Path, tokenizer: Path, cache: Path, segment_bytes: int):
     """The baseline's work, as raylm's ``prepare_dataset``: load the tokenizer, then read, tokenize and pack
     the training files and the dev file into packed blocks on disk (the map's Arrow cache). Returns the
     training split's dataset."""
@@ -189,23 +191,26 @@ def hf_pipeline(files: list[str], dev: Path, tokenizer: Path, cache: Path):
         loaded = datasets.load_dataset("text", data_files=data_files, sample_by="document", split="train",
                                        cache_dir=str(cache))
         packed[role] = loaded.map(_pack_files, batched=True, batch_size=1, num_proc=2, remove_columns=["text"],
-                                  fn_kwargs={"plan": plan, "encoder": encoder, "seq_len": SEQ_LEN},
+                                  fn_kwargs={"plan": plan, "encoder": encoder, "seq_len": SEQ_LEN,
+                                             "segment_bytes": segment_bytes},
                                   load_from_cache_file=False)
     return packed["train"]
 
 
-def run_hf(corpus: Path, dev: Path, tokenizer: Path, warmup: Path, scratch: Path, digest: bool) -> dict:
+def run_hf(corpus: Path, dev: Path, tokenizer: Path, warmup: Path, scratch: Path, digest: bool,
+           segment_bytes: int) -> dict:
     import datasets
     import numpy as np
 
     datasets.disable_progress_bars()
     started = time.perf_counter()
-    hf_pipeline(sorted(str(path) for path in warmup.glob("*.txt")), dev, tokenizer, scratch / "hf_warmup")
+    hf_pipeline(sorted(str(path) for path in warmup.glob("*.txt")), dev, tokenizer, scratch / "hf_warmup",
+                segment_bytes)
     cold_seconds = time.perf_counter() - started
     files = sorted(str(path) for path in corpus.glob("*.txt"))
     with TreeMemorySampler() as memory:
         started = time.perf_counter()
-        packed = hf_pipeline(files, dev, tokenizer, scratch / "hf_cache")
+        packed = hf_pipeline(files, dev, tokenizer, scratch / "hf_cache", segment_bytes)
         seconds = time.perf_counter() - started
 
     def column(name: str):
@@ -234,6 +239,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement (median)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--segment-bytes", type=int, default=None,
+                        help="raylm's data.segment_bytes (default: raylm's default); the baseline cuts its files the "
+                             "same way, so both pack the same blocks")
     parser.add_argument("--worker", choices=["raylm", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dev", type=Path, help=argparse.SUPPRESS)
@@ -244,9 +252,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.segment_bytes is None:
+        sys.path.insert(0, str(REPO_ROOT / "platform"))
+        from raylm.config import DataConfig
+
+        args.segment_bytes = DataConfig.model_fields["segment_bytes"].default
     if args.worker:
         run = run_raylm if args.worker == "raylm" else run_hf
-        result = run(args.corpus, args.dev, args.tokenizer, args.warmup, args.scratch, args.digest)
+        result = run(args.corpus, args.dev, args.tokenizer, args.warmup, args.scratch, args.digest,
+                     args.segment_bytes)
         args.out.write_text(json.dumps({**result, "niceness": os.nice(0)}))
         return
 
@@ -281,7 +295,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         scratch = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
         common = ["--dev", str(dev), "--warmup", str(warmup), "--tokenizer", str(tokenizer_dir),
-                  "--scratch", str(scratch)]
+                  "--scratch", str(scratch), "--segment-bytes", str(args.segment_bytes)]
         digest = ["--digest"] if repeat == 0 else []
         small = {name: ["--worker", name, "--corpus", str(corpora[small_mb]), *common, *digest]
                  for name in ("raylm", "hf")}
@@ -316,6 +330,7 @@ def main() -> None:
                       for mb in corpora},
         "files": {str(mb): len(list(corpora[mb].glob("*.txt"))) for mb in corpora},
         "seq_len": SEQ_LEN,
+        "segment_bytes": args.segment_bytes,
         "vocab_size": args.vocab_size,
         "repeats": args.repeats,
         "tokens": runs["raylm_small"][0]["train_tokens"],

@@ -37,10 +37,11 @@ settings are process-wide and must not leak into the next contender); raylm
 runs in a Ray started once by this script. Each figure is the median over
 ``--repeats`` runs, the contenders interleaved in an order that rotates each
 repeat so that background load hits them alike; per-repeat ratios are given
-too (contenders back to back). Ray starts its worker processes at niceness 15
-(``worker_niceness``), the other contenders run at this script's niceness;
-each result records the niceness it ran at. ``--ray-worker-niceness 0``
-measures raylm without that handicap. Ray and worker start-up and the final
+too (contenders back to back). Each contender records the niceness it ran at:
+the bare loop and the Trainer this script's, raylm's training worker
+``train.worker_niceness`` (0 by default; Ray starts its other workers, such
+as Ray Data's split coordinator, at 15: ``--ray-worker-niceness`` changes
+that). Ray and worker start-up and the final
 checkpoint are excluded from raylm's steady-state figure and reported
 separately as ``raylm_wall_s``. Prints one JSON object. Not run in CI.
 """
@@ -90,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--only", default=DEFAULT_CONTENDERS,
                         help=f"comma-separated subset of {', '.join(CONTENDERS)}")
     parser.add_argument("--ray-worker-niceness", type=int, default=None,
-                        help="Ray's worker_niceness for the local Ray (Ray's default starts workers at nice 15)")
+                        help="Ray's worker_niceness for the local Ray's other workers (Ray's default: 15)")
     parser.add_argument("--arm", choices=IN_PROCESS, help=argparse.SUPPRESS)  # one in-process contender
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -245,10 +246,12 @@ def spawn_arm(args, name: str) -> dict:
 # --------------------------------------------------------------------------- raylm
 
 
-def run_raylm(args, blocks, index: int, fused_kernels: bool = True) -> tuple[float, float]:
+def run_raylm(args, blocks, index: int, fused_kernels: bool = True) -> tuple[float, float, int]:
+    """(tokens/s, wall seconds, the training worker's niceness) of one raylm run."""
     import ray.data
 
     from raylm.config import load_config
+    from raylm.train.checkpoint import read_state
     from raylm.train.driver import run_training
 
     rows = [{key: value[i] for key, value in blocks.items()} for i in range(len(blocks["input_ids"]))]
@@ -266,11 +269,12 @@ def run_raylm(args, blocks, index: int, fused_kernels: bool = True) -> tuple[flo
         started = time.perf_counter()
         result = run_training(job, train, dev, SizedTokenizer(args.vocab, eos_token_id=0, pad_token_id=1))
         wall = time.perf_counter() - started
+        niceness = read_state(result.checkpoint_dir).get("worker_niceness")
     try:
         rate = overall_rate(result.history, after_step=args.warmup)
     except ValueError:
         raise SystemExit("raylm: no logged interval after the warm-up; use more --steps or a smaller --log-every")
-    return rate, wall
+    return rate, wall, niceness
 
 
 # --------------------------------------------------------------------------- report
@@ -331,9 +335,8 @@ def main(argv=None) -> dict:
                 rates[name].append(result["tokens_per_s"])
                 niceness[name] = result["niceness"]
             else:
-                rate, wall = run_raylm(args, blocks, repeat, fused_kernels=name == "raylm")
+                rate, wall, niceness[name] = run_raylm(args, blocks, repeat, fused_kernels=name == "raylm")
                 rates[name].append(rate)
-                niceness[name] = 15 if args.ray_worker_niceness is None else args.ray_worker_niceness
                 if name == "raylm":
                     walls.append(wall)
             print(f"[bench] repeat {repeat}: {name} {rates[name][-1]:.0f} tokens/s", file=sys.stderr, flush=True)

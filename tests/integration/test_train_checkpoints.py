@@ -214,9 +214,11 @@ def fsdp_then_one_worker(ray_session, tmp_path_factory):
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
+    # The second run keeps the cluster's worker niceness (Ray's 15); the first ran at raylm's default 0.
     second_job = make_job(workdir, "resize", "train.parallel=ddp", "train.num_workers=1", "train.global_batch_size=8",
-                          "train.max_steps=12", "train.checkpoint_every=4")
+                          "train.max_steps=12", "train.checkpoint_every=4", "train.worker_niceness=null")
     second = _train(second_job)
+    first_snapshot["niceness"] = read_state(checkpoints[8])["worker_niceness"]
     return first_job, first_snapshot, second_job, second
 
 
@@ -245,6 +247,16 @@ def test_one_worker_resumes_from_the_last_good_two_worker_checkpoint(fsdp_then_o
         # (The rows in each global batch differ between 2 and 1 workers, hence the tolerance.)
         assert after[step]["loss"] == pytest.approx(first[step]["loss"], rel=0.05)
     assert after[9]["loss"] < 0.9 * first[1]["loss"]
+
+
+def test_training_workers_run_at_the_configured_niceness(fsdp_then_one_worker):
+    import ray
+
+    _, snapshot, _, second = fsdp_then_one_worker
+    ray_default = ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())  # any other Ray worker
+    assert ray_default > os.nice(0)  # Ray nices its workers (15 by default)
+    assert snapshot["niceness"] == os.nice(0)  # train.worker_niceness=0: like this process, not like Ray's workers
+    assert read_state(second.checkpoint_dir)["worker_niceness"] == ray_default  # null: the cluster's setting
 
 
 def test_final_checkpoint_verifies_and_exports(fsdp_then_one_worker, tmp_path):

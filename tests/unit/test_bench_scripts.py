@@ -89,7 +89,7 @@ def test_gpu_check_blocks_are_full_packed_documents_on_the_packed_mask_path():
     assert find_packed_sequence_indices(torch.from_numpy(chunk["position_ids"])) is not None
 
 
-def test_data_baseline_packs_a_file_as_raylm_packs_its_segment(tmp_path):
+def test_data_baseline_packs_a_file_as_raylm_packs_its_segments(tmp_path):
     from raylm.data.segments import SourcePlan, pack_segments, read_bytes_segments
     from raylm.data.tokenizer import encoder_spec, train_bpe_tokenizer
 
@@ -97,11 +97,16 @@ def test_data_baseline_packs_a_file_as_raylm_packs_its_segment(tmp_path):
     text = "\n\n".join(paragraphs) + "\n"
     encoder = encoder_spec(train_bpe_tokenizer(paragraphs, 300))
     plan = SourcePlan(index=0, label="corpus", format="text", task="lm", text_unit="paragraph")
-    segments = read_bytes_segments(text.encode(), "/corpus/part-0.txt", 1 << 20, "paragraph")
-    assert len(segments) == 1
-    batch = {key: np.array([value], dtype=object) for key, value in segments[0].items()}
-    raylm_blocks = pack_segments(batch, plan, encoder, 32)
-    baseline_blocks = data_throughput._pack_files({"text": [text]}, plan, encoder, 32)
+    # raylm: the file's segments, one Ray Data row each, packed one by one (pack_segments per row)
+    segments = read_bytes_segments(text.encode(), "/corpus/part-0.txt", 1024, "paragraph")
+    assert len(segments) > 2
+    per_segment = [pack_segments({key: np.array([value], dtype=object) for key, value in segment.items()},
+                                 plan, encoder, 32) for segment in segments]
+    raylm_blocks = {name: np.concatenate([blocks[name] for blocks in per_segment]) for name in per_segment[0]}
+    baseline_blocks = data_throughput._pack_files({"text": [text]}, plan, encoder, 32, segment_bytes=1024)
     assert raylm_blocks["input_ids"].shape[0] > 5
     for name in ("input_ids", "labels", "position_ids"):
         assert np.array_equal(raylm_blocks[name], baseline_blocks[name]), name
+    # one segment for the whole file packs fewer padded tail blocks: the segment size matters to the blocks
+    whole = data_throughput._pack_files({"text": [text]}, plan, encoder, 32, segment_bytes=1 << 20)
+    assert whole["input_ids"].shape[0] < raylm_blocks["input_ids"].shape[0]

@@ -50,3 +50,16 @@ def test_invalid_choices_name_the_field(overrides, field):
 def test_classification_defaults():
     job = load_config(None, ["model.task=sequence_classification"])
     assert job.model.num_labels == 2 and job.train.keep_best_checkpoint
+
+
+def test_worker_niceness_reaches_the_training_workers_runtime_env():
+    from raylm.train.driver import worker_runtime_env
+
+    default = load_config(None, [])
+    assert default.train.worker_niceness == 0
+    assert worker_runtime_env(default.train) == {"env_vars": {"RAY_worker_niceness": "0"}}
+    assert worker_runtime_env(load_config(None, ["train.worker_niceness=5"]).train)["env_vars"] == \
+        {"RAY_worker_niceness": "5"}
+    assert worker_runtime_env(load_config(None, ["train.worker_niceness=null"]).train) == {}  # the cluster's
+    with pytest.raises(ConfigError, match="train.worker_niceness"):
+        load_config(None, ["train.worker_niceness=-5"])  # raising priority needs privileges Ray workers lack

@@ -31,6 +31,7 @@ from raylm.data.tokenizer import encoder_spec, load_tokenizer, tokenizer_fingerp
 # Bump when a change to reading, formatting or packing changes the blocks for the same input.
 PIPELINE_VERSION = "1"
 MANIFEST = "manifest.json"
+REPORTS = "_segment_reports"  # transient, inside the staging folder while the splits are written
 
 Log = Callable[[str], None]
 
@@ -249,30 +250,16 @@ def dataset_fingerprint(job: JobConfig, corpus: ResolvedCorpus, tokenizer_hash: 
     })
 
 
-def _report_collector():
-    import ray
+def packed_dataset(job: JobConfig, corpus: ResolvedCorpus, role: str, tokenizer, report_dir: str | None = None):
+    """A lazy Ray Dataset of packed blocks for split ``role`` (the union over its sources).
 
-    @ray.remote(num_cpus=0)
-    class ReportCollector:
-        """Keeps the last report per segment (a retried task replaces, never adds)."""
-
-        def __init__(self):
-            self.reports: dict = {}
-
-        def add(self, key, report) -> None:
-            self.reports[tuple(key)] = report
-
-        def all(self) -> list:
-            return list(self.reports.values())
-
-    return ReportCollector.remote()
-
-
-def packed_dataset(job: JobConfig, corpus: ResolvedCorpus, role: str, tokenizer, collector=None):
-    """A lazy Ray Dataset of packed blocks for split ``role`` (the union over its sources)."""
+    With ``report_dir`` every segment's counts and problems are written there as
+    one small JSON file (:func:`raylm.data.segments.write_segment_report`).
+    """
     spec = encoder_spec(tokenizer)
     datasets = [read_segments(source, job.data.segment_bytes).map_batches(
-        pack_segments, fn_kwargs={"plan": plan, "encoder": spec, "seq_len": job.data.seq_len, "collector": collector},
+        pack_segments, fn_kwargs={"plan": plan, "encoder": spec, "seq_len": job.data.seq_len,
+                                  "report_dir": report_dir},
         batch_size=1, batch_format="numpy")
         for source, plan in source_plans(job, corpus, role)]
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
@@ -338,6 +325,31 @@ def _filesystem(folder: str):
     return pafs.LocalFileSystem(), folder
 
 
+def read_segment_reports(report_dir: str) -> list[dict[str, Any]]:
+    """The per-segment reports the packing tasks wrote to ``report_dir`` (a local path or URI)."""
+    import pyarrow.fs as pafs
+
+    filesystem, root = _filesystem(report_dir)
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except FileNotFoundError:
+        return []
+    reports = []
+    for info in sorted(infos, key=lambda info: info.path):
+        if info.type == pafs.FileType.File and info.path.endswith(".json"):
+            with filesystem.open_input_stream(info.path) as stream:
+                reports.append(json.loads(stream.read().decode("utf-8")))
+    return reports
+
+
+def _delete_folder(folder: str) -> None:
+    filesystem, root = _filesystem(folder)
+    try:
+        filesystem.delete_dir(root)
+    except (FileNotFoundError, OSError):
+        pass
+
+
 def _write_manifest(folder: str, manifest: dict[str, Any]) -> None:
     filesystem, root = _filesystem(folder)
     with filesystem.open_output_stream(f"{root}/{MANIFEST}") as stream:
@@ -371,19 +383,21 @@ def prepare_dataset(job: JobConfig, log: Log = _quiet, corpus: ResolvedCorpus | 
     remote = "://" in root
     staging = folder if remote else f"{root}/{fingerprint}.tmp-{uuid.uuid4().hex[:8]}"
     started = time.time()
-    collector = _report_collector()
+    # Per-segment reports go to files beside the splits, one per segment (a retried task
+    # rewrites its own): no collector actor to start and no round trip per segment.
+    report_dir = f"{staging}/{REPORTS}"
     try:
         for role in ("train", "dev"):
             log(f"tokenizing and packing the {role} split with Ray Data")
-            dataset = packed_dataset(job, corpus, role, tokenizer, collector)
+            dataset = packed_dataset(job, corpus, role, tokenizer, report_dir)
             _run_ray(lambda: dataset.write_parquet(f"{staging}/{role}"))
-        summary = summarize_reports(ray.get(collector.all.remote()), job.data.seq_len)
+        summary = summarize_reports(read_segment_reports(report_dir), job.data.seq_len)
     except BaseException:
         if not remote:
             shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
-        ray.kill(collector)
+        _delete_folder(report_dir)
     for line in describe_bad_rows(summary["bad_rows"]):
         log(line)
     for role in ("train", "dev"):

@@ -420,7 +420,7 @@ def _segments_of(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 @dataclass
 class SegmentReport:
-    """Counts for one segment of one pass, sent to the driver's collector."""
+    """Counts for one segment of one pass, written for the driver to sum (:func:`write_segment_report`)."""
 
     role: str
     source: int
@@ -434,15 +434,35 @@ class SegmentReport:
     problem_examples: list[tuple[str, int, str, str, str]] = field(default_factory=list)
 
 
+def write_segment_report(report_dir: str, key: tuple, report: dict[str, Any]) -> None:
+    """Write one segment's report as ``<report_dir>/<hash of key>.json`` (a local path or a URI).
+
+    The name depends only on the key (split, source, file, first line), so a
+    task that Ray retries rewrites its own report instead of adding a second one.
+    """
+    import pyarrow.fs as pafs
+
+    name = hashlib.sha256(json.dumps(list(key)).encode("utf-8")).hexdigest()[:32]
+    if "://" in report_dir:
+        filesystem, root = pafs.FileSystem.from_uri(report_dir)
+    else:
+        filesystem, root = pafs.LocalFileSystem(), report_dir
+    filesystem.create_dir(root, recursive=True)
+    staging, final = f"{root}/{name}.json.tmp", f"{root}/{name}.json"
+    with filesystem.open_output_stream(staging) as stream:
+        stream.write(json.dumps(report).encode("utf-8"))
+    filesystem.move(staging, final)  # readers never see half a report
+
+
 def pack_segments(batch: dict[str, Any], plan: SourcePlan, encoder: EncoderSpec, seq_len: int,
-                  collector=None) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: segments in, packed blocks out (counts go to ``collector``)."""
+                  report_dir: str | None = None) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: segments in, packed blocks out (counts written to ``report_dir``)."""
     outputs = []
     for segment in _segments_of(batch):
         examples, problems, rows = segment_examples(segment, plan)
         packed, tokens = pack_examples(examples, plan.task, encoder, seq_len)
         outputs.append(packed)
-        if collector is not None:
+        if report_dir is not None:
             report = SegmentReport(plan.role, plan.index, rows=rows, examples=len(examples), tokens=tokens,
                                    label_tokens=int((packed["labels"] != IGNORE_INDEX).sum()),
                                    blocks=len(packed["input_ids"]),
@@ -452,10 +472,8 @@ def pack_segments(batch: dict[str, Any], plan: SourcePlan, encoder: EncoderSpec,
                     report.problems[problem.kind] = report.problems.get(problem.kind, 0) + 1
                 ordered = sorted(problems, key=_problem_order)[:MAX_PROBLEM_EXAMPLES]
                 report.problem_examples = [(p.path, p.number, p.location, p.kind, p.message) for p in ordered]
-            import ray
-
             key = (plan.role, plan.index, str(segment["path"]), int(segment["first_line"]))
-            ray.get(collector.add.remote(key, report.__dict__))
+            write_segment_report(report_dir, key, report.__dict__)
     if len(outputs) == 1:
         return outputs[0]
     return {column: np.concatenate([out[column] for out in outputs]) for column in outputs[0]}

@@ -52,6 +52,21 @@ def _tokenizer_facts(tokenizer) -> tuple[int, dict[str, int]]:
     return len(tokenizer), special_token_ids(tokenizer)
 
 
+def worker_runtime_env(config) -> dict:
+    """The training workers' runtime env: their niceness (``train.worker_niceness``).
+
+    Ray nices every worker process by 15 (``worker_niceness``), so a training
+    worker yields its core to Ray's own processes (raylet, GCS, agents, the
+    driver) and to anything else on the node whenever they wake. Ray's core
+    worker reads ``RAY_worker_niceness`` from its environment (Ray's job
+    supervisor uses the same variable), so the training actors start at the
+    configured niceness without any privilege; other workers keep the cluster's.
+    """
+    if config.worker_niceness is None:
+        return {}
+    return {"env_vars": {"RAY_worker_niceness": str(config.worker_niceness)}}
+
+
 def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_run_id: str | None = None,
                   seq_len: int | None = None, callbacks: list | None = None):
     """The ``TorchTrainer`` that runs ``train_loop_per_worker`` on ``job.train.num_workers`` workers.
@@ -100,6 +115,7 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
             # No score attribute: Ray keeps the K most recent; the loop keeps the best apart.
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             callbacks=list(callbacks or []),
+            worker_runtime_env=worker_runtime_env(config),
         ),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         datasets={"train": train_dataset, "dev": dev_dataset},

@@ -239,7 +239,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 Path(directory),
                 {"epoch": epoch, "batches_in_epoch": position, "micro_batch_size": config.micro_batch_size,
                  "eval_loss": eval_loss, "best_eval_loss": best_eval_loss, "tokens_seen": tokens_seen,
-                 "evaluations": evaluations, "time": time.time()},
+                 "evaluations": evaluations, "time": time.time(),
+                 "worker_niceness": os.nice(0)},  # what the OS scheduled this worker at (train.worker_niceness)
                 history=history,
             )
             checkpoint = None
