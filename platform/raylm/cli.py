@@ -255,58 +255,6 @@ def demo(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] =
     typer.echo(str(path))
 
 
-@tune_app.command("run")
-def tune_run(
-    config: Optional[Path] = ConfigOption,
-    overrides: Optional[List[str]] = OverridesArgument,
-    resume: Optional[str] = typer.Option(
-        None, "--resume", help="continue the interrupted sweep in this folder (finished trials are not rerun)"),
-) -> None:
-    """Run the sweep in tune.*: Ray Train trials under Ray Tune (ASHA), a scaling-law fit, tables and plots."""
-    from raylm import workflow
-    from raylm.tune.space import validate_sweep
-    from raylm.tune.sweep import run_sweep
-
-    job = None
-    if resume is not None:
-        if config is not None or overrides:
-            _fail("--resume continues a sweep with its own config; give no --config or overrides", 2)
-    else:
-        job = _load(config, overrides)
-        try:
-            validate_sweep(job)
-        except ConfigError as err:
-            _fail(str(err), 2)
-    results = _run(run_sweep, job, workflow._print, resume)
-    keys = ("sweep_id", "sweep_dir", "status", "num_trials", "num_finished", "num_stopped", "num_errors",
-            "total_steps", "best_trial", "best_eval_loss", "best_model_dir", "registry_uri", "parent_run_id")
-    compact = {key: results.get(key) for key in keys}
-    if results.get("fit"):
-        compact["fit"] = {key: results["fit"][key] for key in ("E", "A", "alpha", "B", "beta", "r2", "intervals")}
-    else:
-        compact["fit_problem"] = results.get("fit_problem")
-    typer.echo(json.dumps(compact, indent=2, default=str))
-
-
-@tune_app.command("recommend")
-def tune_recommend(
-    sweep: str = typer.Option(..., "--sweep", help="a sweep folder, or the MLflow run id of a sweep"),
-    flops: float = typer.Option(..., "--flops", help="the compute budget in FLOPs, e.g. 1e18"),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="where to write the train config "
-                                                                  "(default: in the sweep folder)"),
-    config: Optional[Path] = ConfigOption,
-    overrides: Optional[List[str]] = OverridesArgument,
-) -> None:
-    """Compute-optimal N and D for a budget from a sweep's fit, and a config file for raylm train."""
-    from raylm.tune.recommend import format_recommendation, load_results, recommend
-
-    job = _load(config, overrides)
-    results = _run(load_results, sweep, job.resolved_tracking_uri())
-    recommendation = _run(recommend, results, flops, out)
-    for line in format_recommendation(recommendation):
-        typer.echo(line)
-
-
 AddressOption = typer.Option(
     None, "--address", help="Ray Jobs API, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS, an http "
                             "$RAY_ADDRESS, else http://127.0.0.1:8265, where `ray dashboard cluster.yaml` forwards)")
@@ -377,6 +325,58 @@ def jobs_stop(submission_id: str = typer.Argument(..., help="the job's submissio
 
     status = _submission(submission.stop_job, submission_id, address)
     typer.echo(f"job {submission_id} {status}")
+
+
+@tune_app.command("run")
+def tune_run(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="continue the interrupted sweep in this folder (finished trials are not rerun)"),
+) -> None:
+    """Run the sweep in tune.*: Ray Train trials under Ray Tune (ASHA), a scaling-law fit, tables and plots."""
+    from raylm import workflow
+    from raylm.tune.space import validate_sweep
+    from raylm.tune.sweep import run_sweep
+
+    job = None
+    if resume is not None:
+        if config is not None or overrides:
+            _fail("--resume continues a sweep with its own config; give no --config or overrides", 2)
+    else:
+        job = _load(config, overrides)
+        try:
+            validate_sweep(job)
+        except ConfigError as err:
+            _fail(str(err), 2)
+    results = _run(run_sweep, job, workflow._print, resume)
+    keys = ("sweep_id", "sweep_dir", "status", "num_trials", "num_finished", "num_stopped", "num_errors",
+            "total_steps", "best_trial", "best_eval_loss", "best_model_dir", "registry_uri", "parent_run_id")
+    compact = {key: results.get(key) for key in keys}
+    if results.get("fit"):
+        compact["fit"] = {key: results["fit"][key] for key in ("E", "A", "alpha", "B", "beta", "r2", "intervals")}
+    else:
+        compact["fit_problem"] = results.get("fit_problem")
+    typer.echo(json.dumps(compact, indent=2, default=str))
+
+
+@tune_app.command("recommend")
+def tune_recommend(
+    sweep: str = typer.Option(..., "--sweep", help="a sweep folder, or the MLflow run id of a sweep"),
+    flops: float = typer.Option(..., "--flops", help="the compute budget in FLOPs, e.g. 1e18"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="where to write the train config "
+                                                                  "(default: in the sweep folder)"),
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+) -> None:
+    """Compute-optimal N and D for a budget from a sweep's fit, and a config file for raylm train."""
+    from raylm.tune.recommend import format_recommendation, load_results, recommend
+
+    job = _load(config, overrides)
+    results = _run(load_results, sweep, job.resolved_tracking_uri())
+    recommendation = _run(recommend, results, flops, out)
+    for line in format_recommendation(recommendation):
+        typer.echo(line)
 
 
 def main() -> None:

@@ -81,9 +81,13 @@ def connect(address: str | None = None):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    import logging
+
     url = resolve_address(address)
     token = find_auth_token()
     headers = {"Authorization": f"Bearer {token.value}"} if token.value else {}
+    # Ray would log its own multi-line warning about a missing token; the error below says it in one line.
+    logging.getLogger("ray._private.authentication.http_token_authentication").setLevel(logging.ERROR)
     try:
         return JobSubmissionClient(url, headers=headers)
     except AuthenticationError as err:
@@ -95,6 +99,9 @@ def connect(address: str | None = None):
 
 def _auth_message(url: str, token: AuthToken, err: Exception) -> str:
     if token.value is None:
+        if "Authentication required" not in str(err):  # refused here, before asking the cluster
+            return f"RAY_AUTH_MODE=token is set but no authentication token was found (looked in " \
+                   f"{token.source}); {TOKEN_HELP}"
         return f"the Ray cluster at {url} requires an authentication token and none was found " \
                f"(looked in {token.source}); {TOKEN_HELP}"
     if "403" in str(err) or "invalid" in str(err).lower() or "Forbidden" in str(err):

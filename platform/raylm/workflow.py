@@ -53,11 +53,13 @@ def ensure_ray(job: JobConfig, log: Log = _print) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        # Only what the submitted job's runtime env lacks (nothing, for a `raylm submit` job).
+        # Only what the submitted job's runtime env lacks (nothing, for a `raylm submit` job). The code
+        # fingerprint is taken before ray.init uploads the package, which it then describes.
+        fingerprint = cluster.code_fingerprint()
         runtime_env = cluster.runtime_env_for_cluster(WORKER_ENV_VARS, WORKER_SETUP_HOOK)
         ray.init(address=address, runtime_env=runtime_env or None)
         cluster.mark_connected()
-        log(f"connected to Ray at {address}; workers run this job's raylm (code {cluster.code_fingerprint()})")
+        log(f"connected to Ray at {address}; workers run this job's raylm (code {fingerprint})")
         return
     # Logical CPUs: the training workers, plus room for Ray Data tasks and a Serve replica.
     num_cpus = int(job.train.num_workers * job.train.cpus_per_worker) + 2

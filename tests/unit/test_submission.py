@@ -112,3 +112,30 @@ def test_tracking_checks(monkeypatch):
     cluster.check_tracking(load_config(None, ["workdir=/shared/runs", "tracking.enabled=false"]), True)
     with pytest.raises(ConfigError, match="is remote and an SQLite file cannot live there"):
         cluster.check_tracking(load_config(None, ["workdir=s3://bucket/runs"]), spans_nodes=False)
+
+
+def _cli(*args, **env_changes):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "platform"), **env_changes}
+    env = {key: value for key, value in env.items() if value is not None}
+    return subprocess.run([sys.executable, "-m", "raylm.cli", *args], capture_output=True, text=True, cwd=REPO_ROOT,
+                          env=env, timeout=300)
+
+
+def test_finetune_deploy_and_submit_refuse_bad_input_with_one_line(tmp_path):
+    finetune = _cli("finetune", "--config", "jobs/configs/finetune_demo.yaml")
+    assert finetune.returncode == 2
+    assert finetune.stderr.strip() == ("error: config error: model.init_from: fine-tuning starts from a trained "
+                                       "model folder; give model.init_from=<folder>")
+    deploy = _cli("deploy", "--model", str(tmp_path), RAY_ADDRESS=None)
+    assert deploy.returncode == 2 and deploy.stderr.strip().startswith("error: deploy: no cluster to deploy to")
+    nothing = _cli("submit", "--address", "http://127.0.0.1:9")
+    assert nothing.returncode == 1 and nothing.stderr.strip().startswith("error: give the job's command after --")
+    unreachable = _cli("jobs", "list", "--address", "http://127.0.0.1:9", RAY_AUTH_TOKEN="t")
+    assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr
+    assert unreachable.stderr.strip() == ("error: cannot reach the Ray Jobs API at http://127.0.0.1:9: is the cluster "
+                                          "up (`ray up cluster.yaml`) and its dashboard forwarded (`ray dashboard "
+                                          "cluster.yaml`)? Or pass --address")

@@ -1,0 +1,106 @@
+"""The rerun defect of issue 11, through the real `raylm train` command.
+
+Before: `raylm train ... run_name=killtest` ran; the same command with
+`train.lr=1e-2` printed "resumed from step 80", trained nothing, logged an MLflow
+run saying lr=0.01 and registered the old weights as a new version. Now a rerun is
+a fresh run (new id, trained from step 0 with the new lr), resuming is explicit,
+`--resume` with another lr is one config-error line, and resuming a finished run
+trains and registers nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+SMOKE = ["--config", "jobs/configs/smoke.yaml", "run_name=killtest", "train.max_steps=4", "train.warmup_steps=1",
+         "eval.max_examples_per_task=5"]
+
+
+def _raylm(*args, timeout=900):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "platform"), "RAY_USAGE_STATS_ENABLED": "0"}
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    return subprocess.run([sys.executable, "-m", "raylm.cli", *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env=env, timeout=timeout)
+
+
+def _summary(result) -> dict:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout[result.stdout.index("\n{") + 1:])
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("rerun")
+    first = _summary(_raylm("train", *SMOKE, f"workdir={workdir}"))
+    second_result = _raylm("train", *SMOKE, f"workdir={workdir}", "train.lr=1e-2")
+    return workdir, first, _summary(second_result), second_result.stdout + second_result.stderr
+
+
+def _mlflow(workdir):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _state(workdir):
+    client = _mlflow(workdir)
+    experiment = client.get_experiment_by_name("raylm")
+    run_ids = {run.info.run_id for run in client.search_runs([experiment.experiment_id])}
+    versions = sorted(int(v.version) for v in client.search_model_versions("name='raylm-smoke'"))
+    return run_ids, versions
+
+
+def test_a_rerun_with_another_lr_is_a_fresh_run(two_runs):
+    workdir, first, second, output = two_runs
+    assert first["run_id"] != second["run_id"] and first["run_id"].startswith("killtest-")
+    assert "resumed from step" not in output
+    records = {s["run_id"]: json.loads((workdir / s["run_id"] / "run.json").read_text()) for s in (first, second)}
+    assert all(record["status"] == "finished" and record["trained_steps"] == 4 for record in records.values())
+    assert records[first["run_id"]]["config_hash"] != records[second["run_id"]]["config_hash"]
+    # The second run's record and MLflow run describe training that happened: from step 0, with lr=0.01.
+    client = _mlflow(workdir)
+    assert client.get_run(second["mlflow_run_id"]).data.params["train.lr"] == "0.01"
+    assert client.get_run(first["mlflow_run_id"]).data.params["train.lr"] == "0.003"
+    losses = client.get_metric_history(second["mlflow_run_id"], "resumed_from_step")
+    assert losses and all(metric.value == 0 for metric in losses)
+    card = json.loads((workdir / second["run_id"] / "model" / "raylm.json").read_text())
+    assert card["run_id"] == second["run_id"] and card["trained_steps"] == 4
+    # Different training, different weights: not the first run's model registered again.
+    weights = [(workdir / s["run_id"] / "model" / "model.safetensors").read_bytes() for s in (first, second)]
+    assert weights[0] != weights[1]
+    assert first["registry_uri"] != second["registry_uri"]
+
+
+def test_resume_with_another_lr_is_one_config_error(two_runs):
+    workdir, first, _, _ = two_runs
+    before = _state(workdir)
+    record_before = (workdir / first["run_id"] / "run.json").read_text()
+    result = _raylm("train", *SMOKE, f"workdir={workdir}", "train.lr=1e-2", "--resume", first["run_id"], timeout=300)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith(f"error: resume: the config of run {first['run_id']} differs in train.lr;")
+    assert _state(workdir) == before  # no MLflow run, no model version
+    assert (workdir / first["run_id"] / "run.json").read_text() == record_before
+
+
+def test_resuming_a_finished_run_trains_and_registers_nothing(two_runs):
+    workdir, first, _, _ = two_runs
+    before = _state(workdir)
+    result = _raylm("train", *SMOKE, f"workdir={workdir}", "--resume", str(workdir / first["run_id"]), timeout=300)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr.strip() == (f"error: resume: run {first['run_id']} already finished at step 4; "
+                                      "raise train.max_steps above 4 to train it further")
+    assert "[raylm] training" not in result.stdout
+    assert _state(workdir) == before
+    run_ids, versions = before
+    assert len(run_ids) == 2 and versions == [1, 2]
