@@ -298,6 +298,12 @@ class TrainConfig(_Strict):
         True, description="swap modules for fused equivalents that compute the same function "
                           "(GPT-2's gelu_new -> one GELU-tanh kernel); weights and saved config unchanged",
     )
+    worker_niceness: Optional[int] = Field(
+        0, ge=0, le=19,
+        description="niceness of the training workers: Ray starts every worker at 15, which yields the training "
+                    "loop to Ray's own processes and anything else on the node; 0 runs it like a plain process; "
+                    "null keeps the cluster's setting",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -663,13 +669,17 @@ class JobConfig(_Strict):
 
 
 def public_dump(model: BaseModel) -> dict[str, Any]:
-    """``model_dump(mode="json")`` with every ``SecretStr`` field left out, at any depth."""
+    """``model_dump(mode="json")`` with every ``SecretStr`` field left out (set or not), at any depth."""
     dumped = model.model_dump(mode="json")
 
+    def is_secret(field) -> bool:  # SecretStr or Optional[SecretStr]: left out even when unset
+        annotation = field.annotation
+        return annotation is SecretStr or SecretStr in getattr(annotation, "__args__", ())
+
     def strip(node: BaseModel, out: dict[str, Any]) -> None:
-        for name in type(node).model_fields:
+        for name, field in type(node).model_fields.items():
             value = getattr(node, name)
-            if isinstance(value, SecretStr):
+            if isinstance(value, SecretStr) or is_secret(field):
                 out.pop(name, None)
             elif isinstance(value, BaseModel) and isinstance(out.get(name), dict):
                 strip(value, out[name])

@@ -36,8 +36,8 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "train.max_steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
     "train.keep_checkpoints", "train.keep_best_checkpoint", "train.max_failures", "train.num_workers",
     "train.micro_batch_size", "train.grad_accum_steps", "train.cpus_per_worker", "train.threads_per_worker",
-    "train.use_gpu", "train.placement_strategy", "train.export", "data.test_sources",
-    "eval.", "serve.", "tracking.",
+    "train.use_gpu", "train.placement_strategy", "train.export", "train.worker_niceness", "data.test_sources",
+    "eval.", "serve.", "tracking.", "tune.",
 )
 
 
@@ -75,9 +75,18 @@ def config_hash(job: JobConfig) -> str:
 
 
 def config_differences(stored: dict[str, Any], job: JobConfig) -> list[str]:
-    """Keys whose value differs between a stored :func:`identity` and ``job``'s."""
+    """Keys whose value differs between a stored :func:`identity` and ``job``'s.
+
+    A key the stored identity lacks was added to raylm after that run started: the
+    run computed what its default computes, so it differs only if ``job`` sets it
+    to something else than the default.
+    """
     before = {key: value for key, value in stored.items() if not _resumable(key)}
     after = identity(job)
+    missing = set(after) - set(before)
+    if missing:
+        defaults = flat_config(JobConfig())
+        before.update({key: defaults[key] for key in missing if key in defaults})
     return sorted(key for key in set(before) | set(after) if before.get(key) != after.get(key))
 
 

@@ -48,6 +48,17 @@ def test_resume_with_a_changed_config_names_the_keys(tmp_path):
     assert "model.dropout, train.lr" in message and "\n" not in message
 
 
+def test_a_key_added_after_the_run_started_counts_as_its_default(tmp_path):
+    job = _job(tmp_path)
+    runs.begin_run(job)
+    record = runs.read_record(job.run_dir)
+    del record["identity"]["train.schedule"]  # a run recorded before raylm had train.schedule
+    runs.write_record(job.run_dir, record)
+    runs.begin_run(_job(tmp_path, "tune.num_samples=3"), resume=job.run_id)  # the default schedule: same run
+    with pytest.raises(ConfigError, match="differs in train.schedule"):
+        runs.begin_run(_job(tmp_path, "train.schedule=wsd"), resume=job.run_id)
+
+
 def test_same_global_batch_on_other_workers_may_resume(tmp_path):
     job = _job(tmp_path, "train.num_workers=2", "train.micro_batch_size=4")
     runs.begin_run(job)

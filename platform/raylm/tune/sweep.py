@@ -120,6 +120,12 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any], data: dict[str, Any
     record = _read_json(record_path) or {"trial_id": trial_id, "params": params, "starts": 0,
                                          "non_embedding_parameters": non_embedding_parameters(job.model),
                                          "model": job.model.describe(), "max_steps": job.train.max_steps}
+    if record.get("status") == "finished" and record.get("metrics"):
+        # The sweep was interrupted after this trial finished but before Tune recorded it as done
+        # (its experiment state still said running): a restored sweep reruns the trial function.
+        # Give Tune the final result again instead of training (or restarting) anything.
+        tune.report(dict(record["metrics"]))
+        return
     record.update(status="running", starts=record["starts"] + 1, started=time.time())
     if record.get("mlflow_run_id"):
         tracking.reopen_run(sweep["tracking_uri"], record["mlflow_run_id"])
@@ -454,10 +460,13 @@ def collect_outcomes(sweep_dir: Path, result_grid) -> list[dict[str, Any]]:
         history = []
         if result.metrics_dataframe is not None and "eval_loss" in result.metrics_dataframe:
             frame = result.metrics_dataframe
+            by_step: dict[int, dict[str, float]] = {}
             for _, row in frame[frame["eval_loss"].notna()].iterrows():
-                history.append({"step": int(row["step"]), "tokens_seen": float(row["tokens_seen"]),
-                                "flops_seen": float(row.get("flops_seen", math.nan)),
-                                "eval_loss": float(row["eval_loss"])})
+                # A trial restored from a checkpoint reports the steps after it again: keep the last.
+                by_step[int(row["step"])] = {"step": int(row["step"]), "tokens_seen": float(row["tokens_seen"]),
+                                             "flops_seen": float(row.get("flops_seen", math.nan)),
+                                             "eval_loss": float(row["eval_loss"])}
+            history = [by_step[step] for step in sorted(by_step)]
         max_steps = int(record.get("max_steps") or 0)
         step = int(metrics.get("step") or 0)
         # Tune's view decides: a trial whose last report was its final step finished, even if its actor
