@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
-.PHONY: install install-dev demo test test-fast clean
+.PHONY: install install-dev demo test test-all clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,11 +31,13 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(VENV)/bin/raylm demo --config jobs/configs/demo.yaml
 
+# The suite CI runs (about 35 minutes on 2 cores); test-all adds the `slow` tests (the default
+# demo's dev targets, torch.compile parity: about 10 minutes more).
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest tests
-
-test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest tests -m "not slow"
+
+test-all: $(VENV)/.installed-dev
+	$(PY) -m pytest tests
 
 clean:
 	rm -rf runs .pytest_cache

@@ -15,7 +15,7 @@ def test_default_demo_reaches_targets(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads(Path(result.stdout.strip().splitlines()[-1]).read_text())
     metrics = summary["metrics"]
-    assert metrics["sentiment_examples"] == metrics["qa_examples"] == metrics["translation_examples"] == 300
+    assert metrics["sentiment_examples"] == metrics["qa_examples"] == metrics["translate_examples"] == 300
     assert metrics["sentiment_accuracy"] >= 0.90, metrics
     assert metrics["qa_exact_match"] >= 0.60, metrics
     assert metrics["translation_bleu"] >= 40, metrics
