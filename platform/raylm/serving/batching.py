@@ -10,11 +10,14 @@ answering requests while a batch runs. There is no lock: nothing waits for
 another request, only for its batch.
 
 Generation (completions, chat, and on decoder models translation and QA too)
-shares one queue per model, so all of them fill the same batches. Its batch
-method is an async generator: the batch decodes on its thread without pausing,
-and every step it makes is handed to the event loop, which passes each row's
-new text to its caller (steps that pile up while the loop is busy go out
-together). Streamed requests send it on at once; the others collect it.
+has two queues per model. Requests that want their whole answer (the task
+routes, completions and chat without ``stream``) share one batch method that
+decodes the batch on its thread and hands back the results once: no event-loop
+work per decoded token. Streamed requests share an async-generator batch
+method: the batch decodes on its thread without pausing, and every step it
+makes is handed to the event loop, which passes each row's new text to its
+caller (steps that pile up while the loop is busy go out together). Both run
+on the same generation threads.
 """
 
 from __future__ import annotations
@@ -160,7 +163,14 @@ class ModelWorker:
                 stop.set()
                 await running
 
+        async def whole_generation_batch(requests: list[GenerationRequest]) -> list[tuple[GenerationResult, int]]:
+            self.stats.record("generation", len(requests))
+            results = await asyncio.get_running_loop().run_in_executor(self.generation_executor, model.generate,
+                                                                       list(requests))
+            return [(result, len(requests)) for result in results]
+
         self._sentiment = batched(sentiment_batch)
+        self._whole_generation = batched(whole_generation_batch)
         self._qa = batched(qa_batch)
         self._translate = batched(translate_batch)
         self._generation = batched(generation_batch)
@@ -191,16 +201,5 @@ class ModelWorker:
         return self._generation(request)
 
     async def generate(self, request: GenerationRequest) -> tuple[GenerationResult, int]:
-        """The whole generation (collected from its stream) and its batch size."""
-        texts, logprobs, size, final = [], [], 0, None
-        # Read the stream to its end (not just to the finishing delta): Serve then retires the row cleanly.
-        async for delta, size in self._generation(request):
-            texts.append(delta.text)
-            logprobs.extend(delta.logprobs)
-            if delta.finished:
-                final = delta
-        if final is None:
-            raise RuntimeError("generation ended without a finish reason")
-        return GenerationResult(text="".join(texts), finish_reason=final.finish_reason,
-                                prompt_tokens=final.prompt_tokens, completion_tokens=final.completion_tokens,
-                                logprobs=logprobs if request.params.logprobs is not None else None), size
+        """The whole generation and the size of the batch it ran in."""
+        return await self._whole_generation(request)
