@@ -262,16 +262,22 @@ class LocalRayCluster:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def start_moto(port: int, log: Path) -> subprocess.Popen:
-    """A local S3 API (moto's server) on 127.0.0.1:``port``."""
-    process = start_group([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], dict(os.environ), log)
+def start_server(command: list[str], env: dict[str, str], log: Path, health_url: str, what: str,
+                 timeout_s: float) -> subprocess.Popen:
+    """Start ``command`` in its own process group and wait until ``health_url`` answers 200 (killed if not)."""
+    process = start_group(command, env, log)
     try:
-        _wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/", timeout=5).status_code == 200,
-                  "moto S3 server", 120, process, log)
+        _wait_for(lambda: requests.get(health_url, timeout=5).status_code == 200, what, timeout_s, process, log)
     except BaseException:
         kill_group(process, grace_s=5)
         raise
     return process
+
+
+def start_moto(port: int, log: Path) -> subprocess.Popen:
+    """A local S3 API (moto's server) on 127.0.0.1:``port``."""
+    return start_server([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], dict(os.environ), log,
+                        f"http://127.0.0.1:{port}/", "moto S3 server", 120)
 
 
 def s3_env(port: int) -> dict[str, str]:
@@ -289,11 +295,4 @@ def start_mlflow_server(port: int, root: Path, artifacts: str, env: dict[str, st
                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", artifacts,
                # One process: uvicorn's multi-worker supervisor kills workers that start slowly on a busy machine.
                "--workers", "1"]
-    process = start_group(command, env, log)
-    try:
-        _wait_for(lambda: requests.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200,
-                  "MLflow server", 300, process, log)
-    except BaseException:
-        kill_group(process, grace_s=5)
-        raise
-    return process
+    return start_server(command, env, log, f"http://127.0.0.1:{port}/health", "MLflow server", 300)
