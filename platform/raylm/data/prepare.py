@@ -329,11 +329,10 @@ def read_segment_reports(report_dir: str) -> list[dict[str, Any]]:
     """The per-segment reports the packing tasks wrote to ``report_dir`` (a local path or URI)."""
     import pyarrow.fs as pafs
 
-    filesystem, root = _filesystem(report_dir)
-    try:
-        infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except FileNotFoundError:
-        return []
+    from raylm import storage
+
+    filesystem, root = storage.filesystem(report_dir)
+    infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     reports = []
     for info in sorted(infos, key=lambda info: info.path):
         if info.type == pafs.FileType.File and info.path.endswith(".json"):

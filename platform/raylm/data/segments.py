@@ -438,20 +438,13 @@ def write_segment_report(report_dir: str, key: tuple, report: dict[str, Any]) ->
     """Write one segment's report as ``<report_dir>/<hash of key>.json`` (a local path or a URI).
 
     The name depends only on the key (split, source, file, first line), so a
-    task that Ray retries rewrites its own report instead of adding a second one.
+    task that Ray retries rewrites its own report instead of adding a second one;
+    :func:`raylm.storage.write_text` publishes the file whole.
     """
-    import pyarrow.fs as pafs
+    from raylm import storage
 
     name = hashlib.sha256(json.dumps(list(key)).encode("utf-8")).hexdigest()[:32]
-    if "://" in report_dir:
-        filesystem, root = pafs.FileSystem.from_uri(report_dir)
-    else:
-        filesystem, root = pafs.LocalFileSystem(), report_dir
-    filesystem.create_dir(root, recursive=True)
-    staging, final = f"{root}/{name}.json.tmp", f"{root}/{name}.json"
-    with filesystem.open_output_stream(staging) as stream:
-        stream.write(json.dumps(report).encode("utf-8"))
-    filesystem.move(staging, final)  # readers never see half a report
+    storage.write_text(storage.join(report_dir, f"{name}.json"), json.dumps(report))
 
 
 def pack_segments(batch: dict[str, Any], plan: SourcePlan, encoder: EncoderSpec, seq_len: int,
