@@ -66,8 +66,9 @@ def uninterrupted_and_resumed(ray_session, tmp_path_factory):
     # The second run gets the first one's checkpoint of step 16 and nothing else: its workers find it in
     # storage and resume there (epoch, position in the epoch, optimiser, RNG), over datasets opened anew.
     second_job = _job(root, "resumed")
+    # Ray Train also keeps a checkpoint_manager_snapshot.json file beside the checkpoint_* folders
     checkpoint = next(folder for folder in experiment_dir(first_job).glob("checkpoint_*")
-                      if read_state(folder)["step"] == RESUME_AT)
+                      if folder.is_dir() and read_state(folder)["step"] == RESUME_AT)
     experiment_dir(second_job).mkdir(parents=True)
     shutil.copytree(checkpoint, experiment_dir(second_job) / checkpoint.name)
     reopened = prepare_data(second_job)

@@ -63,8 +63,11 @@ def test_spawn_json_returns_what_the_child_wrote_and_reports_a_failing_child(tmp
         spawn_json(script, ["--fail"])
 
 
-def _memory_child(megabytes: int, shared: bool):
-    """A child that (through a grandchild when not shared) holds ``megabytes`` of touched memory until stdin closes."""
+def _memory_child(megabytes: int, shared: bool, wait_for_go: bool = False):
+    """A child that (through a grandchild when not shared) holds ``megabytes`` of touched memory until stdin closes.
+
+    With ``wait_for_go`` the child starts its grandchild only after reading one line from stdin.
+    """
     if shared:
         code = f"""
             import mmap, os, sys
@@ -78,6 +81,7 @@ def _memory_child(megabytes: int, shared: bool):
     else:
         code = f"""
             import subprocess, sys
+            if {wait_for_go}: sys.stdin.readline()
             grandchild = subprocess.Popen([sys.executable, "-c", "import sys; data = bytearray({megabytes} << 20); "
                                            "data[::4096] = b'x' * len(data[::4096]); print('ready', flush=True); "
                                            "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=sys.stdout)
@@ -121,9 +125,11 @@ def test_tree_sampler_counts_shared_memory_once_where_rss_counts_it_per_process(
 
 @linux_only
 def test_tree_sampler_thread_keeps_the_peak_and_what_sampling_cost():
-    with TreeMemorySampler(interval_s=0.05) as sampler:
+    child = _memory_child(100, shared=False, wait_for_go=True)  # rooted at the child, as above
+    with TreeMemorySampler(pid=child.pid, interval_s=0.05) as sampler:
         baseline = sampler.peak_pss
-        child = _memory_child(100, shared=False)
+        child.stdin.write("go\n")
+        child.stdin.flush()
         assert child.stdout.readline().strip() == "ready"
         seen = sampler.samples
         deadline = time.monotonic() + 60
