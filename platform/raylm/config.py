@@ -282,11 +282,17 @@ class TrainConfig(_Strict):
     eval_batches: int = Field(8, ge=1)
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     keep_checkpoints: int = Field(2, ge=1, description="the last K checkpoints are kept")
-    keep_best_checkpoint: bool = Field(True, description="also keep a copy of the checkpoint with the best eval loss")
+    keep_best_checkpoint: bool = Field(
+        True, description="also keep a copy of the checkpoint with the best train.best_metric (default: dev loss)")
     export: Literal["best", "last"] = Field(
-        "best", description="which checkpoint becomes the model folder: the one with the best dev loss "
-                            "(any evaluation, train.eval_every; needs keep_best_checkpoint, else the last is "
+        "best", description="which checkpoint becomes the model folder: the one with the best dev metric "
+                            "(train.best_metric, default the dev loss; any evaluation, train.eval_every; needs keep_best_checkpoint, else the last is "
                             "exported and the model card says why) or the last one")
+    best_metric: Literal["eval_loss", "eval_accuracy", "eval_perplexity"] = Field(
+        "eval_loss", description="the dev metric that picks the best checkpoint (kept copy, train.export=best): "
+                                 "eval_loss and eval_perplexity lowest, eval_accuracy (sequence classification) "
+                                 "highest",
+    )
     max_failures: int = Field(0, ge=-1, description="worker-group restarts after a failure; -1 = unlimited")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how the workers' placement group is laid out over nodes; STRICT_SPREAD puts each "
@@ -614,6 +620,15 @@ class JobConfig(_Strict):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _check_best_metric(self) -> "JobConfig":
+        measured_by = {"eval_accuracy": "sequence_classification", "eval_perplexity": "causal_lm"}
+        task = measured_by.get(self.train.best_metric)
+        if task is not None and self.model.task != task:
+            raise ValueError(f"train.best_metric={self.train.best_metric} is measured for model.task={task} only "
+                             f"(this model's task is {self.model.task}); use eval_loss")
+        return self
 
     @property
     def storage_is_remote(self) -> bool:

@@ -3,7 +3,7 @@
 ``jobs/configs/recipe_sst2_minilm.yaml`` runs as a user runs it (from the repo
 root, reading ``../shared/data``): Ray Data reads the real SST-2 rows, the
 pretrained MiniLM gets a sentiment head and is fine-tuned by raylm's trainer,
-the best checkpoint by dev loss is exported, scored on dev rows through the
+the best checkpoint by dev accuracy is exported, scored on dev rows through the
 serving loader with bootstrap intervals, and registered in MLflow with its
 lineage. Then the test split is read once by ``raylm eval --split test``, which
 records the evaluation on the registered version; a second look is counted and
@@ -58,6 +58,17 @@ def test_recipe_trains_exports_evaluates_and_registers(recipe_run):
     assert 0.5 < metrics["sentiment_macro_f1"] <= 1
     export = summary["export"]
     assert export["policy"] == "best" and export["step"] in (15, 30) and export["last_step"] == 30
+    # The recipe picks its checkpoint by dev accuracy (train.best_metric), not dev loss: the exported
+    # step is the evaluation with the highest accuracy MLflow recorded (the earlier one on a tie).
+    import mlflow
+
+    history = mlflow.tracking.MlflowClient(summary["tracking_uri"]).get_metric_history(
+        summary["mlflow_run_id"], "eval_accuracy")
+    accuracy = {point.step: point.value for point in history}
+    assert set(accuracy) == {15, 30}
+    assert export["best_metric"] == "eval_accuracy" and export["step"] == max(sorted(accuracy), key=accuracy.get)
+    assert export["value"] == pytest.approx(accuracy[export["step"]]) and export["last_value"] == pytest.approx(
+        accuracy[30])
     card = json.loads((summary_model_dir(summary) / "raylm.json").read_text())
     assert card["kind"] == "sequence_classification" and card["labels"] == ["negative", "positive"]
     assert card["lineage"]["eval"]["fingerprint"] == summary["eval"]["fingerprint"]

@@ -63,3 +63,13 @@ def test_worker_niceness_reaches_the_training_workers_runtime_env():
     assert worker_runtime_env(load_config(None, ["train.worker_niceness=null"]).train) == {}  # the cluster's
     with pytest.raises(ConfigError, match="train.worker_niceness"):
         load_config(None, ["train.worker_niceness=-5"])  # raising priority needs privileges Ray workers lack
+
+
+def test_best_metric_must_be_one_the_task_measures():
+    assert load_config(None, []).train.best_metric == "eval_loss"
+    job = load_config(None, ["model.task=sequence_classification", "train.best_metric=eval_accuracy"])
+    assert job.train.best_metric == "eval_accuracy"
+    with pytest.raises(ConfigError, match="best_metric=eval_accuracy is measured for model.task=sequence_classif"):
+        load_config(None, ["train.best_metric=eval_accuracy"])  # a causal LM has no dev accuracy
+    with pytest.raises(ConfigError, match="config error: train.best_metric:"):
+        load_config(None, ["train.best_metric=bleu"])

@@ -189,8 +189,9 @@ def run_training(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_r
 def choose_export(job: JobConfig, result: TrainingResult) -> tuple[Path, dict[str, Any]]:
     """The checkpoint ``train.export`` selects, and the model card's ``export`` record.
 
-    ``best``: the kept copy of the checkpoint with the lowest dev loss over all
-    evaluations (``train.eval_every``), else the last one with the reason why.
+    ``best``: the kept copy of the checkpoint with the best ``train.best_metric``
+    (default: the lowest dev loss) over all evaluations (``train.eval_every``),
+    else the last one with the reason why.
     The record names the policy, the step exported and its dev loss, and the last
     step and its dev loss, so a reader sees what choosing the best bought.
     """
@@ -208,6 +209,9 @@ def choose_export(job: JobConfig, result: TrainingResult) -> tuple[Path, dict[st
         else:
             record["fallback"] = ("train.keep_best_checkpoint is false" if not job.train.keep_best_checkpoint
                                   else "no valid best checkpoint (no finite dev loss was measured)")
+    if job.train.best_metric != "eval_loss":
+        record.update(best_metric=job.train.best_metric, value=state.get(job.train.best_metric),
+                      last_value=last_state.get(job.train.best_metric))
     record.update(step=state.get("step"), eval_loss=state.get("eval_loss"),
                   source="best_checkpoint" if chosen != Path(result.checkpoint_dir) else "last_checkpoint")
     return chosen, record

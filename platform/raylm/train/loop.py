@@ -160,6 +160,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _seed_everything(config.seed + 1000 * rank + trainer.step)
     history: list[dict[str, Any]] = list(state.get("history", []))
     best_eval_loss = state.get("best_eval_loss")
+    # The kept best checkpoint is the one with the best train.best_metric (lowest loss, highest accuracy).
+    best_metric, best_is_high = config.best_metric, config.best_metric == "eval_accuracy"
+    best_value = state.get("best_value", best_eval_loss) if state.get("best_metric", "eval_loss") == best_metric \
+        else None
     tokens_seen = int(state.get("tokens_seen", 0))  # all workers together
     evaluations = int(state.get("evaluations", 0))
 
@@ -224,11 +228,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             meter.reset()
             continue
         # The eval loss is all-reduced, so every rank reaches the same verdict (saving is collective).
-        eval_loss = metrics.get("eval_loss")
-        is_best = eval_loss is not None and math.isfinite(eval_loss) and (
-            best_eval_loss is None or eval_loss < best_eval_loss)
-        if is_best:
+        eval_loss, value = metrics.get("eval_loss"), metrics.get(best_metric)
+        if eval_loss is not None and math.isfinite(eval_loss) and (
+                best_eval_loss is None or eval_loss < best_eval_loss):
             best_eval_loss = eval_loss
+        is_best = value is not None and math.isfinite(value) and (
+            best_value is None or (value > best_value if best_is_high else value < best_value))
+        if is_best:
+            best_value = value
         keep_best = is_best and config.keep_best_checkpoint
         if not should_checkpoint and not keep_best:
             ray.train.report(metrics)
@@ -239,6 +246,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 Path(directory),
                 {"epoch": epoch, "batches_in_epoch": position, "micro_batch_size": config.micro_batch_size,
                  "eval_loss": eval_loss, "best_eval_loss": best_eval_loss, "tokens_seen": tokens_seen,
+                 "best_metric": best_metric, "best_value": best_value, best_metric: value,
                  "evaluations": evaluations, "time": time.time(),
                  "worker_niceness": os.nice(0)},  # what the OS scheduled this worker at (train.worker_niceness)
                 history=history,
