@@ -286,8 +286,9 @@ class TrainConfig(_Strict):
         True, description="also keep a copy of the checkpoint with the best train.best_metric (default: dev loss)")
     export: Literal["best", "last"] = Field(
         "best", description="which checkpoint becomes the model folder: the one with the best dev metric "
-                            "(train.best_metric, default the dev loss; any evaluation, train.eval_every; needs keep_best_checkpoint, else the last is "
-                            "exported and the model card says why) or the last one")
+                            "(train.best_metric, default the dev loss; any evaluation, train.eval_every; needs "
+                            "keep_best_checkpoint, else the last is exported and the model card says why) or the "
+                            "last one")
     best_metric: Literal["eval_loss", "eval_accuracy", "eval_perplexity"] = Field(
         "eval_loss", description="the dev metric that picks the best checkpoint (kept copy, train.export=best): "
                                  "eval_loss and eval_perplexity lowest, eval_accuracy (sequence classification) "
