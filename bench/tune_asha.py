@@ -1,7 +1,7 @@
 """ASHA against the full grid on the same space, and the scaling-law fit of the grid: one JSON object.
 
-The space (``jobs/configs/sweep_demo.yaml``'s by default): 3 widths of a
-2-layer GPT-2 x 3 run lengths = 9 configurations on the demo corpus, the WSD
+The space (``jobs/configs/sweep_demo.yaml``'s by default): 2 run lengths x 5
+widths of a 2-layer GPT-2 = 10 configurations on the demo corpus, the WSD
 schedule, one Ray Train worker per trial. The grid runs every configuration to
 the end (``tune.scheduler=none``); ASHA runs the same space with the config's
 grace period and reduction factor, counted in evaluations. Both are full
@@ -23,6 +23,7 @@ machine are slower, not different in kind (steps and losses do not depend on it)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -41,7 +42,9 @@ def run(config: str, overrides: list[str], workdir: str, scheduler: str) -> tupl
     job = load_config(config, [*overrides, f"workdir={workdir}", f"run_name=bench-{scheduler}",
                                f"tune.scheduler={scheduler}", "tune.export_best=false"])
     started = time.time()
-    results = run_sweep(job, log=lambda line: print(f"[{scheduler}] {line}", file=sys.stderr, flush=True))
+    # Ray Tune prints its own tables to stdout; this script's stdout is the one JSON object.
+    with contextlib.redirect_stdout(sys.stderr):
+        results = run_sweep(job, log=lambda line: print(f"[{scheduler}] {line}", file=sys.stderr, flush=True))
     return results, time.time() - started
 
 
