@@ -24,14 +24,14 @@ from typing import Any, Callable, Optional
 
 from raylm.config import DataSourceConfig, JobConfig
 from raylm.data.errors import DataError, find_data_error
-from raylm.data.segments import MAX_PROBLEM_EXAMPLES, SourcePlan, pack_segments, sample_texts, segment_rows
-from raylm.data.sources import ResolvedSource, check_local_paths, read_segments, resolve_source
+from raylm.data.segments import MAX_PROBLEM_EXAMPLES, SourcePlan, sample_texts, segment_rows, write_packed_segments
+from raylm.data.sources import (ResolvedSource, check_local_paths, map_segments, prompt_task_dispatch,
+                                 resolve_source)
 from raylm.data.tokenizer import encoder_spec, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
 # Bump when a change to reading, formatting or packing changes the blocks for the same input.
 PIPELINE_VERSION = "1"
 MANIFEST = "manifest.json"
-REPORTS = "_segment_reports"  # transient, inside the staging folder while the splits are written
 
 Log = Callable[[str], None]
 
@@ -108,9 +108,11 @@ def source_plans(job: JobConfig, corpus: ResolvedCorpus, role: str) -> list[tupl
 
 
 def _run_ray(action: Callable[[], Any]) -> Any:
-    """Run a Ray Data execution, turning a DataError raised inside a task into a plain one-line DataError."""
+    """Run a Ray Data execution (dispatching tasks promptly), turning a DataError raised inside a task into
+    a plain one-line DataError."""
     try:
-        return action()
+        with prompt_task_dispatch():
+            return action()
     except DataError:
         raise
     except Exception as err:
@@ -140,11 +142,8 @@ def train_tokenizer_on_sources(job: JobConfig, corpus: ResolvedCorpus, log: Log 
     total = sum(source.num_bytes for source in corpus.train)
     fraction = min(1.0, job.data.tokenizer_sample_bytes / max(total, 1))
     # Sampling weights repeat rows; the tokenizer should see each document once.
-    datasets = [read_segments(source, job.data.segment_bytes).map_batches(
-        sample_texts, fn_kwargs={"plan": replace(plan, weight=1.0), "fraction": fraction}, batch_size=1,
-        batch_format="numpy")
-        for source, plan in source_plans(job, corpus, "train")]
-    sampled = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    pairs = [(source, replace(plan, weight=1.0)) for source, plan in source_plans(job, corpus, "train")]
+    sampled = map_segments(pairs, job.data.segment_bytes, sample_texts, fraction=fraction)
     stats = {"sampled_texts": 0, "sampled_chars": 0, "sample_fraction": fraction}
 
     def texts():
@@ -250,21 +249,6 @@ def dataset_fingerprint(job: JobConfig, corpus: ResolvedCorpus, tokenizer_hash: 
     })
 
 
-def packed_dataset(job: JobConfig, corpus: ResolvedCorpus, role: str, tokenizer, report_dir: str | None = None):
-    """A lazy Ray Dataset of packed blocks for split ``role`` (the union over its sources).
-
-    With ``report_dir`` every segment's counts and problems are written there as
-    one small JSON file (:func:`raylm.data.segments.write_segment_report`).
-    """
-    spec = encoder_spec(tokenizer)
-    datasets = [read_segments(source, job.data.segment_bytes).map_batches(
-        pack_segments, fn_kwargs={"plan": plan, "encoder": spec, "seq_len": job.data.seq_len,
-                                  "report_dir": report_dir},
-        batch_size=1, batch_format="numpy")
-        for source, plan in source_plans(job, corpus, role)]
-    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-
-
 def summarize_reports(reports: list[dict[str, Any]], seq_len: int) -> dict[str, Any]:
     """Totals per split and per source, problems by kind, and the first few problems (by file and line)."""
     counters = ("rows", "examples", "tokens", "label_tokens", "blocks", "padding_tokens")
@@ -325,30 +309,6 @@ def _filesystem(folder: str):
     return pafs.LocalFileSystem(), folder
 
 
-def read_segment_reports(report_dir: str) -> list[dict[str, Any]]:
-    """The per-segment reports the packing tasks wrote to ``report_dir`` (a local path or URI)."""
-    import pyarrow.fs as pafs
-
-    from raylm import storage
-
-    filesystem, root = storage.filesystem(report_dir)
-    infos = filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    reports = []
-    for info in sorted(infos, key=lambda info: info.path):
-        if info.type == pafs.FileType.File and info.path.endswith(".json"):
-            with filesystem.open_input_stream(info.path) as stream:
-                reports.append(json.loads(stream.read().decode("utf-8")))
-    return reports
-
-
-def _delete_folder(folder: str) -> None:
-    filesystem, root = _filesystem(folder)
-    try:
-        filesystem.delete_dir(root)
-    except (FileNotFoundError, OSError):
-        pass
-
-
 def _write_manifest(folder: str, manifest: dict[str, Any]) -> None:
     filesystem, root = _filesystem(folder)
     with filesystem.open_output_stream(f"{root}/{MANIFEST}") as stream:
@@ -382,21 +342,20 @@ def prepare_dataset(job: JobConfig, log: Log = _quiet, corpus: ResolvedCorpus | 
     remote = "://" in root
     staging = folder if remote else f"{root}/{fingerprint}.tmp-{uuid.uuid4().hex[:8]}"
     started = time.time()
-    # Per-segment reports go to files beside the splits, one per segment (a retried task
-    # rewrites its own): no collector actor to start and no round trip per segment.
-    report_dir = f"{staging}/{REPORTS}"
+    # Both splits in one Ray Data execution: every packing task writes its blocks to
+    # <staging>/<split>/ and returns only its segment's report.
+    log("tokenizing and packing the train and dev splits with Ray Data")
+    pairs = source_plans(job, corpus, "train") + source_plans(job, corpus, "dev")
     try:
-        for role in ("train", "dev"):
-            log(f"tokenizing and packing the {role} split with Ray Data")
-            dataset = packed_dataset(job, corpus, role, tokenizer, report_dir)
-            _run_ray(lambda: dataset.write_parquet(f"{staging}/{role}"))
-        summary = summarize_reports(read_segment_reports(report_dir), job.data.seq_len)
+        rows = _run_ray(lambda: map_segments(
+            pairs, job.data.segment_bytes, write_packed_segments, longest_first=True,
+            encoder=encoder_spec(tokenizer), seq_len=job.data.seq_len, folder=staging).take_all())
+        reports = [json.loads(row["report"]) for row in rows]
     except BaseException:
         if not remote:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        _delete_folder(report_dir)
+    summary = summarize_reports(reports, job.data.seq_len)
     for line in describe_bad_rows(summary["bad_rows"]):
         log(line)
     for role in ("train", "dev"):
@@ -472,8 +431,7 @@ def load_dev_examples(job: JobConfig, limit_per_task: int, corpus: ResolvedCorpu
         wanted = limit_per_task - taken.get(plan.task, 0)
         if wanted <= 0:
             continue
-        dataset = read_segments(source, job.data.segment_bytes).map_batches(
-            segment_rows, fn_kwargs={"plan": plan}, batch_size=1, batch_format="numpy").limit(wanted)
+        dataset = map_segments([(source, plan)], job.data.segment_bytes, segment_rows).limit(wanted)
         found = [json.loads(item["row"]) for item in _run_ray(dataset.take_all)]
         taken[plan.task] = taken.get(plan.task, 0) + len(found)
         rows.extend(found)

@@ -42,6 +42,7 @@ def segment_schema():
 
     return pa.schema([
         ("path", pa.string()),
+        ("file_index", pa.int64()),  # the file's place in its source's sorted file list
         ("first_line", pa.int64()),  # 1-based line (text, jsonl) or row (parquet, arrow) of the first record
         ("continues", pa.bool_()),  # the first document started in an earlier segment
         ("doc_start", pa.int64()),  # ...on this line
@@ -420,7 +421,7 @@ def _segments_of(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 @dataclass
 class SegmentReport:
-    """Counts for one segment of one pass, written for the driver to sum (:func:`write_segment_report`)."""
+    """Counts for one segment of one pass, for the driver to sum (:func:`raylm.data.prepare.summarize_reports`)."""
 
     role: str
     source: int
@@ -434,42 +435,67 @@ class SegmentReport:
     problem_examples: list[tuple[str, int, str, str, str]] = field(default_factory=list)
 
 
-def write_segment_report(report_dir: str, key: tuple, report: dict[str, Any]) -> None:
-    """Write one segment's report as ``<report_dir>/<hash of key>.json`` (a local path or a URI).
+def pack_segment(segment: dict[str, Any], plan: SourcePlan, encoder: EncoderSpec,
+                 seq_len: int) -> tuple[dict[str, np.ndarray], SegmentReport]:
+    """One segment's packed blocks and its report."""
+    examples, problems, rows = segment_examples(segment, plan)
+    packed, tokens = pack_examples(examples, plan.task, encoder, seq_len)
+    report = SegmentReport(plan.role, plan.index, rows=rows, examples=len(examples), tokens=tokens,
+                           label_tokens=int((packed["labels"] != IGNORE_INDEX).sum()),
+                           blocks=len(packed["input_ids"]), padding_tokens=packed["input_ids"].size - tokens)
+    if plan.count_problems:
+        for problem in problems:
+            report.problems[problem.kind] = report.problems.get(problem.kind, 0) + 1
+        ordered = sorted(problems, key=_problem_order)[:MAX_PROBLEM_EXAMPLES]
+        report.problem_examples = [(p.path, p.number, p.location, p.kind, p.message) for p in ordered]
+    return packed, report
 
-    The name depends only on the key (split, source, file, first line), so a
-    task that Ray retries rewrites its own report instead of adding a second one;
-    :func:`raylm.storage.write_text` publishes the file whole.
-    """
-    from raylm import storage
 
-    name = hashlib.sha256(json.dumps(list(key)).encode("utf-8")).hexdigest()[:32]
-    storage.write_text(storage.join(report_dir, f"{name}.json"), json.dumps(report))
-
-
-def pack_segments(batch: dict[str, Any], plan: SourcePlan, encoder: EncoderSpec, seq_len: int,
-                  report_dir: str | None = None) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: segments in, packed blocks out (counts written to ``report_dir``)."""
-    outputs = []
-    for segment in _segments_of(batch):
-        examples, problems, rows = segment_examples(segment, plan)
-        packed, tokens = pack_examples(examples, plan.task, encoder, seq_len)
-        outputs.append(packed)
-        if report_dir is not None:
-            report = SegmentReport(plan.role, plan.index, rows=rows, examples=len(examples), tokens=tokens,
-                                   label_tokens=int((packed["labels"] != IGNORE_INDEX).sum()),
-                                   blocks=len(packed["input_ids"]),
-                                   padding_tokens=packed["input_ids"].size - tokens)
-            if plan.count_problems:
-                for problem in problems:
-                    report.problems[problem.kind] = report.problems.get(problem.kind, 0) + 1
-                ordered = sorted(problems, key=_problem_order)[:MAX_PROBLEM_EXAMPLES]
-                report.problem_examples = [(p.path, p.number, p.location, p.kind, p.message) for p in ordered]
-            key = (plan.role, plan.index, str(segment["path"]), int(segment["first_line"]))
-            write_segment_report(report_dir, key, report.__dict__)
+def pack_segments(batch: dict[str, Any], plan: SourcePlan, encoder: EncoderSpec, seq_len: int) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: segments in, packed blocks out."""
+    outputs = [pack_segment(segment, plan, encoder, seq_len)[0] for segment in _segments_of(batch)]
     if len(outputs) == 1:
         return outputs[0]
     return {column: np.concatenate([out[column] for out in outputs]) for column in outputs[0]}
+
+
+def blocks_file_name(plan: SourcePlan, segment: dict[str, Any]) -> str:
+    """``<source>-<file>-<first line>.parquet``: names sort in reading order, and a retried task rewrites its own."""
+    return f"{plan.index:04d}-{int(segment.get('file_index', 0)):06d}-{int(segment['first_line']):012d}.parquet"
+
+
+def write_blocks(location: str, packed: dict[str, np.ndarray]) -> None:
+    """Write packed blocks to one Parquet file (a local path or a URI) as Ray Data's ``write_parquet`` does:
+    one row per block, each column a fixed-shape tensor (Ray Data's Arrow tensor type), Snappy."""
+    import pyarrow.parquet as pq
+    from ray.data.block import BlockAccessor
+
+    from raylm import storage
+
+    filesystem, path = storage.filesystem(location)
+    if not storage.is_remote(location):
+        filesystem.create_dir(storage.parent(path), recursive=True)
+    pq.write_table(BlockAccessor.batch_to_block(packed), path, filesystem=filesystem)
+
+
+def write_packed_segments(batch: dict[str, Any], plan: SourcePlan, encoder: EncoderSpec, seq_len: int,
+                          folder: str) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: segments in, their packed blocks written to
+    ``<folder>/<split>/<blocks_file_name>``, one JSON report per segment out.
+
+    The blocks go to storage from the task that packed them; only the reports (a
+    few hundred bytes each) travel back to the driver, so one Ray Data execution
+    packs both splits and no report files or collector actor are needed.
+    """
+    from raylm import storage
+
+    reports = []
+    for segment in _segments_of(batch):
+        packed, report = pack_segment(segment, plan, encoder, seq_len)
+        if report.blocks:
+            write_blocks(storage.join(folder, plan.role, blocks_file_name(plan, segment)), packed)
+        reports.append(json.dumps(report.__dict__))
+    return {"report": np.array(reports, dtype=object)}
 
 
 def sample_texts(batch: dict[str, Any], plan: SourcePlan, fraction: float) -> dict[str, np.ndarray]:
