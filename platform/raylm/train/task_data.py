@@ -53,7 +53,7 @@ def read_split_rows(job: JobConfig, split: str, task: str | None = None, limit: 
 
     from raylm.data.prepare import ResolvedCorpus, _run_ray, resolve_corpus, source_plans
     from raylm.data.segments import segment_rows
-    from raylm.data.sources import read_segments, resolve_source
+    from raylm.data.sources import map_segments, resolve_source
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     if split == "test":
@@ -68,8 +68,7 @@ def read_split_rows(job: JobConfig, split: str, task: str | None = None, limit: 
     for source, plan in source_plans(job, corpus, role):
         if task is not None and plan.task != task:
             continue
-        dataset = read_segments(source, job.data.segment_bytes).map_batches(
-            segment_rows, fn_kwargs={"plan": plan}, batch_size=1, batch_format="numpy")
+        dataset = map_segments([(source, plan)], job.data.segment_bytes, segment_rows)
         if limit is not None:
             dataset = dataset.limit(max(0, limit - len(rows)))
         rows.extend(json.loads(item["row"]) for item in _run_ray(dataset.take_all))
