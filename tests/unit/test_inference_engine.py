@@ -139,6 +139,36 @@ def test_sentiment_scores_batch_like_single(engine):
     assert all(0.5 <= r["score"] <= 1.0 for r in batch)
 
 
+def test_choice_scores_are_the_models_probabilities_of_each_choice(engine):
+    """Single-token choices take the one-pass path, longer ones the prompt + choice path: both must give the
+    model's own probabilities of the choice tokens after the prompt, renormalised over the choices."""
+    import math
+
+    prompts = ["Review: a dull and lifeless film\nSentiment:", "Review: great\nSentiment:"]
+
+    def expected(prompt, choices):
+        totals = []
+        for choice in choices:
+            prompt_ids = [engine.eos_id, *engine._encode_texts([prompt])[0]]
+            choice_ids = engine._encode_texts([" " + choice])[0]
+            ids = torch.tensor([[*prompt_ids, *choice_ids]])
+            with torch.inference_mode():
+                log_probs = torch.log_softmax(engine.model(input_ids=ids).logits[0].float(), dim=-1)
+            totals.append(sum(float(log_probs[len(prompt_ids) - 1 + k, token]) for k, token in enumerate(choice_ids)))
+        weights = [math.exp(total - max(totals)) for total in totals]
+        return [weight / sum(weights) for weight in weights]
+
+    single = [choice for choice in ("a", "b", "c") if len(engine._encode_texts([" " + choice])[0]) == 1]
+    multi = ["positive sentiment overall", "negative"]
+    assert len(single) >= 2 and len(engine._encode_texts([" " + multi[0]])[0]) > 1
+    for choices in (single, multi):
+        scores = engine.score_choices(prompts, choices)
+        for prompt, row in zip(prompts, scores):
+            assert row == pytest.approx(expected(prompt, choices), rel=1e-3, abs=1e-30)
+        margins = [math.log(row[0]) - math.log(row[1]) for row in scores]
+        assert abs(margins[0] - margins[1]) > 1e-2  # the prompt matters
+
+
 def test_requests_that_cannot_fit_are_refused_before_batching(engine):
     with pytest.raises(InputError) as too_long:
         engine.check_generation(GenerationRequest("the dog", greedy(engine.max_positions)))

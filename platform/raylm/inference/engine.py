@@ -368,6 +368,16 @@ class Engine(TaskModel):
         choice_ids = self._encode_texts([" " + choice for choice in choices])
         longest = max(len(ids) for ids in choice_ids)
         limit = self.max_positions - longest - 1
+        if longest == 1 and all(choice_ids):
+            # Every choice is one token: one forward pass over each prompt alone, read at its last position
+            # (the same logits as in the prompt + choice sequences below, at half the tokens for two choices).
+            prompt_rows = [[self.eos_id, *ids[-limit:]] for ids in self._encode_texts(list(prompts))]
+            input_ids, attention_mask = self._left_pad(prompt_rows)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            logits, _ = self._forward(input_ids, attention_mask, position_ids, use_cache=False)
+            log_probs = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
+            scores = log_probs[:, torch.tensor([ids[0] for ids in choice_ids], device=log_probs.device)]
+            return torch.softmax(scores.cpu(), dim=-1).tolist()
         sequences, spans = [], []
         for prompt_ids in self._encode_texts(list(prompts)):
             prompt_ids = [self.eos_id, *prompt_ids[-limit:]]
