@@ -374,14 +374,15 @@ SEGMENT_FIELDS = ("path", "file_index", "first_line", "continues", "doc_start", 
 def map_segments(pairs: list[tuple[ResolvedSource, Any]], segment_bytes: int, fn, longest_first: bool = False,
                  **fn_kwargs):
     """A lazy Ray Dataset: ``fn(segment batch, plan=plan, **fn_kwargs)`` over every segment of every
-    ``(source, plan)`` pair, in the pairs' order (planned segments longest first with ``longest_first``,
-    for work whose output order does not matter: the short ones then fill the last CPUs to free up).
+    ``(source, plan)`` pair: the planned sources' segments first, in the pairs' order (or longest first with
+    ``longest_first``, for work whose output order does not matter: the short ones then fill the last CPUs
+    to free up), then the other sources', in the pairs' order.
 
     Uncompressed text and JSON Lines sources are planned first: small Ray tasks
     cut their files into segments and return only where each segment lies (no
     text reaches the driver). The plan becomes a dataset of one segment per
     block, and one fused operator reads each segment's bytes, runs ``fn`` and
-    hands its rows on (to ``write_parquet``, say), so every CPU packs: with a
+    hands its rows on, so every CPU packs: with a
     separate read operator Ray Data keeps a CPU reserved for reading while the
     packing operator waits for it (measured: packing ran ~1.45 tasks at a time
     on 2 CPUs). Other sources (Parquet, Arrow, compressed files) are read by
