@@ -90,18 +90,17 @@ def test_gpu_check_blocks_are_full_packed_documents_on_the_packed_mask_path():
 
 
 def test_data_baseline_packs_a_file_as_raylm_packs_its_segments(tmp_path):
-    from raylm.data.segments import SourcePlan, pack_segments, read_bytes_segments
+    from raylm.data.segments import SourcePlan, pack_segment, read_bytes_segments
     from raylm.data.tokenizer import encoder_spec, train_bpe_tokenizer
 
     paragraphs = [f"Paragraph {i} says something about item {i * 7} and then some more." for i in range(60)]
     text = "\n\n".join(paragraphs) + "\n"
     encoder = encoder_spec(train_bpe_tokenizer(paragraphs, 300))
     plan = SourcePlan(index=0, label="corpus", format="text", task="lm", text_unit="paragraph")
-    # raylm: the file's segments, one Ray Data row each, packed one by one (pack_segments per row)
+    # raylm: the file's segments, one Ray Data row each, packed one by one (pack_segment per row)
     segments = read_bytes_segments(text.encode(), "/corpus/part-0.txt", 1024, "paragraph")
     assert len(segments) > 2
-    per_segment = [pack_segments({key: np.array([value], dtype=object) for key, value in segment.items()},
-                                 plan, encoder, 32) for segment in segments]
+    per_segment = [pack_segment(segment, plan, encoder, 32)[0] for segment in segments]
     raylm_blocks = {name: np.concatenate([blocks[name] for blocks in per_segment]) for name in per_segment[0]}
     baseline_blocks = data_throughput._pack_files({"text": [text]}, plan, encoder, 32, segment_bytes=1024)
     assert raylm_blocks["input_ids"].shape[0] > 5

@@ -4,7 +4,6 @@ import io
 import json
 import random
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,7 +15,7 @@ from raylm.data.segments import (
     iter_columnar_segments,
     iter_line_segments,
     pack_examples,
-    pack_segments,
+    pack_segment,
     read_bytes_segments,
     segment_examples,
 )
@@ -226,12 +225,11 @@ def test_packed_task_segment_masks_prompts_and_keeps_every_token(encoder):
     assert found.count("positive") == found.count("negative") == 25
 
 
-def test_pack_segments_lm_stream_has_separators_and_no_padding_waste(encoder):
+def test_pack_segment_lm_stream_has_separators_and_no_padding_waste(encoder):
     data = _text_file(9, 80)
     plan = _plan(format="text", task="lm", text_unit="paragraph")
     segment = read_bytes_segments(data, "p.txt", 1 << 20, "paragraph")[0]
-    batch = {key: np.array([value], dtype=object) for key, value in segment.items()}
-    packed = pack_segments(batch, plan, encoder, 32)
+    packed = pack_segment(segment, plan, encoder, 32)[0]
     examples = segment_examples(segment, plan)[0]
     assert len(examples) == 80
     flat = packed["input_ids"].reshape(-1)

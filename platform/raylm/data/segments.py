@@ -451,14 +451,6 @@ def pack_segment(segment: dict[str, Any], plan: SourcePlan, encoder: EncoderSpec
     return packed, report
 
 
-def pack_segments(batch: dict[str, Any], plan: SourcePlan, encoder: EncoderSpec, seq_len: int) -> dict[str, np.ndarray]:
-    """Ray Data ``map_batches`` function: segments in, packed blocks out."""
-    outputs = [pack_segment(segment, plan, encoder, seq_len)[0] for segment in _segments_of(batch)]
-    if len(outputs) == 1:
-        return outputs[0]
-    return {column: np.concatenate([out[column] for out in outputs]) for column in outputs[0]}
-
-
 def blocks_file_name(plan: SourcePlan, segment: dict[str, Any]) -> str:
     """``<source>-<file>-<first line>.parquet``: names sort in reading order, and a retried task rewrites its own."""
     return f"{plan.index:04d}-{int(segment.get('file_index', 0)):06d}-{int(segment['first_line']):012d}.parquet"

@@ -396,11 +396,15 @@ def map_segments(pairs: list[tuple[ResolvedSource, Any]], segment_bytes: int, fn
     if planned_pairs:
         plan_task = ray.remote(plan_file_segments)
         refs = []
+        by_source: dict[str, list] = {}  # a source in two passes (train, and dev carved from it) is planned once
         for plan_index, (source, _) in planned_pairs:
-            files = list(source.files)
-            for start in range(0, len(files), _PLAN_CHUNK_FILES):
-                refs.append((plan_index, plan_task.remote(files[start:start + _PLAN_CHUNK_FILES], source.read_format,
-                                                          segment_bytes, source.config.text_unit, start)))
+            if source.fingerprint not in by_source:
+                files = list(source.files)
+                by_source[source.fingerprint] = [
+                    plan_task.remote(files[start:start + _PLAN_CHUNK_FILES], source.read_format, segment_bytes,
+                                     source.config.text_unit, start)
+                    for start in range(0, len(files), _PLAN_CHUNK_FILES)]
+            refs.extend((plan_index, ref) for ref in by_source[source.fingerprint])
         items = [{**segment, "plan": plan_index}
                  for plan_index, ref in refs for segment in ray.get(ref)]
         if longest_first:
