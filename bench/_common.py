@@ -13,6 +13,8 @@
   pool), counted as PSS so that shared pages are not counted twice.
 - :func:`machine_state`: load average, niceness and CPU count, recorded with
   every figure.
+- :func:`json_stdout`: a script's stdout holds only its one JSON object, even
+  when Ray, its raylet or a C library writes to file descriptor 1.
 """
 
 from __future__ import annotations
@@ -183,3 +185,23 @@ class TreeMemorySampler:
         return {"peak_tree_pss_bytes": self.peak_pss, "peak_tree_rss_bytes": self.peak_rss,
                 "peak_tree_processes": self.peak_processes, "memory_samples": self.samples,
                 "memory_sampling_cpu_s": round(self.cpu_seconds, 3)}
+
+
+class json_stdout:
+    """Within ``with json_stdout() as emit:``, anything written to stdout (file descriptor 1, which child
+    processes inherit too) goes to stderr; ``emit(obj)`` prints ``obj`` as one JSON line on the real stdout."""
+
+    def __enter__(self):
+        sys.stdout.flush()
+        self._saved = os.dup(1)
+        os.dup2(2, 1)
+        return self.emit
+
+    def emit(self, obj: Any) -> None:
+        sys.stdout.flush()
+        os.write(self._saved, (json.dumps(obj) + "\n").encode())
+
+    def __exit__(self, *exc) -> None:
+        sys.stdout.flush()
+        os.dup2(self._saved, 1)
+        os.close(self._saved)

@@ -55,6 +55,9 @@ from typing import Any, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "platform"))
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+
+from _common import json_stdout  # noqa: E402  (bench/ on the path above)
 
 ENDPOINTS = ("sentiment", "translate", "completions")
 COMPLETION_TOKENS = 32
@@ -331,13 +334,13 @@ def replica_pids() -> list[int]:
 
 
 def deploy_raylm(model: str, port: int, replicas: int, cpus_per_replica: float, max_body_bytes: int,
-                 tracking_uri: Optional[str]) -> str:
+                 tracking_uri: Optional[str], ingress: str = "haproxy") -> str:
     from ray import serve
 
     from raylm.config import ServeConfig
     from raylm.serving.app import start_serving
 
-    config = ServeConfig(port=port, num_replicas=replicas, num_cpus_per_replica=cpus_per_replica,
+    config = ServeConfig(port=port, ingress=ingress, num_replicas=replicas, num_cpus_per_replica=cpus_per_replica,
                          max_body_bytes=max_body_bytes, max_input_chars=4000, max_new_tokens=64)
     serve.delete("raylm") if "raylm" in serve.status().applications else None
     return start_serving(model, config, tracking_uri=tracking_uri)
@@ -355,6 +358,8 @@ def main() -> None:
     parser.add_argument("--fault-replicas", type=int, default=2)
     parser.add_argument("--skip-fault", action="store_true")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+                        help="serve.ingress: HAProxy in front of the replicas (default) or Serve's Python proxy")
     parser.add_argument("--port", type=int, default=8250)
     parser.add_argument("--baseline-port", type=int, default=8251)
     parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
@@ -363,6 +368,12 @@ def main() -> None:
         run_baseline_server(args.model, args.baseline_port, max(1, int(args.cpus_per_replica)))
         return
 
+    with json_stdout() as emit:  # Ray's raylet messages reach this process's stdout
+        emit(measure(args))
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Every figure of the benchmark (the printed JSON object)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     load_at_start = [round(value, 2) for value in os.getloadavg()]
@@ -381,15 +392,18 @@ def main() -> None:
                               "cpu_count": os.cpu_count(), "model": model if args.model else
                               "untrained demo-shaped gpt2-tiny (pass --model for the trained demo model)",
                               "requests_per_run": args.requests, "replicas": args.replicas,
-                              "cpus_per_replica": args.cpus_per_replica}
+                              "cpus_per_replica": args.cpus_per_replica, "ingress": args.ingress}
 
+    from raylm.serving.ingress import set_ingress_env
+
+    set_ingress_env(args.ingress)
     ray.init(num_cpus=max(4, args.replicas * int(args.cpus_per_replica) + 2, args.fault_replicas + 2),
              include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
                                        "PYTHONPATH": str(REPO_ROOT / "platform")}})
     try:
         base_url = deploy_raylm(model, args.port, args.replicas, args.cpus_per_replica, max_body_bytes,
-                                args.tracking_uri)
+                                args.tracking_uri, args.ingress)
         asyncio.run(_wait_ready(f"{base_url}/v1/sentiment"))
         raylm: dict[str, dict] = {}
         for endpoint in ENDPOINTS:
@@ -429,7 +443,7 @@ def main() -> None:
 
         if not args.skip_fault:
             base_url = deploy_raylm(model, args.port, args.fault_replicas, args.cpus_per_replica, max_body_bytes,
-                                    args.tracking_uri)
+                                    args.tracking_uri, args.ingress)
             asyncio.run(_wait_ready(f"{base_url}/v1/sentiment"))
             killed: dict[str, Any] = {}
 
@@ -456,7 +470,7 @@ def main() -> None:
         finally:
             ray.shutdown()
     report["load_average_at_end"] = [round(value, 2) for value in os.getloadavg()]
-    print(json.dumps(report))
+    return report
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
+        from raylm.serving.ingress import set_ingress_env
+
+        set_ingress_env("haproxy")  # the default serve.ingress
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray

@@ -428,6 +428,9 @@ class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"
+    ingress: Literal["haproxy", "proxy"] = Field(
+        "haproxy", description="haproxy: HAProxy on host:port in front of replicas that answer HTTP themselves; "
+                               "proxy: Serve's Python proxy actor (see raylm.serving.ingress)")
     model_path: Optional[str] = Field(None, description="model folder, models:/name/version or models:/name@alias")
     models: dict[Literal["sentiment", "qa", "translate", "completions", "chat"], str] = Field(
         default_factory=dict, description="task -> model (folder or registry URI) for tasks that use their own "

@@ -44,6 +44,7 @@ def ensure_ray(job: JobConfig, log: Log = _print) -> None:
     import ray
 
     from raylm import cluster
+    from raylm.serving.ingress import set_ingress_env
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Serve's proxy must import FastAPI and friends within its readiness check; on a busy
@@ -66,6 +67,7 @@ def ensure_ray(job: JobConfig, log: Log = _print) -> None:
     # ... or room for every replica the serve config may start (autoscaling up to max_replicas), and the proxy.
     max_replicas = job.serve.autoscaling.max_replicas if job.serve.autoscaling else job.serve.num_replicas
     num_cpus = max(num_cpus, math.ceil(max_replicas * job.serve.num_cpus_per_replica) + 1)
+    set_ingress_env(job.serve.ingress)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": dict(WORKER_ENV_VARS), "worker_process_setup_hook": WORKER_SETUP_HOOK})
     log(f"started a local Ray with {num_cpus} logical CPUs")

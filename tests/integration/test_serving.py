@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -93,6 +94,36 @@ def _serve_details() -> dict:
 
 def test_binds_loopback_by_default():
     assert ServeConfig().host == "127.0.0.1"
+
+
+def _listeners() -> dict[tuple[str, int], str]:
+    """Listening TCP address -> command line of the process that owns it."""
+    import psutil
+
+    found = {}
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid:
+            try:
+                found[(conn.laddr.ip, conn.laddr.port)] = " ".join(psutil.Process(conn.pid).cmdline())
+            except psutil.Error:
+                continue
+    return found
+
+
+def test_haproxy_ingress_listens_on_loopback_with_a_private_admin_socket(served):
+    """The default ingress: HAProxy owns serve.port on 127.0.0.1, each replica answers HTTP on its own loopback
+    port, and HAProxy's admin socket (mode 666) lies in a folder only this user can enter."""
+    listeners = _listeners()
+    owners = {port: owner for (ip, port), owner in listeners.items()}
+    assert "haproxy" in owners.get(PORT, ""), f"port {PORT} is served by {owners.get(PORT)!r}, not HAProxy"
+    assert [ip for (ip, port) in listeners if port == PORT] == ["127.0.0.1"]
+    replica_ports = [(ip, port) for (ip, port), owner in listeners.items()
+                     if "ServeReplica" in owner and 30000 <= port <= 31000]
+    assert replica_ports, "no replica serves HTTP itself (direct ingress is off)"
+    assert {ip for ip, _ in replica_ports} == {"127.0.0.1"}, replica_ports
+    folder = os.path.dirname(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"])
+    assert os.stat(folder).st_mode & 0o077 == 0
+    assert list(Path(folder).rglob("admin.sock")), "HAProxy's admin socket is not in raylm's private folder"
 
 
 def test_healthz_is_open_and_shows_no_file_paths(served):

@@ -109,3 +109,21 @@ def test_data_baseline_packs_a_file_as_raylm_packs_its_segments(tmp_path):
     # one segment for the whole file packs fewer padded tail blocks: the segment size matters to the blocks
     whole = data_throughput._pack_files({"text": [text]}, plan, encoder, 32, segment_bytes=1 << 20)
     assert whole["input_ids"].shape[0] < raylm_blocks["input_ids"].shape[0]
+
+
+def test_json_stdout_keeps_everything_but_the_report_off_stdout():
+    """Ray's raylet lines reach a driver's stdout (file descriptor 1, also a child's): only the JSON may stay."""
+    import json
+    import subprocess
+
+    script = ("import os, subprocess, sys; sys.path.insert(0, %r)\n"
+              "from _common import json_stdout\n"
+              "with json_stdout() as emit:\n"
+              "    print('python print'); os.write(1, b'raw fd write\\n')\n"
+              "    subprocess.run(['echo', 'child process'])\n"
+              "    emit({'figure': 1.5})\n"
+              "print('after')\n") % str(BENCH)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [json.dumps({"figure": 1.5}), "after"]
+    assert done.stderr.splitlines() == ["python print", "raw fd write", "child process"]

