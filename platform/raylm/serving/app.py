@@ -53,7 +53,8 @@ class RaylmServer:
             by_reference[reference] = ModelWorker(
                 model, self.executor, self.generation_executor, self.stats, max_batch_size=self.config.max_batch_size,
                 batch_wait_timeout_s=self.config.batch_wait_timeout_s,
-                max_concurrent_batches=self.config.max_concurrent_batches)
+                max_concurrent_batches=self.config.max_concurrent_batches,
+                max_ongoing=self.config.max_ongoing_requests)
         self.workers = {task: by_reference[reference] for task, reference in task_models.items()}
         self.started = time.time()
 
