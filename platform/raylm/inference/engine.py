@@ -88,6 +88,8 @@ class Engine(TaskModel):
         self.chat_template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
         # transformers 5 renamed the key/value cache argument from past_key_values to cache.
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        # Models that can compute the vocabulary projection for the last position alone.
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @classmethod
     def from_directory(cls, folder: str | Path, options: Optional[InferenceOptions] = None, *,
@@ -180,8 +182,11 @@ class Engine(TaskModel):
             mask[row, width - len(seq):] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    def _forward(self, input_ids, attention_mask, position_ids, past=None, use_cache=True):
+    def _forward(self, input_ids, attention_mask, position_ids, past=None, use_cache=True, last_only=False):
+        """Logits (``[rows, positions, vocabulary]``; with ``last_only``, at least the last position) and cache."""
         kwargs = {self._cache_kwarg: past} if use_cache else {}
+        if last_only and self._keeps_logits:
+            kwargs["logits_to_keep"] = 1
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=use_cache, **kwargs)
         return out.logits, (getattr(out, self._cache_kwarg, None) if use_cache else None)
@@ -374,7 +379,7 @@ class Engine(TaskModel):
             prompt_rows = [[self.eos_id, *ids[-limit:]] for ids in self._encode_texts(list(prompts))]
             input_ids, attention_mask = self._left_pad(prompt_rows)
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            logits, _ = self._forward(input_ids, attention_mask, position_ids, use_cache=False)
+            logits, _ = self._forward(input_ids, attention_mask, position_ids, use_cache=False, last_only=True)
             log_probs = torch.log_softmax(logits[:, -1, :].float(), dim=-1)
             scores = log_probs[:, torch.tensor([ids[0] for ids in choice_ids], device=log_probs.device)]
             return torch.softmax(scores.cpu(), dim=-1).tolist()
