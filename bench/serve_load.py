@@ -396,14 +396,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     from raylm.serving.ingress import set_ingress_env
 
-    set_ingress_env(args.ingress)
+    report["ingress"] = set_ingress_env(args.ingress)  # proxy where no HAProxy binary exists
     ray.init(num_cpus=max(4, args.replicas * int(args.cpus_per_replica) + 2, args.fault_replicas + 2),
              include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
                                        "PYTHONPATH": str(REPO_ROOT / "platform")}})
     try:
         base_url = deploy_raylm(model, args.port, args.replicas, args.cpus_per_replica, max_body_bytes,
-                                args.tracking_uri, args.ingress)
+                                args.tracking_uri, report["ingress"])
         asyncio.run(_wait_ready(f"{base_url}/v1/sentiment"))
         raylm: dict[str, dict] = {}
         for endpoint in ENDPOINTS:
@@ -443,7 +443,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
         if not args.skip_fault:
             base_url = deploy_raylm(model, args.port, args.fault_replicas, args.cpus_per_replica, max_body_bytes,
-                                    args.tracking_uri, args.ingress)
+                                    args.tracking_uri, report["ingress"])
             asyncio.run(_wait_ready(f"{base_url}/v1/sentiment"))
             killed: dict[str, Any] = {}
 

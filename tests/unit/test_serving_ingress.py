@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from raylm.config import ConfigError, ServeConfig, load_config
-from raylm.serving.ingress import HAPROXY_FLAG, ingress_env, set_ingress_env
+from raylm.serving.ingress import HAPROXY_FLAG, OWN_KEYS, haproxy_available, ingress_env, set_ingress_env
 
 
 def test_haproxy_env_keeps_its_files_private_and_its_ports_apart():
@@ -24,16 +24,32 @@ def test_haproxy_env_keeps_its_files_private_and_its_ports_apart():
     assert ingress_env("haproxy")["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] != folder  # each Ray its own folder
 
 
+def _clean_env(monkeypatch):
+    for key in [*ingress_env("haproxy"), OWN_KEYS]:  # restored after the test
+        monkeypatch.delenv(key, raising=False)
+
+
 def test_proxy_env_turns_haproxy_off_and_the_config_decides_the_flag(monkeypatch):
     assert ingress_env("proxy") == {HAPROXY_FLAG: "0"}
-    for key in ingress_env("haproxy"):  # restored after the test
-        monkeypatch.delenv(key, raising=False)
+    _clean_env(monkeypatch)
     monkeypatch.setenv(HAPROXY_FLAG, "1")
-    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")  # the user's
     set_ingress_env("proxy")
     assert os.environ[HAPROXY_FLAG] == "0"
     set_ingress_env("haproxy")
     assert os.environ[HAPROXY_FLAG] == "1" and os.environ["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+
+
+def test_a_child_that_starts_its_own_ray_gets_its_own_folder_and_ports(monkeypatch):
+    """A `raylm serve` launched by a process that already set up (and runs) HAProxy must not reuse its
+    stats port or folder: the second HAProxy could not bind the port."""
+    _clean_env(monkeypatch)
+    set_ingress_env("haproxy")
+    parent = {key: os.environ[key] for key in ingress_env("haproxy")}
+    set_ingress_env("haproxy")  # what the child process does with the inherited environment
+    child = {key: os.environ[key] for key in parent}
+    assert child["RAY_SERVE_HAPROXY_SOCKET_PATH"] != parent["RAY_SERVE_HAPROXY_SOCKET_PATH"]
+    assert child["RAY_SERVE_HAPROXY_STATS_PORT"] != parent["RAY_SERVE_HAPROXY_STATS_PORT"]
 
 
 def test_ingress_is_a_checked_serve_key(tmp_path):
@@ -42,3 +58,14 @@ def test_ingress_is_a_checked_serve_key(tmp_path):
     path.write_text("serve:\n  ingress: nginx\n")
     with pytest.raises(ConfigError, match="ingress"):
         load_config(path)
+
+
+def test_without_an_haproxy_binary_the_proxy_serves(monkeypatch, tmp_path):
+    _clean_env(monkeypatch)
+    missing = tmp_path / "no-haproxy"
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(missing))
+    assert not haproxy_available()
+    assert set_ingress_env("haproxy") == "proxy" and os.environ[HAPROXY_FLAG] == "0"
+    missing.write_text("#!/bin/sh\n")
+    missing.chmod(0o755)
+    assert haproxy_available() and set_ingress_env("haproxy") == "haproxy" and os.environ[HAPROXY_FLAG] == "1"

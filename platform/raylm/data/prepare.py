@@ -108,8 +108,13 @@ def source_plans(job: JobConfig, corpus: ResolvedCorpus, role: str) -> list[tupl
 
 
 def _run_ray(action: Callable[[], Any]) -> Any:
-    """Run a Ray Data execution (dispatching tasks promptly), turning a DataError raised inside a task into
-    a plain one-line DataError."""
+    """Run a Ray Data execution (dispatching tasks promptly, without Ray Data's progress bars: raylm reports
+    its own progress, as ``raylm prepare`` does), turning a DataError raised inside a task into a plain
+    one-line DataError."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    bars, context.enable_progress_bars = context.enable_progress_bars, False
     try:
         with prompt_task_dispatch():
             return action()
@@ -120,6 +125,8 @@ def _run_ray(action: Callable[[], Any]) -> Any:
         if found is not None:
             raise DataError(str(found)) from None
         raise
+    finally:
+        context.enable_progress_bars = bars
 
 
 # --------------------------------------------------------------------------- tokenizer

