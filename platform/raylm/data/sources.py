@@ -368,14 +368,6 @@ def _read_planned(batch: dict[str, Any], fn, plans: list, **fn_kwargs) -> dict[s
     return {column: np.concatenate([output[column] for output in outputs]) for column in outputs[0]}
 
 
-class _PlannedReader:
-    def __init__(self, fn, plans, fn_kwargs):
-        self.fn, self.plans, self.fn_kwargs = fn, plans, fn_kwargs
-
-    def __call__(self, batch):
-        return _read_planned(batch, fn=self.fn, plans=self.plans, **self.fn_kwargs)
-
-
 SEGMENT_FIELDS = ("path", "file_index", "first_line", "continues", "doc_start", "continued", "last_doc_start", "ends_file")
 
 
@@ -418,17 +410,9 @@ def map_segments(pairs: list[tuple[ResolvedSource, Any]], segment_bytes: int, fn
         if longest_first:
             items.sort(key=lambda item: -item["length"])  # stable: ties keep reading order
         plans = [plan for _, plan in pairs]
-        import os as _os
-        if _os.environ.get("RAYLM_PACK_ACTORS"):
-            size = int(_os.environ["RAYLM_PACK_ACTORS"])
-            datasets.append(ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                _PlannedReader, fn_constructor_kwargs={"fn": fn, "plans": plans, "fn_kwargs": fn_kwargs},
-                batch_size=1, batch_format="numpy", num_cpus=1,
-                compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=int(_os.environ.get("RAYLM_INFLIGHT", 2)))))
-        else:
-            datasets.append(ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                _read_planned, fn_kwargs={"fn": fn, "plans": plans, **fn_kwargs}, batch_size=1,
-                batch_format="numpy"))
+        datasets.append(ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _read_planned, fn_kwargs={"fn": fn, "plans": plans, **fn_kwargs}, batch_size=1,
+            batch_format="numpy"))
     for source, plan in pairs:
         if not plannable(source):
             datasets.append(read_segments(source, segment_bytes).map_batches(
