@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from raylm.config import ConfigError, ServeConfig, load_config
-from raylm.serving.ingress import HAPROXY_FLAG, OWN_KEYS, haproxy_available, ingress_env, set_ingress_env
+from raylm.serving.ingress import HAPROXY_FLAG, OWN_KEYS, haproxy_available, stop_haproxy, stop_stale_haproxy, ingress_env, set_ingress_env
 
 
 def test_haproxy_env_keeps_its_files_private_and_its_ports_apart():
@@ -17,8 +17,10 @@ def test_haproxy_env_keeps_its_files_private_and_its_ports_apart():
     for key in ("RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC",
                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE"):
         assert os.path.dirname(env[key]) == folder
-    # Ray puts the socket under a per-node folder (56 hex digits); a Unix socket path holds at most 107 bytes.
-    assert len(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]) + 57 <= 107
+    # Ray puts the sockets under a per-node folder (56 hex digits); HAProxy takes socket paths of <= 97 bytes,
+    # also for the largest process id (7 digits; the folder is named after it).
+    longest = max(len(env[key]) for key in ("RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"))
+    assert longest + 57 + (7 - len(str(os.getpid()))) <= 97
     ports = {int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])}
     assert len(ports) == 2 and not ports & {8404, 9101}
     assert ingress_env("haproxy")["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] != folder  # each Ray its own folder
@@ -69,3 +71,49 @@ def test_without_an_haproxy_binary_the_proxy_serves(monkeypatch, tmp_path):
     missing.write_text("#!/bin/sh\n")
     missing.chmod(0o755)
     assert haproxy_available() and set_ingress_env("haproxy") == "haproxy" and os.environ[HAPROXY_FLAG] == "1"
+
+
+def test_stop_haproxy_stops_only_the_haproxy_of_its_own_folder(tmp_path):
+    """An HAProxy that outlived its Ray would keep serve.port: raylm stops the one started from its folder."""
+    import shutil
+    import subprocess
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    processes = {}
+    for folder in (ours, theirs):
+        folder.mkdir()
+        binary = folder / "haproxy"
+        shutil.copy("/bin/sleep", binary)
+        processes[folder] = subprocess.Popen([str(binary), "60"])
+    try:
+        assert stop_haproxy(str(ours)) == 1
+        assert processes[ours].wait(timeout=10) != 0
+        assert processes[theirs].poll() is None
+        assert stop_haproxy(str(ours)) == 0
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.wait()
+
+
+def test_an_haproxy_whose_raylm_is_gone_is_stopped_and_a_live_ones_is_not(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    processes = {}
+    for owner in (gone.pid, os.getpid()):
+        folder = tmp_path / f"raylm{owner}-abc"
+        folder.mkdir()
+        shutil.copy("/bin/sleep", folder / "haproxy")
+        processes[owner] = subprocess.Popen([str(folder / "haproxy"), "60"])
+    try:
+        assert stop_stale_haproxy() == 1
+        assert processes[gone.pid].wait(timeout=10) != 0
+        assert processes[os.getpid()].poll() is None
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.wait()

@@ -31,13 +31,16 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
+import signal
 import socket
 import tempfile
 from typing import Literal
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 OWN_KEYS = "RAYLM_INGRESS_ENV"  # the variables raylm set (not the user)
+FOLDER_PREFIX = "raylm"
 # A stopping replica behind HAProxy keeps answering at least this long (Ray's default: 30 s, for load
 # balancers that poll); raylm's HAProxy is told by the controller within ~0.1 s that a replica is going.
 DRAINING_PERIOD_S = "2"
@@ -53,8 +56,12 @@ def ingress_env(ingress: Literal["haproxy", "proxy"]) -> dict[str, str]:
     """Environment variables that make a Ray started with them serve through ``ingress``."""
     if ingress == "proxy":
         return {HAPROXY_FLAG: "0"}
-    folder = tempfile.mkdtemp(prefix="raylm-hap-")  # mode 0700; short: HAProxy's socket path must fit 107 bytes
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    # Mode 0700; named after this process, so that a later raylm can tell an HAProxy whose raylm is gone
+    # (stop_stale_haproxy); short: Ray puts HAProxy's sockets under <folder>/<56-digit node id>/ and HAProxy
+    # takes a socket path of at most 97 bytes ("/tmp/raylm4194304-abcdefgh/<node id>/metrics.sock": 96).
+    base = "/tmp" if os.path.isdir("/tmp") else None
+    folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=base)
+    atexit.register(_clean_up, folder)  # runs after Ray's own exit handler (registered later, run first)
     return {
         HAPROXY_FLAG: "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(folder, "haproxy.cfg"),
@@ -66,6 +73,71 @@ def ingress_env(ingress: Literal["haproxy", "proxy"]) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": DRAINING_PERIOD_S,
     }
+
+
+def _haproxy_processes() -> list[tuple[int, list[bytes]]]:
+    """(pid, command line) of every HAProxy process (Linux /proc; none elsewhere)."""
+    found = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                arguments = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if os.path.basename(arguments[0]) == b"haproxy":
+            found.append((int(entry), arguments))
+    return found
+
+
+def _terminate(pid: int) -> bool:
+    try:
+        os.kill(pid, signal.SIGTERM)
+        return True
+    except OSError:
+        return False
+
+
+def stop_stale_haproxy() -> int:
+    """Stop HAProxy processes left by a raylm that is gone (its Ray died under it, e.g. a SIGKILL or a lost
+    GCS: no exit handler ran); each would keep its ``serve.port``. Returns how many."""
+    marker = re.compile(rb"/" + re.escape(FOLDER_PREFIX.encode()) + rb"(\d+)-")
+    stopped = 0
+    for pid, arguments in _haproxy_processes():
+        owners = {int(match.group(1)) for arg in arguments for match in [marker.search(arg)] if match}
+        if owners and not any(_alive(owner) for owner in owners):
+            stopped += _terminate(pid)
+    return stopped
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def stop_haproxy(folder: str) -> int:
+    """Stop (SIGTERM) every HAProxy process that runs from ``folder``; returns how many.
+
+    Ray's HAProxy manager replaces HAProxy on every route change (a new process
+    takes over from the old one); when Serve shuts down during such a hand-over
+    (a SIGTERM while the app deploys) the new process can outlive Ray and keep
+    holding ``serve.port``. Each raylm process has its own folder, so this stops
+    only its own HAProxy.
+    """
+    prefix = os.fsencode(folder.rstrip(os.sep) + os.sep)
+    return sum(_terminate(pid) for pid, arguments in _haproxy_processes()
+               if any(arg.startswith(prefix) for arg in arguments))
+
+
+def _clean_up(folder: str) -> None:
+    stop_haproxy(folder)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def haproxy_available() -> bool:
@@ -95,6 +167,8 @@ def set_ingress_env(ingress: Literal["haproxy", "proxy"]) -> str:
     """
     if ingress == "haproxy" and not haproxy_available():
         ingress = "proxy"
+    if ingress == "haproxy":
+        stop_stale_haproxy()
     ours = set(filter(None, os.environ.get(OWN_KEYS, "").split(",")))
     for key, value in ingress_env(ingress).items():
         if key == HAPROXY_FLAG or key in ours or key not in os.environ:
