@@ -21,8 +21,9 @@ def test_haproxy_env_keeps_its_files_private_and_its_ports_apart():
     # also for the largest process id (7 digits; the folder is named after it).
     longest = max(len(env[key]) for key in ("RAY_SERVE_HAPROXY_SOCKET_PATH", "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"))
     assert longest + 57 + (7 - len(str(os.getpid()))) <= 97
-    ports = {int(env["RAY_SERVE_HAPROXY_STATS_PORT"]), int(env["RAY_SERVE_HAPROXY_METRICS_PORT"])}
-    assert len(ports) == 2 and not ports & {8404, 9101}
+    ports = {int(env[key]) for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                                       "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
+    assert len(ports) == 4 and not ports & {8404, 9101, 8500, 9500}
     assert ingress_env("haproxy")["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] != folder  # each Ray its own folder
 
 

@@ -21,7 +21,8 @@ What raylm adds to Ray's defaults for a local Ray: HAProxy's admin socket,
 configuration and state files go to a fresh folder only this user can enter
 (Ray's default is a shared ``/tmp/haproxy-serve`` and the admin socket is
 mode 666), and its stats and Prometheus ports are free ports picked at start
-(Ray's defaults, 8404 and 9101, collide when two Rays run on one machine).
+(Ray's defaults, 8404 and 9101, collide when two Rays run on one machine), and so is the port of
+Serve's fallback proxy behind HAProxy (Ray's 8500 would reach another Ray's Serve).
 Those two ports listen on every interface (HAProxy's template in Ray); the
 served API itself listens on ``serve.host``, 127.0.0.1 unless configured,
 and so do the replicas' own ports.
@@ -71,6 +72,10 @@ def ingress_env(ingress: Literal["haproxy", "proxy"]) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(folder, "server-state"),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        # HAProxy's backup server: Serve's proxy on a port of its own (Ray's 8500 / 9500 would be another
+        # Ray's on the same machine, which does not serve this app).
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": DRAINING_PERIOD_S,
     }
 
