@@ -7,7 +7,9 @@ Run by ``bench/gpu_check.sh``. Three runs in one call, on the same packed blocks
    optimiser (:func:`raylm.train.trainer.build_optimizer`: fused AdamW, the same
    parameter groups), every transformer block ``torch.compile``d as raylm
    compiles them, and a plain loop over batches already on the GPU's host side
-   (``model(input_ids, position_ids, labels).loss.backward()``, clip, step).
+   (``model(input_ids, position_ids, labels, attention_mask).loss.backward()``,
+   clip, step), with the block-diagonal mask built as raylm builds it
+   (:func:`raylm.train.masks.packed_attention_mask`, no host sync).
 2. ``bf16_fsdp``: ``run_training`` -> ``train_loop_per_worker`` -> ``LMTrainer``
    with 1 Ray Train worker (NCCL process group), ``train.parallel=fsdp`` with a
    bf16 MixedPrecisionPolicy, ``train.compile=true``, the blocks as a Ray Dataset.
@@ -151,6 +153,7 @@ def run_baseline(args) -> dict:
     from raylm.config import ModelConfig
     from raylm.models.registry import build_model
     from raylm.train.kernels import fuse_kernels
+    from raylm.train.masks import packed_attention_mask
     from raylm.train.parallel import compile_blocks
     from raylm.train.trainer import build_optimizer, lr_lambda
 
@@ -183,7 +186,7 @@ def run_baseline(args) -> dict:
         batch = {name: value[offset : offset + args.batch].to(device, non_blocking=True) for name, value in rows.items()}
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                         use_cache=False).loss
+                         attention_mask=packed_attention_mask(model, batch["position_ids"]), use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -189,3 +189,32 @@ def test_next_token_loss_matches_transformers_reference():
             ours = trainer._loss_sum(batch) / trainer._num_targets(batch)
         assert trainer._num_targets(batch) == int((batch["labels"][:, 1:] != -100).sum())
         assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_steps_without_metrics_make_no_host_sync():
+    """A bf16 step on packed blocks from pinned host batches never waits for the GPU.
+
+    What the loop feeds a CUDA worker (``train.loop.host_batches``): pinned CPU
+    tensors. A host sync (counting targets on a GPU copy, a blocking copy of the
+    target count) would make every step wait for the one before it; CUDA's sync
+    debug mode turns any such wait into an error here.
+    """
+    config = TrainConfig(num_workers=1, micro_batch_size=4, grad_accum_steps=2, max_steps=10, warmup_steps=1,
+                         precision="bf16")
+    trainer = LMTrainer(build_model(ModelConfig(size="debug"), 128, 32, seed=0), config, torch.device("cuda"))
+    generator = torch.Generator().manual_seed(0)
+    micro = []
+    for _ in range(2):
+        ids = torch.randint(1, 128, (4, 32), generator=generator)
+        positions = torch.cat([torch.arange(20), torch.arange(12)]).repeat(4, 1)
+        micro.append({"input_ids": ids.pin_memory(), "labels": ids.clone().pin_memory(),
+                      "position_ids": positions.pin_memory()})
+    first = trainer.train_step(micro)  # the first step allocates optimiser state and may sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        lazy = [trainer.train_step(micro, sync_metrics=False) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    losses = [float(step["loss"]) for step in lazy]
+    assert all(math.isfinite(loss) for loss in losses) and losses[-1] < first["loss"]

@@ -105,8 +105,20 @@ def resume_position(state: dict[str, Any], world_size: int, micro_batch_size: in
     return epoch, round(saved_rows / (world_size * micro_batch_size))
 
 
+def host_batches(shard, batch_size: int, pin_memory: bool = False, **options) -> Iterator[dict]:
+    """``shard``'s batches as CPU tensors (pinned for a CUDA worker): the trainer moves them itself.
+
+    Ray Data's default in a Train worker moves each batch to the worker's GPU on
+    its fetch thread; the trainer then counts a step's targets on that GPU copy,
+    a host sync every step (the CPU waits for the step before it, the GPU for the
+    CPU). On the host the count is free, and from pinned memory the trainer's copy
+    is asynchronous.
+    """
+    return shard.iter_torch_batches(batch_size=batch_size, device="cpu", pin_memory=pin_memory, **options)
+
+
 def iterate_micro_batches(shard, micro_batch_size: int, seed: int, start_epoch: int,
-                          skip: int) -> Iterator[tuple[int, int, dict]]:
+                          skip: int, pin_memory: bool = False) -> Iterator[tuple[int, int, dict]]:
     """Endless micro-batches from this worker's shard, as (epoch, batches consumed in epoch, batch).
 
     Every worker runs the same number of steps and its shard is split with
@@ -118,8 +130,10 @@ def iterate_micro_batches(shard, micro_batch_size: int, seed: int, start_epoch: 
     while True:
         produced = 0
         for index, batch in enumerate(
-            shard.iter_torch_batches(
-                batch_size=micro_batch_size,
+            host_batches(
+                shard,
+                micro_batch_size,
+                pin_memory,
                 drop_last=True,
                 local_shuffle_buffer_size=max(4 * micro_batch_size, 64),
                 local_shuffle_seed=seed + epoch,
@@ -177,12 +191,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     dev_shard = ray.train.get_dataset_shard("dev")
     epoch, position = resume_position(state, world, config.micro_batch_size)
-    batch_stream = iterate_micro_batches(train_shard, config.micro_batch_size, config.seed + rank, epoch, position)
+    pin = device.type == "cuda"
+    batch_stream = iterate_micro_batches(train_shard, config.micro_batch_size, config.seed + rank, epoch, position,
+                                         pin_memory=pin)
 
     def dev_batches():
         # Equal shards and the same batch size give every worker the same number of
         # batches, which FSDP's collectives in forward require.
-        for produced, batch in enumerate(dev_shard.iter_torch_batches(batch_size=config.micro_batch_size)):
+        for produced, batch in enumerate(host_batches(dev_shard, config.micro_batch_size, pin)):
             if produced >= config.eval_batches:
                 break
             yield batch

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from raylm.train import parallel
 from raylm.train.checkpoint import HISTORY_FILE, STATE_FILE, write_manifest
+from raylm.train.masks import packed_attention_mask
 
 IGNORE_INDEX = -100
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "attention_mask", "token_type_ids")
@@ -192,9 +193,11 @@ class LMTrainer:
                 # (batch, 2, seq) -> rows [start_0, end_0, start_1, ...]: two classifications over
                 # positions per example, matching the (batch, 2) start/end labels flattened.
                 return torch.stack([out.start_logits, out.end_logits], dim=1).reshape(-1, out.start_logits.size(-1))
-            # No KV cache and no attention mask: with position ids, transformers builds a
-            # block-diagonal causal mask, so packed examples cannot attend to each other.
-            return self.model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"),
+            # No KV cache. With position ids the mask is block-diagonal causal, so packed
+            # examples cannot attend to each other; raylm builds it on the device (train.masks).
+            position_ids = batch.get("position_ids")
+            return self.model(input_ids=batch["input_ids"], position_ids=position_ids,
+                              attention_mask=packed_attention_mask(self.base_model, position_ids),
                               use_cache=False).logits
 
     def _targets(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -216,6 +219,12 @@ class LMTrainer:
 
     def _num_targets(self, batch: dict[str, torch.Tensor]) -> int:
         return int((self._targets(batch) != IGNORE_INDEX).sum())
+
+    def _from_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on the device without a host sync (a blocking copy to a GPU waits for its stream)."""
+        if self.device.type != "cuda":
+            return tensor.to(self.device)
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _to_device(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         tensors = {key: torch.as_tensor(value) for key, value in batch.items() if key in BATCH_KEYS}
@@ -248,7 +257,7 @@ class LMTrainer:
         local_targets = sum(self._num_targets({"labels": torch.as_tensor(b["labels"])}) for b in micro_batches)
         batches = [self._to_device(batch) for batch in micro_batches]
         global_targets = parallel.all_reduce_sum(
-            torch.tensor([float(local_targets)], dtype=torch.float64, device=self.device))[0].clamp(min=1.0)
+            self._from_host(torch.tensor([float(local_targets)], dtype=torch.float64)))[0].clamp(min=1.0)
         # DDP and FSDP average gradients over workers, hence the world-size factor.
         normaliser = (global_targets / parallel.world_size()).float()
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
