@@ -68,6 +68,38 @@ def machine_state() -> dict[str, Any]:
             "cpu_count": os.cpu_count()}
 
 
+def _busy_fraction(interval_s: float) -> float:
+    """The machine's non-idle CPU share over the next ``interval_s`` (from /proc/stat; 0.0 where it is missing)."""
+    def read():
+        with open("/proc/stat") as handle:
+            values = [int(v) for v in handle.readline().split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # total, idle + iowait
+
+    try:
+        total0, idle0 = read()
+        time.sleep(interval_s)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def settle(max_busy: float = 0.15, interval_s: float = 1.0, timeout_s: float = 30.0) -> float:
+    """Wait until the last run's after-effects are gone; returns the seconds waited.
+
+    A run's written files are still being flushed (dirty pages) and its processes
+    torn down when it returns; whichever run came next paid for that (measured
+    on data_throughput: +8-13% for the second run of a pair). This flushes the
+    page cache's dirty pages and waits until the machine's CPU was at most
+    ``max_busy`` busy over ``interval_s`` (at most ``timeout_s``).
+    """
+    started = time.perf_counter()
+    os.sync()
+    while time.perf_counter() - started < timeout_s and _busy_fraction(interval_s) > max_busy:
+        pass
+    return time.perf_counter() - started
+
+
 def spawn_json(script: str | Path, arguments: Sequence[str], env: dict[str, str] | None = None,
                timeout: float | None = None) -> dict[str, Any]:
     """Run ``script`` in a fresh interpreter with ``arguments --out FILE``; return the JSON it wrote to FILE.

@@ -26,7 +26,9 @@ first run (with ``ray.init`` for raylm). Then the timed run. Throughput is the
 training split's tokens in packed blocks (padding excluded) per second of the
 whole run (both splits); the baseline's token count is taken after its clock
 stops. Each figure is the median of ``--repeats`` runs, raylm and baseline
-interleaved (alternating which goes first).
+interleaved (alternating which goes first), each started once the machine has
+settled after the run before (``bench._common.settle``: dirty pages flushed,
+CPU idle).
 
 Memory is the peak PSS summed over the whole process tree
 (:class:`TreeMemorySampler`): for raylm the driver, raylet, GCS, Ray's other
@@ -58,7 +60,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "bench"))
 
-from _common import TreeMemorySampler, machine_state, spawn_json  # noqa: E402  (bench/ on the path above)
+from _common import TreeMemorySampler, machine_state, settle, spawn_json  # noqa: E402  (bench/ on the path above)
 
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 FILE_BYTES = 2_000_000
@@ -309,11 +311,14 @@ def main() -> None:
 
     def spawn(key: str, name: str, corpus: Path, *options: str) -> None:
         scratch = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
+        waited = settle()  # the run before's writes flushed and its processes gone, for either side
         runs[key].append(_spawn(["--worker", name, "--corpus", str(corpus), "--dev", str(dev), "--warmup",
                                  str(warmup), "--tokenizer", str(tokenizer_dir), "--scratch", str(scratch),
                                  "--segment-bytes", str(args.segment_bytes), *options]))
+        runs[key][-1]["settled_s"] = round(waited, 1)
         subprocess.run(["rm", "-rf", str(scratch)], check=False)
-        print(f"[bench] {key} #{len(runs[key])}: {runs[key][-1]['seconds']:.1f} s", file=sys.stderr, flush=True)
+        print(f"[bench] {key} #{len(runs[key])}: {runs[key][-1]['seconds']:.1f} s (settled {waited:.1f} s)",
+              file=sys.stderr, flush=True)
 
     # Timed repeats, no memory sampler; alternate which side goes first, so neither always runs after the other.
     for repeat in range(args.repeats):

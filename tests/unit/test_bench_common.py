@@ -12,7 +12,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from _common import SizedTokenizer, TreeMemorySampler, machine_state, overall_rate, rotated, spawn_json  # noqa: E402
+from _common import (  # noqa: E402
+    SizedTokenizer, TreeMemorySampler, _busy_fraction, machine_state, overall_rate, rotated, settle, spawn_json,
+)
 
 MB = 1 << 20
 linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/smaps_rollup"), reason="needs Linux /proc")
@@ -148,3 +150,18 @@ def test_sampler_is_marked_unavailable_without_proc(monkeypatch):
         pass
     assert not sampler.available and sampler.figures()["peak_tree_pss_bytes"] == 0
 
+
+
+@linux_only
+def test_settle_waits_for_a_busy_process_to_finish():
+    """A process spinning one of the machine's cores for ~2.5 s keeps settle waiting until it ends."""
+    cores = os.cpu_count() or 1
+    threshold = _busy_fraction(0.5) + 0.5 / cores  # what else runs, plus half of the spinning core
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 2.5\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)
+        waited = settle(max_busy=threshold, interval_s=0.5, timeout_s=15.0)
+    finally:
+        busy.wait()
+    assert busy.returncode == 0
+    assert 1.5 <= waited < 15.0
