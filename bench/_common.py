@@ -87,11 +87,10 @@ def _busy_fraction(interval_s: float) -> float:
 def settle(max_busy: float = 0.15, interval_s: float = 1.0, timeout_s: float = 30.0) -> float:
     """Wait until the last run's after-effects are gone; returns the seconds waited.
 
-    A run's written files are still being flushed (dirty pages) and its processes
-    torn down when it returns; whichever run came next paid for that (measured
-    on data_throughput: +8-13% for the second run of a pair). This flushes the
-    page cache's dirty pages and waits until the machine's CPU was at most
-    ``max_busy`` busy over ``interval_s`` (at most ``timeout_s``).
+    A run's written files may still be being flushed (dirty pages) and its
+    processes torn down when it returns, at the cost of whichever run comes next.
+    This flushes the page cache's dirty pages and waits until the machine's CPU
+    was at most ``max_busy`` busy over ``interval_s`` (at most ``timeout_s``).
     """
     started = time.perf_counter()
     os.sync()
