@@ -151,7 +151,6 @@ def test_sampler_is_marked_unavailable_without_proc(monkeypatch):
     assert not sampler.available and sampler.figures()["peak_tree_pss_bytes"] == 0
 
 
-
 @linux_only
 def test_settle_waits_for_a_busy_process_to_finish():
     """A process spinning one of the machine's cores for ~2.5 s keeps settle waiting until it ends."""
