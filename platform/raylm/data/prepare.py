@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from raylm.config import DataSourceConfig, JobConfig
+from raylm.data.dispatch import prompt_task_dispatch
 from raylm.data.errors import DataError, find_data_error
 from raylm.data.segments import MAX_PROBLEM_EXAMPLES, SourcePlan, sample_texts, segment_rows, write_packed_segments
-from raylm.data.sources import (ResolvedSource, check_local_paths, map_segments, prompt_task_dispatch,
-                                 resolve_source)
+from raylm.data.sources import ResolvedSource, check_local_paths, map_segments, resolve_source
 from raylm.data.tokenizer import encoder_spec, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
 # Bump when a change to reading, formatting or packing changes the blocks for the same input.

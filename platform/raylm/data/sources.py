@@ -13,7 +13,6 @@ import glob
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -275,44 +274,6 @@ def read_segments(source: ResolvedSource, segment_bytes: int):
                                              columns=columns)
     # One segment per block, so that the segments of one big file are tokenized in parallel.
     return ray.data.read_datasource(datasource).repartition(target_num_rows_per_block=1)
-
-
-# --------------------------------------------------------------------------- prompt dispatch
-
-# Ray Data's streaming executor notices a finished task by polling: ray.wait on all running tasks with a
-# 0.1 s timeout, then (by default) a metadata thread with another 0.1 s wait before the task counts as done
-# and its CPU is handed to the next one. With tasks of about a second (one segment each) a worker sat idle
-# 0.157 s between tasks (median, measured on the data benchmark's 50 MB corpus; 2 workers ran 1.69 tasks at
-# a time on average). Polling every 30 ms with the metadata fetched inline: 0.027 s, 1.93 tasks at a time,
-# for 0.6 s more of the driver's CPU over a 30 s run (every 10 ms: 0.016 s, but 4.5 s more CPU).
-# These are module constants of Ray 2.60's executor, read on each use; when a Ray version lacks them
-# nothing is changed.
-_PROMPT_DISPATCH = (
-    ("ray.data._internal.execution.streaming_executor_state", "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", 0.03),
-    ("ray.data._internal.execution.metadata_fetcher", "_PREFETCH_ON_THREAD", False),
-)
-
-
-@contextmanager
-def prompt_task_dispatch():
-    """Within this block, Ray Data executions started by this process hand a finished task's CPU on
-    within ~30 ms instead of ~0.15 s (see the note above)."""
-    import importlib
-
-    saved = []
-    for module_name, name, value in _PROMPT_DISPATCH:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        if hasattr(module, name):
-            saved.append((module, name, getattr(module, name)))
-            setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for module, name, value in reversed(saved):
-            setattr(module, name, value)
 
 
 # --------------------------------------------------------------------------- planned segments
