@@ -7,11 +7,12 @@ one-segment packing tasks of ~1 s):
 1. It notices a finished task by polling: ``ray.wait`` on all running tasks with
    ``num_returns`` equal to their number and a 0.1 s timeout, so a task that
    finishes while the others run is seen only when the timeout ends: a worker sat
-   idle 0.157 s between tasks (median). Polling every 30 ms cut that to 0.027 s
-   for ~2.8 CPU-s of the driver per ~28 s run, on the same two cores as the work.
-   Here the executor wakes as soon as a task has new output (or after at most
-   ``IDLE_WAIT_S``) and then collects every ready task without waiting: 0.012 s
-   between tasks, the executor's thread ~0.6 CPU-s per run.
+   idle 0.157 s between tasks (median). Polling every 30 ms cut that to 0.027 s,
+   but the driver then used 3.1-3.6 CPU-s per ~30 s run (all its threads), on
+   the same two cores as the work. Here the executor wakes as soon as a task has
+   new output (or after at most ``IDLE_WAIT_S``) and then collects every ready
+   task without waiting: 0.011 s between tasks, the driver 1.2-1.4 CPU-s (its
+   executor thread ~0.5).
 2. A task counts as done only after a metadata thread has fetched its block's
    metadata, with another 0.1 s wait; it is fetched inline instead.
 3. At the start of each execution the resource limits come from the autoscaling
