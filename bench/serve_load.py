@@ -380,7 +380,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import ray
     from ray import serve
 
-    from raylm.tracking import resolve_model_path
+    from raylm.common.tracking import resolve_model_path
 
     scratch = Path(tempfile.mkdtemp(prefix="raylm-serve-bench-"))
     model = args.model or str(build_demo_shaped_model(scratch / "model"))

@@ -29,7 +29,7 @@ def register_with_alias(model_dir: Path, tracking_uri: str, name: str, alias: st
     """Log ``model_dir`` to a real MLflow store, register it as ``name`` and point ``alias`` at it."""
     from mlflow.tracking import MlflowClient
 
-    from raylm import tracking
+    from raylm.common import tracking
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     if client.get_experiment_by_name("serving-tests") is None:

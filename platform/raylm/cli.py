@@ -60,7 +60,7 @@ def _user_errors():
     """Map the error types users can cause to one-line messages."""
     from raylm.data.pipeline import DataError
     from raylm.inference.task_model import ModelLoadError
-    from raylm.tracking import RegistryError
+    from raylm.common.tracking import RegistryError
     from raylm.train.checkpoint import CorruptCheckpointError
 
     return (ConfigError, DataError, FileNotFoundError, CorruptCheckpointError, RegistryError, ModelLoadError)
@@ -88,7 +88,7 @@ def config_show(config: Optional[Path] = ConfigOption, overrides: Optional[List[
 def prepare_tokenizer(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
     """Train a byte-level BPE tokenizer on a sample of data.sources (cached); prints its description as JSON."""
     job = _load(config, overrides)
-    from raylm import workflow
+    from raylm.lifecycle import workflow
 
     info = _run(workflow.prepare_tokenizer, job)
     typer.echo(json.dumps(info, indent=2, default=str))
@@ -98,7 +98,7 @@ def prepare_tokenizer(config: Optional[Path] = ConfigOption, overrides: Optional
 def prepare_data(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
     """Tokenize and pack data.sources into Parquet with a manifest; prints the manifest as JSON."""
     job = _load(config, overrides)
-    from raylm import workflow
+    from raylm.lifecycle import workflow
 
     manifest = _run(workflow.prepare_dataset, job)
     typer.echo(json.dumps(manifest, indent=2, default=str))
@@ -113,7 +113,7 @@ def train(
 ) -> None:
     """Prepare data, train with Ray Train, evaluate, and log to MLflow (a new run unless --resume)."""
     job = _load(config, overrides)
-    from raylm import workflow
+    from raylm.lifecycle import workflow
 
     summary = _run(workflow.train, job, workflow._print, resume)
     typer.echo(json.dumps(summary, indent=2, default=str))
@@ -131,7 +131,7 @@ def finetune(
     if not job.model.init_from:
         _fail("config error: model.init_from: fine-tuning starts from a trained model folder; "
               "give model.init_from=<folder>", 2)
-    from raylm import workflow
+    from raylm.lifecycle import workflow
 
     summary = _run(workflow.train, job, workflow._print, resume)
     typer.echo(json.dumps(summary, indent=2, default=str))
@@ -148,7 +148,7 @@ def deploy(
     model_path = model or job.serve.model_path
     if not model_path:
         _fail("give --model or serve.model_path", 2)
-    from raylm import workflow
+    from raylm.lifecycle import workflow
 
     url = _run(workflow.deploy, job, model_path)
     typer.echo(url)
@@ -175,7 +175,7 @@ def evaluate(
 
     if baseline is not None and baseline not in BASELINES:
         _fail(f"--baseline must be one of {', '.join(BASELINES)}, not {baseline!r}", 2)
-    from raylm import release, workflow
+    from raylm.lifecycle import release, workflow
 
     report = _run(release.evaluate_reference, job, model, split, workflow._print, output, baseline)
     typer.echo(json.dumps(report.summary(), indent=2))
@@ -198,7 +198,7 @@ def promote(
     job = _load(config, overrides)
     if force and not (reason or "").strip():
         _fail("--force needs --reason '...' (it is recorded with the promotion)", 2)
-    from raylm.promotion import PromotionRefused, promote as run_gate
+    from raylm.lifecycle.promotion import PromotionRefused, promote as run_gate
 
     def run():
         try:
@@ -226,7 +226,7 @@ def serve(
     for reference in filter(None, [model_path, *job.serve.models.values()]):
         if not reference.startswith("models:/") and not Path(reference).is_dir():
             _fail(f"model folder not found: {reference}")
-    from raylm import workflow
+    from raylm.lifecycle import workflow
     from raylm.serving.app import serve_until_stopped
 
     def run() -> None:
@@ -245,7 +245,7 @@ def serve(
 def demo(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
     """Run the whole pipeline on the built-in demo corpus and print the summary path last."""
     job = _load(config, overrides)
-    from raylm import workflow
+    from raylm.lifecycle import workflow
 
     path = _run(workflow.demo, job)
     import ray
@@ -335,7 +335,7 @@ def tune_run(
         None, "--resume", help="continue the interrupted sweep in this folder (finished trials are not rerun)"),
 ) -> None:
     """Run the sweep in tune.*: Ray Train trials under Ray Tune (ASHA), a scaling-law fit, tables and plots."""
-    from raylm import workflow
+    from raylm.lifecycle import workflow
     from raylm.tune.space import validate_sweep
     from raylm.tune.sweep import run_sweep
 

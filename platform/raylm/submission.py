@@ -1,6 +1,6 @@
 """``raylm submit`` and ``raylm jobs list | logs | stop``: Ray Jobs on a cluster.
 
-A submission packs the working folder (with :data:`raylm.cluster.UPLOAD_EXCLUDES`
+A submission packs the working folder (with :data:`raylm.common.cluster.UPLOAD_EXCLUDES`
 left out: ``.git``, ``.venv``, ``runs``, ``mlruns``, caches, weights), adds the
 folder's ``platform/raylm`` as a ``py_modules`` entry so that the driver and
 every worker import the submitted code rather than an installed copy, prints
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from raylm.cluster import UPLOAD_EXCLUDES
-from raylm.workflow import WORKER_ENV_VARS, WORKER_SETUP_HOOK
+from raylm.common.cluster import UPLOAD_EXCLUDES
+from raylm.lifecycle.workflow import WORKER_ENV_VARS, WORKER_SETUP_HOOK
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")

@@ -118,14 +118,14 @@ def cluster(tmp_path_factory):
 
 
 def _s3_read(uri: str) -> bytes:
-    from raylm import storage
+    from raylm.common import storage
 
     return storage.read_bytes(uri)
 
 
 def _modified_checkout(root: Path) -> tuple[Path, str]:
     """A copy of the repo's code with one change: what a user submits after editing raylm."""
-    from raylm.cluster import fingerprint_folder
+    from raylm.common.cluster import fingerprint_folder
 
     copy = root / "checkout"
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pyc")
@@ -193,7 +193,7 @@ def test_ray_job_submit_runs_the_smoke_job_on_a_shared_path(cluster, submitted):
 
 
 def test_raylm_submit_ships_the_submitted_code_and_writes_the_run_to_s3(cluster, submitted):
-    from raylm.cluster import code_fingerprint
+    from raylm.common.cluster import code_fingerprint
 
     results, _, checkout_code = submitted
     result = results["raylm_s3"]
@@ -212,7 +212,7 @@ def test_raylm_submit_ships_the_submitted_code_and_writes_the_run_to_s3(cluster,
     assert card["run_id"] == "smoke-raylm" and card["trained_steps"] == 6
     assert len(_s3_read(f"{run}/model/model.safetensors")) > 10_000
     # The model folder in S3 is usable as it is: eval and serve take its URI.
-    from raylm.tracking import resolve_model_path
+    from raylm.common.tracking import resolve_model_path
 
     folder = resolve_model_path(f"{run}/model")
     assert json.loads((folder / "raylm.json").read_text())["run_id"] == "smoke-raylm"

@@ -32,7 +32,7 @@ def recipe_run(ray_session, shared_data, tmp_path_factory):
     for name in ("sst2_train.jsonl", "sst2_dev.jsonl", "sst2_test.jsonl"):
         if not (shared_data / "sentiment" / name).is_file():
             pytest.skip(f"shared/data/sentiment/{name} is absent")
-    from raylm import workflow
+    from raylm.lifecycle import workflow
 
     workdir = tmp_path_factory.mktemp("recipe-sst2")
     overrides = SHORT + [f"workdir={workdir}"]

@@ -48,7 +48,7 @@ def small_encoder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(ray_session, small_encoder, tmp_path_factory):
-    from raylm import workflow
+    from raylm.lifecycle import workflow
 
     workdir = tmp_path_factory.mktemp("encoders")
     summaries = {}

@@ -82,7 +82,7 @@ def _wait_until_healthy(process, url: str, log_path: Path, timeout: float) -> No
 def runs(ray_session, server, tmp_path_factory):
     import mlflow
 
-    from raylm import workflow
+    from raylm.lifecycle import workflow
 
     workdir = tmp_path_factory.mktemp("server-runs")
     parent = mlflow.tracking.MlflowClient(server).create_run(
@@ -189,7 +189,7 @@ def test_serve_resolves_the_alias_at_deploy_time(server, runs, tmp_path):
     from raylm.config import ServeConfig
     from raylm.inference.task_model import InferenceOptions, load_task_model
     from raylm.serving.app import start_serving
-    from raylm.tracking import resolve_model_path
+    from raylm.common.tracking import resolve_model_path
 
     assert _holder(server) == "1"
     sentences = ["the dog sees the cat.", "today the big woman buys a red book.", "the child does not sleep."]

@@ -378,7 +378,7 @@ def test_models_by_registry_alias_and_per_task(served):
 
 def test_unknown_registry_alias_fails_before_deploying(served):
     from raylm.serving.app import start_serving
-    from raylm.tracking import RegistryError
+    from raylm.common.tracking import RegistryError
 
     with pytest.raises(RegistryError, match="nope"):
         start_serving("models:/served-model@nope", ServeConfig(port=PORT), served["tracking_uri"])

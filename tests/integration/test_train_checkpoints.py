@@ -115,7 +115,7 @@ FAULT_OVERRIDES = (f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CHE
 
 @pytest.fixture(scope="module")
 def killed_run(ray_session, tmp_path_factory):
-    from raylm import tracking
+    from raylm.common import tracking
     from raylm.train.driver import experiment_dir, run_training
 
     workdir = tmp_path_factory.mktemp("fault")

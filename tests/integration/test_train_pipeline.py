@@ -17,7 +17,7 @@ SMOKE_OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def trained(ray_session, tmp_path_factory):
-    from raylm import workflow
+    from raylm.lifecycle import workflow
 
     workdir = tmp_path_factory.mktemp("train")
     job = load_config(None, SMOKE_OVERRIDES + [f"workdir={workdir}", "run_name=ddp2", "tracking.model_name=raylm-test"])
@@ -69,7 +69,7 @@ def test_mlflow_run_params_and_registry(trained, tmp_path):
     job, summary = trained
     import mlflow
 
-    from raylm.tracking import resolve_model_path
+    from raylm.common.tracking import resolve_model_path
 
     client = mlflow.tracking.MlflowClient(tracking_uri=summary["tracking_uri"])
     run = client.get_run(summary["mlflow_run_id"])
@@ -95,7 +95,7 @@ def test_checkpoints_kept_and_verified(trained):
 
 def test_eval_command_matches_training_eval(trained):
     job, summary = trained
-    from raylm import workflow
+    from raylm.lifecycle import workflow
 
     metrics = workflow.evaluate(job, summary["model_dir"])
     assert metrics["sentiment_accuracy"] == pytest.approx(summary["metrics"]["sentiment_accuracy"])

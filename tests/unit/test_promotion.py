@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from raylm import tracking
+from raylm.common import tracking
 from raylm.config import EvalConfig
 from raylm.eval.runner import EvalReport, fingerprint_rows, score
-from raylm.promotion import PromotionRefused, promote
+from raylm.lifecycle.promotion import PromotionRefused, promote
 
 NUM_EXAMPLES = 400
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from raylm import tracking
+from raylm.common import tracking
 
 
 @pytest.fixture(scope="module")

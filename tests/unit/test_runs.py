@@ -1,10 +1,10 @@
-"""Run identity (raylm.runs): fresh ids, explicit resume, config checks, secrets kept out of records."""
+"""Run identity (raylm.lifecycle.runs): fresh ids, explicit resume, config checks, secrets kept out of records."""
 
 import json
 
 import pytest
 
-from raylm import runs
+from raylm.lifecycle import runs
 from raylm.config import ConfigError, load_config
 
 BASE = ["model.size=debug", "train.max_steps=20", "train.warmup_steps=2", "run_name=idtest"]

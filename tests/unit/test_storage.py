@@ -1,4 +1,4 @@
-"""raylm.storage: locations as paths or URIs; whole-file writes; folder upload and download (local file system).
+"""raylm.common.storage: locations as paths or URIs; whole-file writes; folder upload and download (local file system).
 
 The same functions against a real S3 API (moto's server) run in tests/integration/test_cluster.py.
 """
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from raylm import runs, storage
+from raylm.lifecycle import runs
+from raylm.common import storage
 from raylm.config import ConfigError, load_config
 
 

@@ -72,7 +72,7 @@ def resolve_corpus(job: JobConfig) -> ResolvedCorpus:
 
 def prepared_root(job: JobConfig) -> str:
     """Where prepared datasets and trained tokenizers live (``data.cache_dir``, default ``<workdir>/prepared``)."""
-    from raylm import storage
+    from raylm.common import storage
 
     if job.data.cache_dir:
         return job.data.cache_dir if "://" in job.data.cache_dir else str(Path(job.data.cache_dir).resolve())
@@ -176,7 +176,7 @@ def resolve_tokenizer(job: JobConfig, corpus: ResolvedCorpus, log: Log = _quiet)
     if job.model.init_from:
         return load_tokenizer(job.model.init_from), {"origin": "model.init_from",
                                                      "path": str(Path(job.model.init_from).resolve())}
-    from raylm import storage
+    from raylm.common import storage
 
     location = storage.join(prepared_root(job), "tokenizers", tokenizer_key(job, corpus))
     if storage.is_remote(location):
@@ -202,7 +202,7 @@ def _remote_cached_tokenizer(job: JobConfig, corpus: ResolvedCorpus, location: s
 
     The description file is uploaded last, so a reader never takes a partial upload for a cached tokenizer.
     """
-    from raylm import storage
+    from raylm.common import storage
 
     local = storage.local_scratch("raylm-tokenizer-")
     info_location = storage.join(location, "raylm_tokenizer.json")

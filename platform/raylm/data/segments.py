@@ -462,7 +462,7 @@ def write_blocks(location: str, packed: dict[str, np.ndarray]) -> None:
     import pyarrow.parquet as pq
     from ray.data.block import BlockAccessor
 
-    from raylm import storage
+    from raylm.common import storage
 
     filesystem, path = storage.filesystem(location)
     if not storage.is_remote(location):
@@ -479,7 +479,7 @@ def write_packed_segments(batch: dict[str, Any], plan: SourcePlan, encoder: Enco
     few hundred bytes each) travel back to the driver, so one Ray Data execution
     packs both splits and no report files or collector actor are needed.
     """
-    from raylm import storage
+    from raylm.common import storage
 
     reports = []
     for segment in _segments_of(batch):

@@ -154,7 +154,7 @@ class BatchPredictor:
         import torch
 
         from raylm.inference.task_model import InferenceOptions, load_task_model
-        from raylm.tracking import resolve_model_path
+        from raylm.common.tracking import resolve_model_path
 
         torch.set_num_threads(1)
         folder = resolve_model_path(model_ref, tracking_uri)

@@ -33,7 +33,7 @@ class RaylmServer:
 
         from raylm.inference.task_model import InferenceOptions, load_task_model, public_model_name
         from raylm.serving.batching import BatchStats, ModelWorker
-        from raylm.tracking import resolve_model_path
+        from raylm.common.tracking import resolve_model_path
 
         self.config = ServeConfig.model_validate(serve_config)
         torch.set_num_threads(max(1, int(self.config.num_cpus_per_replica)))
@@ -156,7 +156,7 @@ def check_model_references(config: ServeConfig, tracking_uri: Optional[str] = No
     """Fail before deploying when a served model does not exist: a folder that is missing or holds no model
     raylm can load (FileNotFoundError, ModelLoadError), a registry URI that does not resolve (RegistryError)."""
     from raylm.inference.task_model import model_kind
-    from raylm.tracking import get_model_version
+    from raylm.common.tracking import get_model_version
 
     for reference in dict.fromkeys(config.task_models().values()):
         if reference.startswith("models:/"):

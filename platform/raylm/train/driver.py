@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raylm import storage
+from raylm.common import storage
 from raylm.config import JobConfig
 from raylm.train.checkpoint import BEST_CHECKPOINT, CorruptCheckpointError, STATE_FILE, fetch_checkpoint, \
     local_valid_checkpoint, read_history, read_state, verify_checkpoint
@@ -83,7 +83,7 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from raylm import cluster
+    from raylm.common import cluster
 
     config = job.train
     resources = {"CPU": config.cpus_per_worker}

@@ -153,7 +153,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from raylm.cluster import check_worker_code
+    from raylm.common.cluster import check_worker_code
 
     check_worker_code(loop_config.get("code_fingerprint"))
     job = JobConfig.model_validate(loop_config["job"])
@@ -183,7 +183,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     tracker = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
-        from raylm.tracking import WorkerTracker
+        from raylm.common.tracking import WorkerTracker
 
         tracker = WorkerTracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
 

@@ -80,7 +80,7 @@ def trial_job(sweep: dict[str, Any], params: dict[str, Any], trial_id: str) -> J
 
 
 def _start_child_run(sweep: dict[str, Any], job: JobConfig, trial_id: str, params: dict[str, Any]) -> str | None:
-    from raylm import tracking
+    from raylm.common import tracking
 
     if not sweep.get("parent_run_id"):
         return None
@@ -108,7 +108,7 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any], data: dict[str, Any
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raylm import tracking
+    from raylm.common import tracking
     from raylm.models.registry import non_embedding_parameters
     from raylm.train.driver import build_trainer, fit_trainer
 
@@ -357,10 +357,11 @@ def run_sweep(job: JobConfig, log: Log = _print, resume: str | None = None) -> d
     The summary holds the ranked trials, the scaling-law fit (when enough trials
     finished), the paths of the table and plots, and the MLflow parent run.
     """
-    from raylm import runs, tracking
+    from raylm.lifecycle import runs
+    from raylm.common import tracking
     from raylm.data.pipeline import prepare_data
     from raylm.tune.space import validate_sweep
-    from raylm.workflow import check_inputs, ensure_ray
+    from raylm.lifecycle.workflow import check_inputs, ensure_ray
 
     if resume is not None:
         sweep_dir = locate_sweep(resume)
@@ -606,7 +607,7 @@ def log_sweep_to_parent(job: JobConfig, parent_run_id: str, tracking_uri: str, r
     """Summary metrics, the table, plots and fit on the parent run; the best model registered if asked."""
     from mlflow.tracking import MlflowClient
 
-    from raylm import tracking
+    from raylm.common import tracking
 
     metrics = {"num_trials": results["num_trials"], "num_finished": results["num_finished"],
                "num_stopped": results["num_stopped"], "total_steps": results["total_steps"]}

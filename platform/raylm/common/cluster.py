@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from raylm import storage
+from raylm.common import storage
 from raylm.config import ConfigError, JobConfig
 
 # What a job's working folder upload leaves out (also used by `raylm submit`).

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from raylm.config import JobConfig
-from raylm.lineage import build_lineage
+from raylm.lifecycle.lineage import build_lineage
 
 EVAL_REPORT_FILE = "eval_report.json"
 CARD_FILE = "raylm.json"
@@ -115,8 +115,8 @@ def parent_run_of(tracking_uri: str, mlflow_run_id: Optional[str]) -> Optional[s
     """The MLflow parent run (a sweep's run) of ``mlflow_run_id``, if it has one."""
     if not mlflow_run_id:
         return None
-    from raylm.lineage import PARENT_RUN_TAG
-    from raylm.tracking import _client
+    from raylm.lifecycle.lineage import PARENT_RUN_TAG
+    from raylm.common.tracking import _client
 
     return _client(tracking_uri).get_run(mlflow_run_id).data.tags.get(PARENT_RUN_TAG)
 
@@ -126,7 +126,7 @@ def promote_after_training(job: JobConfig, registry_uri: str, log: Log = _quiet)
 
     A refusal is not a failed run: the table is printed and the alias stays.
     """
-    from raylm.promotion import PromotionRefused, promote
+    from raylm.lifecycle.promotion import PromotionRefused, promote
 
     alias = job.tracking.promote_alias
     try:
@@ -163,7 +163,7 @@ def _note_test_use(job: JobConfig, model_path: str, folder: Path, report, log: L
     entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "fingerprint": report.fingerprint,
              "metrics": report.metrics}
     if model_path.startswith("models:/"):
-        from raylm.tracking import _client, get_model_version
+        from raylm.common.tracking import _client, get_model_version
 
         tracking_uri = job.resolved_tracking_uri()
         version = get_model_version(tracking_uri, model_path)
@@ -199,8 +199,8 @@ def evaluate_reference(job: JobConfig, model_path: Optional[str], split: str = "
         return _evaluate_baseline(job, baseline, split, log, output)
     from raylm.data.prepare import check_sources
     from raylm.eval.runner import evaluate_model, format_report
-    from raylm.tracking import resolve_model_path
-    from raylm.workflow import ensure_ray
+    from raylm.common.tracking import resolve_model_path
+    from raylm.lifecycle.workflow import ensure_ray
 
     if split not in ("dev", "test"):
         from raylm.config import ConfigError
@@ -236,7 +236,7 @@ def _evaluate_baseline(job: JobConfig, name: str, split: str, log: Log, output: 
     from raylm.eval.baselines import build_baseline
     from raylm.eval.runner import evaluate_model, format_report
     from raylm.train.task_data import read_split_rows
-    from raylm.workflow import ensure_ray
+    from raylm.lifecycle.workflow import ensure_ray
 
     check_sources(job)
     if job.data.corpus == "sources":

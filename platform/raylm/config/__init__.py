@@ -637,14 +637,14 @@ class JobConfig(_Strict):
     @property
     def storage_is_remote(self) -> bool:
         """True when the workdir is an object-store URI (s3://, gs://) rather than a file system path."""
-        from raylm import storage
+        from raylm.common import storage
 
         return storage.is_remote(self.workdir)
 
     @property
     def run_uri(self) -> str:
         """The run's folder as a location: an absolute path or a URI (``<workdir>/<run id>``)."""
-        from raylm import storage
+        from raylm.common import storage
 
         return storage.join(self.workdir, self.run_id or self.run_name)
 
@@ -661,7 +661,7 @@ class JobConfig(_Strict):
 
     @property
     def model_uri(self) -> str:
-        from raylm import storage
+        from raylm.common import storage
 
         return storage.join(self.run_uri, "model")
 
@@ -669,7 +669,7 @@ class JobConfig(_Strict):
         """``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else an SQLite file in a local workdir.
 
         None for a remote workdir without a server: an SQLite file cannot live in an object store
-        (:func:`raylm.cluster.check_tracking` turns that into a config error when tracking is on).
+        (:func:`raylm.common.cluster.check_tracking` turns that into a config error when tracking is on).
         """
         if self.tracking.tracking_uri:
             return self.tracking.tracking_uri

@@ -123,7 +123,7 @@ def finish_run(tracking_uri: str, run_id: str, model_dir: Path, metrics: dict[st
                version_tags: dict[str, str] | None = None) -> str | None:
     """Log final metrics and artifacts, register the model; returns the registry URI or None.
 
-    ``version_tags`` (lineage, :mod:`raylm.lineage`) go onto the new model version and the run.
+    ``version_tags`` (lineage, :mod:`raylm.lifecycle.lineage`) go onto the new model version and the run.
     """
     client = _client(tracking_uri)
     for key, value in (version_tags or {}).items():
@@ -205,7 +205,7 @@ def resolve_model_path(model_path: str, tracking_uri: str | None = None, destina
         local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=destination,
                                                     tracking_uri=tracking_uri)
         return Path(local)
-    from raylm import storage
+    from raylm.common import storage
 
     if storage.is_remote(model_path):
         # A model folder in an object store, e.g. a run's <workdir>/<run id>/model in S3.

@@ -31,8 +31,8 @@ from typing import Any, Callable, Optional
 from raylm.eval.bootstrap import PairedComparison, paired_bootstrap
 from raylm.eval.metrics import METRICS
 from raylm.eval.runner import PRIMARY_METRICS, EvalReport
-from raylm.release import EVAL_REPORT_FILE
-from raylm.tracking import RegistryError, _client, get_model_version, parse_registry_uri
+from raylm.lifecycle.release import EVAL_REPORT_FILE
+from raylm.common.tracking import RegistryError, _client, get_model_version, parse_registry_uri
 DECISION_TAG = "raylm.promotion.{alias}"
 MAX_TAG_CHARS = 4900  # MLflow keeps tag values up to 5000 characters
 

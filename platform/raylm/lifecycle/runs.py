@@ -22,7 +22,7 @@ import secrets
 import time
 from typing import Any
 
-from raylm import storage
+from raylm.common import storage
 from raylm.config import ConfigError, JobConfig
 
 RECORD_FILE = "run.json"

@@ -31,7 +31,7 @@ def quiet_ray_worker_logs() -> None:
 
 
 WORKER_ENV_VARS = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
-WORKER_SETUP_HOOK = "raylm.workflow.quiet_ray_worker_logs"
+WORKER_SETUP_HOOK = "raylm.lifecycle.workflow.quiet_ray_worker_logs"
 
 
 def ensure_ray(job: JobConfig, log: Log = _print) -> None:
@@ -39,11 +39,11 @@ def ensure_ray(job: JobConfig, log: Log = _print) -> None:
 
     On a cluster (a submitted job has ``RAY_ADDRESS`` set) this process's own
     raylm package travels to every worker in the job's runtime environment
-    (:mod:`raylm.cluster`), so no worker imports an older installed copy.
+    (:mod:`raylm.common.cluster`), so no worker imports an older installed copy.
     """
     import ray
 
-    from raylm import cluster
+    from raylm.common import cluster
     from raylm.serving.ingress import set_ingress_env
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -77,7 +77,7 @@ def ensure_ray(job: JobConfig, log: Log = _print) -> None:
 
 def check_inputs(job: JobConfig) -> None:
     """Fail on missing local inputs and unusable storage before any cluster resource is taken."""
-    from raylm import cluster
+    from raylm.common import cluster
     from raylm.data.prepare import check_sources
 
     cluster.check_workdir(job)
@@ -93,15 +93,16 @@ def check_inputs(job: JobConfig) -> None:
 def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[str, Any]:
     """Prepare data, train, export the model folder, evaluate, track; returns a summary dict.
 
-    A fresh run gets a new id and folder (:mod:`raylm.runs`); ``resume`` (a run
+    A fresh run gets a new id and folder (:mod:`raylm.lifecycle.runs`); ``resume`` (a run
     id or folder) continues that run instead, after checking that its config
     still matches. The MLflow run of a resumed run is the one it started with,
     and a model version is registered at most once per trained step.
     """
     check_inputs(job)
-    from raylm import cluster, release, runs, storage, tracking
+    from raylm.common import cluster, storage, tracking
+    from raylm.lifecycle import release, runs
     from raylm.data.pipeline import prepare_data
-    from raylm.lineage import lineage_tags
+    from raylm.lifecycle.lineage import lineage_tags
     from raylm.train.driver import run_training
     from raylm.train.task_data import prepare_encoder_data
 
@@ -216,9 +217,9 @@ def evaluate(job: JobConfig, model_path: str, log: Log = _print, split: str = "d
     """Evaluate a model folder or registry URI on the configured corpus's dev (or test) split.
 
     Returns the metrics with their bootstrap intervals (``<metric>_ci_low``/``_ci_high``) and
-    example counts; :func:`raylm.release.evaluate_reference` gives the whole report.
+    example counts; :func:`raylm.lifecycle.release.evaluate_reference` gives the whole report.
     """
-    from raylm.release import evaluate_reference
+    from raylm.lifecycle.release import evaluate_reference
 
     return evaluate_reference(job, model_path, split, log).flat_metrics()
 
@@ -286,7 +287,7 @@ def demo(job: JobConfig, log: Log = _print) -> Path | str:
     """The whole pipeline on the demo corpus; returns the location of the JSON summary (a path, or a URI)."""
     from ray import serve
 
-    from raylm import storage
+    from raylm.common import storage
     from raylm.serving.app import start_serving
 
     started = time.time()

@@ -1,0 +1,1 @@
+"""Shared plumbing: storage URIs, the MLflow client, cluster checks, fingerprints, logging."""

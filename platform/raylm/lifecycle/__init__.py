@@ -1,0 +1,1 @@
+"""A run from start to finish: train, export, evaluate, register, promote, lineage."""
