@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from raylm.config import ConfigError, JobConfig, load_config
+from raylm.config import ConfigError, JobConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, tune and serve language models on Ray.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
@@ -49,8 +49,10 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _load(config: Optional[Path], overrides: Optional[List[str]]) -> JobConfig:
+    from raylm.checks import load_job  # the checks import eval (numpy): deferred for a fast --help
+
     try:
-        return load_config(config, overrides or [])
+        return load_job(config, overrides or [])
     except ConfigError as err:
         _fail(str(err), 2)
         raise  # unreachable; keeps type checkers quiet

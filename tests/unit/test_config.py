@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raylm.config import ConfigError, JobConfig, apply_overrides, load_config
+from raylm.checks import load_job
+from raylm.config import ConfigError, JobConfig, ServeConfig, apply_overrides, load_config
 from tests.conftest import REPO_ROOT
 
 
@@ -43,6 +44,13 @@ def test_overrides_do_not_mutate_input():
         (["train.parallel=tp"], "config error: train.parallel: Input should be 'ddp' or 'fsdp'"),
         (["train.precision=fp8"], "config error: train.precision"),
         (["model.size=huge"], "config error: model: unknown size 'huge' for gpt2"),
+        (["model.hidden_size=100", "model.num_heads=3"], "config error: model: hidden_size (100) must be a multiple"),
+        (["model.arch=llama", "model.size=debug", "model.num_kv_heads=3"],
+         "config error: model: num_heads (2) must be a multiple of num_kv_heads (3)"),
+        (["eval.promotion_metrics=[accuracy]"], "config error: eval.promotion_metrics: unknown metric 'accuracy'"),
+        (["eval.promotion_min_delta={bleu: 1}"], "config error: eval.promotion_min_delta: unknown metric 'bleu'"),
+        (["eval.promotion_min_delta={translation_bleu: -1}"],
+         "config error: eval.promotion_min_delta: translation_bleu: the margin must be >= 0"),
         (["train.global_batch_size=7"], "config error: train: global_batch_size=7 does not equal"),
         (["train.warmup_steps=500", "train.max_steps=100"], "config error: train: warmup_steps (500) must be < max_steps"),
         (["data.tasks=[poetry]"], "config error: data.tasks.0"),
@@ -54,10 +62,26 @@ def test_overrides_do_not_mutate_input():
 )
 def test_config_errors_name_the_field(overrides, expected):
     with pytest.raises(ConfigError) as info:
-        load_config(None, overrides)
+        load_job(None, overrides)
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+def test_schema_loading_leaves_cross_component_checks_to_raylm_checks():
+    """raylm.config knows no model sizes or metrics (it imports no other raylm package); raylm.checks does."""
+    job = load_config(None, ["model.size=huge"])
+    with pytest.raises(ConfigError, match="unknown size 'huge'"):
+        load_job(None, ["model.size=huge"])
+    assert job.model.size == "huge"
+
+
+def test_config_imports_no_other_raylm_package():
+    code = "import sys, raylm.config; print(sorted(m for m in sys.modules if m.startswith('raylm.') " \
+           "and not m.startswith('raylm.config')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT / "platform")})
+    assert result.stdout.strip() == "[]"
 
 
 def test_missing_and_malformed_files(tmp_path):
@@ -86,11 +110,15 @@ def test_cli_config_show_resolves_overrides():
     assert JobConfig.model_validate(shown).train.lr == 0.001
 
 
-def test_cli_bad_config_exits_2_with_one_line_before_ray():
-    result = _cli("train", "--config", "jobs/configs/demo.yaml", "train.lrr=1")
+@pytest.mark.parametrize("override, expected", [
+    ("train.lrr=1", "error: config error: train.lrr: unknown key"),
+    ("model.size=huge", "error: config error: model: unknown size 'huge' for gpt2; known: debug, tiny, small, medium"),
+])
+def test_cli_bad_config_exits_2_with_one_line_before_ray(override, expected):
+    result = _cli("train", "--config", "jobs/configs/demo.yaml", override)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["error: config error: train.lrr: unknown key"]
+    assert lines == [expected]
     assert "Traceback" not in result.stderr
 
 
@@ -112,10 +140,8 @@ def test_every_repo_yaml_parses(path):
     loaded = yaml.safe_load(path.read_text())
     assert isinstance(loaded, dict)
     if path.parent.name == "configs":
-        load_config(path)
+        load_job(path)
     if path.parent.name == "serve":
-        from raylm.config import ServeConfig
-
         for application in loaded["applications"]:
             args = dict(application["args"])
             args.pop("tracking_uri", None)

@@ -2,6 +2,7 @@
 
 import pytest
 
+from raylm.checks import load_job
 from raylm.config import ConfigError, load_config
 
 
@@ -30,6 +31,8 @@ def test_sources_imply_the_corpus_and_formats_are_inferred():
          "config error: data.sources.0: cannot infer the format of 'corpus/'"),
         (["data.sources=[{path: a.jsonl, task: sentiment, fields: {txt: x}}]", "data.dev_fraction=0.1"],
          "config error: data.sources.0: fields: txt not used by task 'sentiment' (it uses text, label)"),
+        (["data.sources=[{path: a.jsonl}]", "data.dev_sources=[{path: b.jsonl, task: qa, fields: {label: y}}]"],
+         "config error: data.dev_sources.0: fields: label not used by task 'qa' (it uses context, question, answers)"),
         (["data.sources=[{path: a.txt, task: qa}]", "data.dev_fraction=0.1"],
          "config error: data.sources.0: text files hold plain text: task must be 'lm'"),
         (["data.sources=[{path: a.jsonl}]"], "config error: data: give dev_sources or a dev_fraction > 0"),
@@ -48,6 +51,6 @@ def test_sources_imply_the_corpus_and_formats_are_inferred():
 )
 def test_source_config_errors_are_one_line_naming_the_field(overrides, expected):
     with pytest.raises(ConfigError) as info:
-        load_config(None, overrides)
+        load_job(None, overrides)
     assert str(info.value).startswith(expected), str(info.value)
     assert "\n" not in str(info.value)

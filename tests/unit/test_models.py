@@ -1,8 +1,11 @@
 import pytest
 import torch
+from pydantic import ValidationError
 
-from raylm.config import ModelConfig
-from raylm.models.registry import MODEL_SIZES, build_hf_config, build_model, count_parameters, flops_per_token
+from raylm.checks import check_model
+from raylm.config import ConfigError, ModelConfig
+from raylm.models.registry import build_hf_config, build_model, count_parameters, flops_per_token
+from raylm.models.shapes import MODEL_SIZES, model_shape
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -95,12 +98,27 @@ def test_shape_overrides_change_the_built_model():
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    ({"hidden_size": 100, "num_heads": 3}, "multiple of num_heads"),
     ({"intermediate_size": 64}, "llama only"),
     ({"init_from": "/tmp", "num_layers": 2}, "not to init_from"),
 ])
-def test_bad_shape_overrides_are_config_errors(overrides, fragment):
-    from pydantic import ValidationError
-
+def test_shape_overrides_the_schema_rejects(overrides, fragment):
     with pytest.raises(ValidationError, match=fragment):
         ModelConfig(size="debug", **overrides)
+
+
+@pytest.mark.parametrize("fields, fragment", [
+    ({"hidden_size": 100, "num_heads": 3}, "model: hidden_size (100) must be a multiple of num_heads (3)"),
+    ({"arch": "llama", "num_heads": 4, "num_kv_heads": 3}, "num_heads (4) must be a multiple of num_kv_heads (3)"),
+    ({"size": "huge"}, "model: unknown size 'huge' for gpt2; known: debug, tiny, small, medium"),
+])
+def test_shapes_the_named_sizes_reject(fields, fragment):
+    model = ModelConfig(**{"size": "debug", **fields})  # the schema alone does not know the sizes
+    with pytest.raises(ConfigError) as info:
+        check_model(model)
+    assert fragment in str(info.value)
+
+
+def test_model_shape_applies_overrides_to_the_named_size():
+    assert model_shape(ModelConfig(size="debug")) == MODEL_SIZES["gpt2"]["debug"]
+    assert model_shape(ModelConfig(size="debug", num_layers=5)) == {**MODEL_SIZES["gpt2"]["debug"], "num_layers": 5}
+    check_model(ModelConfig(init_from="/somewhere", size="not-a-size"))  # a checkpoint brings its own shape

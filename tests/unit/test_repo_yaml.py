@@ -43,9 +43,12 @@ def test_yaml_file_is_valid_for_its_reader(path):
     kind = _kind(path)
     assert kind != "unknown", f"{path}: no check validates this YAML file; add one to {__name__}"
     if kind == "job":
-        from raylm.config import load_config
+        from raylm.checks import load_job
+        from raylm.tune.space import validate_sweep
 
-        load_config(REPO_ROOT / path)
+        job = load_job(REPO_ROOT / path)
+        if job.tune.space:  # raylm tune checks its sweep: every trial must be a valid job config
+            validate_sweep(job)
     elif kind == "serve":
         from ray.serve.schema import ServeDeploySchema
 

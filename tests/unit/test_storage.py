@@ -53,12 +53,12 @@ def test_job_locations_for_local_and_remote_workdirs(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     local = load_config(None, [f"workdir={tmp_path}", "run_id=r1"])
     assert local.run_uri == str(tmp_path / "r1") and local.run_dir == tmp_path / "r1"
-    assert local.model_uri == str(tmp_path / "r1" / "model")
+    assert runs.model_uri(local) == str(tmp_path / "r1" / "model")
     assert local.resolved_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     remote = load_config(None, ["workdir=s3://bucket/runs", "run_id=r1"])
     assert remote.storage_is_remote and remote.run_uri == "s3://bucket/runs/r1"
-    assert remote.model_uri == "s3://bucket/runs/r1/model"
+    assert runs.model_uri(remote) == "s3://bucket/runs/r1/model"
     with pytest.raises(ConfigError, match="is remote"):
         remote.run_dir
     # An SQLite file cannot live in an object store: no default tracking URI, unless MLflow's own variable names one.

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from raylm.checks import load_job
 from raylm.config import ConfigError, load_config
 from raylm.models.registry import non_embedding_parameters
 from raylm.tune.recommend import recommend
@@ -52,7 +53,7 @@ def test_recommendation_grows_with_budget_and_writes_a_loadable_config(sweep_res
         assert rec["tokens_per_parameter"] == pytest.approx(rec["D"] / rec["N"])
         low, high = rec["predicted_loss_interval"]
         assert low < high and low - 1e-6 <= rec["predicted_loss"] <= high + 1e-6
-        job = load_config(rec["config_path"])
+        job = load_job(rec["config_path"])
         # The file trains the recommended shape for the recommended tokens, with no sweep left in it.
         assert non_embedding_parameters(job.model) == rec["model_N"]
         assert abs(math.log(rec["model_N"] / rec["N"])) < math.log(2.5)

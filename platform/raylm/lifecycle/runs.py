@@ -170,3 +170,8 @@ def registered_at(record: dict[str, Any], step: int) -> str | None:
         if int(entry.get("step", -1)) == int(step):
             return entry["uri"]
     return None
+
+
+def model_uri(job: JobConfig) -> str:
+    """Where a run's exported model folder lives: ``<run folder>/model``, a local path or a URI."""
+    return storage.join(job.run_uri, "model")

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from raylm.checks import check_job
 from raylm.config import JobConfig
 
 Log = Callable[[str], None]
@@ -76,10 +77,11 @@ def ensure_ray(job: JobConfig, log: Log = _print) -> None:
 
 
 def check_inputs(job: JobConfig) -> None:
-    """Fail on missing local inputs and unusable storage before any cluster resource is taken."""
+    """Fail on an invalid config, missing local inputs and unusable storage before any cluster resource is taken."""
     from raylm.common import cluster
     from raylm.data.prepare import check_sources
 
+    check_job(job)
     cluster.check_workdir(job)
     if job.tracking.enabled and job.resolved_tracking_uri() is None:
         cluster.check_tracking(job, spans_nodes=False)
@@ -172,7 +174,7 @@ def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[
         card["eval_metrics"].update({key: metrics[key] for key in ("eval_loss", "last_eval_loss", "eval_perplexity")})
         release.write_card(model_dir, card)
         if job.storage_is_remote:
-            storage.upload_folder(model_dir, job.model_uri)
+            storage.upload_folder(model_dir, runs.model_uri(job))
         registry_uri = runs.registered_at(record, trained_steps)
         if registry_uri:
             log(f"step {trained_steps} of this run is already registered as {registry_uri}; not registering again")
@@ -201,7 +203,7 @@ def train(job: JobConfig, log: Log = _print, resume: str | None = None) -> dict[
         "run_id": job.run_id,
         "run_name": job.run_name,
         "run_dir": job.run_uri,
-        "model_dir": job.model_uri,
+        "model_dir": runs.model_uri(job),
         "metrics": metrics,
         "mlflow_run_id": run_id,
         "tracking_uri": tracking_uri if run_id else None,

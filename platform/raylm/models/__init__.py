@@ -1,5 +1,6 @@
-"""Model sizes, construction and FLOP accounting. No distributed code here."""
+"""Model sizes, construction and FLOP accounting. No distributed code here.
 
-from raylm.models.registry import MODEL_SIZES, build_model, flops_per_token, count_parameters, non_embedding_parameters
-
-__all__ = ["MODEL_SIZES", "build_model", "flops_per_token", "count_parameters", "non_embedding_parameters"]
+:mod:`raylm.models.shapes` holds the named sizes (no torch, so that config
+checks stay light); :mod:`raylm.models.registry` builds models and counts
+their parameters and FLOPs.
+"""

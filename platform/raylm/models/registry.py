@@ -1,8 +1,4 @@
-"""Named model sizes for GPT-2 and Llama architectures, built from transformers configs.
-
-The sizes are product features: ``tiny`` and ``debug`` run on a laptop CPU in
-tests and the demo; the larger ones match the well-known checkpoints' shapes.
-"""
+"""Models of the named sizes (:mod:`raylm.models.shapes`) built from transformers configs; parameter and FLOP counts."""
 
 from __future__ import annotations
 
@@ -11,21 +7,7 @@ from typing import Any
 
 import torch
 
-# Each entry holds the shape; vocabulary and context length come from the data config.
-MODEL_SIZES: dict[str, dict[str, dict[str, int]]] = {
-    "gpt2": {
-        "debug": {"num_layers": 2, "hidden_size": 64, "num_heads": 2},
-        "tiny": {"num_layers": 4, "hidden_size": 192, "num_heads": 6},
-        "small": {"num_layers": 12, "hidden_size": 768, "num_heads": 12},  # ~124M with GPT-2 vocab
-        "medium": {"num_layers": 24, "hidden_size": 1024, "num_heads": 16},  # ~350M
-    },
-    "llama": {
-        "debug": {"num_layers": 2, "hidden_size": 64, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 176},
-        "tiny": {"num_layers": 4, "hidden_size": 192, "num_heads": 6, "num_kv_heads": 2, "intermediate_size": 512},
-        "160m": {"num_layers": 12, "hidden_size": 768, "num_heads": 12, "num_kv_heads": 12, "intermediate_size": 3072},
-        "1b": {"num_layers": 16, "hidden_size": 2048, "num_heads": 32, "num_kv_heads": 8, "intermediate_size": 8192},
-    },
-}
+from raylm.models.shapes import MODEL_SIZES, model_shape
 
 
 def build_hf_config(arch: str, size: str, vocab_size: int, max_positions: int, dropout: float = 0.0,
@@ -112,7 +94,7 @@ def build_model(model_config, vocab_size: int, max_positions: int, special_ids: 
         bos_token_id=special_ids.get("bos"),
         eos_token_id=special_ids.get("eos"),
         pad_token_id=special_ids.get("pad"),
-        shape=model_config.shape() if hasattr(model_config, "shape") else None,
+        shape=model_shape(model_config),
     )
     for key, value in head_kwargs.items():
         setattr(hf_config, key, value)
@@ -171,7 +153,7 @@ def non_embedding_parameters(model_config) -> int:
     """
     if getattr(model_config, "init_from", None):
         raise ValueError("non_embedding_parameters needs a model built from a size, not init_from")
-    shape = model_config.shape() if hasattr(model_config, "shape") else dict(MODEL_SIZES[model_config.arch][model_config.size])
+    shape = model_shape(model_config)
     width, layers = shape["hidden_size"], shape["num_layers"]
     if model_config.arch == "gpt2":
         # c_attn (d x 3d + 3d), c_proj (d x d + d), c_fc (d x 4d + 4d), mlp c_proj (4d x d + d), two LayerNorms (4d).

@@ -137,7 +137,7 @@ def app_builder(args: dict[str, Any]):
     ``args`` are ServeConfig keys (``model_path``, ``autoscaling``, ``max_batch_size``, ...) plus an
     optional ``tracking_uri``; the API key comes from ``$RAYLM_API_KEY`` unless given.
     """
-    from raylm.config import ConfigError, _format_validation_error
+    from raylm.config import ConfigError, format_validation_error
     from pydantic import ValidationError
 
     args = dict(args or {})
@@ -145,7 +145,7 @@ def app_builder(args: dict[str, Any]):
     try:
         config = ServeConfig.model_validate(args)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err).replace("config error: ", "config error: serve args: ")) from None
+        raise ConfigError(format_validation_error(err).replace("config error: ", "config error: serve args: ")) from None
     if not config.task_models():
         raise ConfigError("config error: serve args need model_path (a model folder or models:/name/version) "
                           "or models")

@@ -18,14 +18,17 @@ from typing import Any
 
 import yaml
 
+from raylm.checks import validate_job
 from raylm.config import ConfigError, JobConfig, ModelConfig
+from raylm.models.registry import non_embedding_parameters
+from raylm.models.shapes import model_shape
 from raylm.tune.scaling import FitError, ScalingFit, compute_optimal, predict_loss
+from raylm.tune.space import trial_config, validate_trial
+from raylm.tune.sweep import RESULTS_FILE
 
 
 def load_results(reference: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """A sweep's ``results.json``: from a sweep folder, or from the artifacts of its MLflow parent run (by id)."""
-    from raylm.tune.sweep import RESULTS_FILE
-
     folder = Path(reference)
     if (folder / RESULTS_FILE).is_file():
         return json.loads((folder / RESULTS_FILE).read_text())
@@ -47,12 +50,10 @@ def load_results(reference: str, tracking_uri: str | None = None) -> dict[str, A
 
 def _shape_family(results: dict[str, Any]) -> dict[str, Any]:
     """Depth-to-width ratio and head size (and Llama's MLP and KV ratios) of the largest finished trial."""
-    from raylm.tune.space import validate_trial
-
     finished = [row for row in results["trials"] if row["status"] == "finished" and row["N"]]
     largest = max(finished, key=lambda row: row["N"])
     model = validate_trial(results["base_config"], largest["params"]).model
-    shape = model.shape()
+    shape = model_shape(model)
     family = {"arch": model.arch, "size": model.size, "width_per_layer": shape["hidden_size"] / shape["num_layers"],
               "head_dim": shape["hidden_size"] // shape["num_heads"]}
     if model.arch == "llama":
@@ -84,8 +85,6 @@ def buildable_shapes(family: dict[str, Any], max_layers: int = 128, max_heads: i
 
 def nearest_shape(target_n: float, family: dict[str, Any]) -> tuple[ModelConfig, int]:
     """The buildable model of the family whose non-embedding parameter count is nearest N (in log space)."""
-    from raylm.models.registry import non_embedding_parameters
-
     best = min(((shape, non_embedding_parameters(shape)) for shape in buildable_shapes(family)),
                key=lambda item: abs(math.log(item[1]) - math.log(target_n)))
     return best
@@ -147,8 +146,6 @@ def recommend(results: dict[str, Any], flops: float, out: Path | None = None) ->
 
 def _recommended_config(results: dict[str, Any], shape: ModelConfig, steps: int) -> dict[str, Any]:
     """The sweep's base config with the recommended shape and steps, and the best trial's swept values of the rest."""
-    from raylm.tune.space import trial_config
-
     best = next((row for row in results["trials"] if row["trial_id"] == results.get("best_trial")), None)
     keep = {key: value for key, value in (best["params"] if best else {}).items()
             if not key.startswith("model.") and key != "train.max_steps"}
@@ -164,7 +161,7 @@ def _recommended_config(results: dict[str, Any], shape: ModelConfig, steps: int)
             train[key] = 0
     raw["run_name"] = f"{raw.get('run_name', 'sweep')}-recommended"[:100]
     raw.pop("run_id", None)
-    JobConfig.model_validate(raw)  # the file must load in raylm train
+    validate_job(raw)  # the file must load in raylm train
     return raw
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from raylm.config import ConfigError, JobConfig, SearchDimension, _format_validation_error
+from raylm.checks import check_job
+from raylm.config import ConfigError, JobConfig, SearchDimension, format_validation_error
 
 # Keys a sweep may not vary, with the reason shown to the user.
 FIXED_PREFIXES: dict[str, str] = {
@@ -122,11 +123,14 @@ def trial_config(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
 def validate_trial(base: dict[str, Any], params: dict[str, Any]) -> JobConfig:
     """The validated job config of one trial; a ConfigError naming the trial's values if it is invalid."""
     try:
-        return JobConfig.model_validate(trial_config(base, params))
+        return check_job(JobConfig.model_validate(trial_config(base, params)))
     except ValidationError as err:
-        shown = ", ".join(f"{key}={value}" for key, value in params.items())
-        message = _format_validation_error(err).removeprefix("config error: ")
-        raise ConfigError(f"config error: tune.space: the trial {shown} is invalid: {message}") from None
+        message = format_validation_error(err)
+    except ConfigError as err:
+        message = str(err)
+    shown = ", ".join(f"{key}={value}" for key, value in params.items())
+    raise ConfigError(f"config error: tune.space: the trial {shown} is invalid: "
+                      f"{message.removeprefix('config error: ')}") from None
 
 
 def _discrete(dimension: SearchDimension) -> list[Any] | None:
@@ -152,7 +156,8 @@ def count_trials(job: JobConfig) -> int:
 def validate_sweep(job: JobConfig) -> dict[str, Any]:
     """Check the sweep before Ray starts; returns a summary (trial count, largest max_steps).
 
-    Raises :class:`ConfigError` (one line) for an empty space, a grid search over
+    Raises :class:`ConfigError` (one line) for an empty space, a key that is not
+    in the job config or that a sweep may not vary, a grid search over
     a range, a space larger than ``tune.max_trials``, ASHA without intermediate
     evaluations, or any combination of discrete values (and range ends) that is
     not a valid job config.
@@ -161,6 +166,10 @@ def validate_sweep(job: JobConfig) -> dict[str, Any]:
     if not tune.space:
         raise ConfigError("config error: tune.space is empty: give at least one key to sweep, "
                           "e.g. tune.space={model.hidden_size: {grid: [64, 128]}}")
+    try:
+        check_space_keys(tune.space)
+    except ValueError as err:
+        raise ConfigError(f"config error: tune.space: {err}") from None
     if "://" in job.workdir:  # s3://, gs://: Tune's and the trials' folders need a file system here
         raise ConfigError(f"config error: workdir: a sweep needs a file system workdir (local or shared), "
                           f"not {job.workdir}")

@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from raylm.config import ConfigError, JobConfig, validate_config
+from raylm.checks import validate_job
+from raylm.config import ConfigError, JobConfig
 
 Log = Callable[[str], None]
 
@@ -366,7 +367,7 @@ def run_sweep(job: JobConfig, log: Log = _print, resume: str | None = None) -> d
     if resume is not None:
         sweep_dir = locate_sweep(resume)
         record = _read_json(sweep_dir / SWEEP_RECORD)
-        job = validate_config(record["config"])
+        job = validate_job(record["config"])
     summary = validate_sweep(job)
     check_inputs(job)
     if resume is None:
