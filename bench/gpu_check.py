@@ -4,7 +4,7 @@ Run by ``bench/gpu_check.sh``. Three runs in one call, on the same packed blocks
 
 1. ``torch``: the baseline, in a fresh process: the same model with the same
    kernels (:func:`raylm.train.kernels.fuse_kernels`), bf16 autocast, the same
-   optimiser (:func:`raylm.train.trainer.build_optimizer`: fused AdamW, the same
+   optimiser (:func:`raylm.train.optim.build_optimizer`: fused AdamW, the same
    parameter groups), every transformer block ``torch.compile``d as raylm
    compiles them, and a plain loop over batches already on the GPU's host side
    (``model(input_ids, position_ids, labels, attention_mask).loss.backward()``,
@@ -155,7 +155,7 @@ def run_baseline(args) -> dict:
     from raylm.train.kernels import fuse_kernels
     from raylm.train.masks import packed_attention_mask
     from raylm.train.parallel import compile_blocks
-    from raylm.train.trainer import build_optimizer, lr_lambda
+    from raylm.train.optim import build_optimizer, lr_lambda
 
     device = torch.device("cpu" if args.dry_run else "cuda")
     torch.manual_seed(0)

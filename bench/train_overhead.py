@@ -9,7 +9,7 @@ CPU threads (``--threads``), for ``--steps`` steps. Contenders:
 - ``raylm``: ``run_training`` -> ``train_loop_per_worker`` -> ``LMTrainer`` with
   1 Ray Train worker (``threads_per_worker``), the blocks as a Ray Dataset,
   fp32, one checkpoint at the end, raylm's defaults: fused AdamW over
-  :func:`raylm.train.trainer.param_groups`, the one-kernel GELU
+  :func:`raylm.train.optim.param_groups`, the one-kernel GELU
   (:mod:`raylm.train.kernels`) and the malloc settings of
   :mod:`raylm.train.allocator`. Tokens/s from the loop's own meter (the
   metrics history saved in the final checkpoint) over the logged intervals
@@ -127,7 +127,7 @@ def build(args, matched: bool):
 
 
 def schedule(args):
-    from raylm.train.trainer import lr_lambda
+    from raylm.train.optim import lr_lambda
 
     return lr_lambda(WARMUP_STEPS, args.steps, MIN_LR_RATIO)
 
@@ -136,7 +136,7 @@ def matched_optimizer(args, model):
     """raylm's optimiser and schedule for ``model``: fused AdamW over its parameter groups."""
     import torch
 
-    from raylm.train.trainer import build_optimizer
+    from raylm.train.optim import build_optimizer
 
     optimizer = build_optimizer(model, LR, BETAS, WEIGHT_DECAY, torch.device("cpu"))
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(args))

@@ -236,7 +236,7 @@ def serve(
 
         workflow.ensure_ray(job)
         try:
-            serve_until_stopped(model_path, job.serve, job.resolved_tracking_uri(), log=typer.echo)
+            serve_until_stopped(model_path, job.serve, job.resolved_tracking_uri())
         finally:
             ray.shutdown()
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from raylm.train.allocator import _glibc
+from raylm.train.allocator import glibc_library
 
 PLATFORM = str(Path(__file__).resolve().parents[2] / "platform")
 
@@ -38,7 +38,7 @@ def _probe(mode):
     return json.loads(out.stdout)
 
 
-@pytest.mark.skipif(_glibc() is None, reason="glibc malloc only")
+@pytest.mark.skipif(glibc_library() is None, reason="glibc malloc only")
 def test_buffers_come_from_the_heap_and_are_not_trimmed_after_free():
     default, tuned = _probe("default"), _probe("tuned")
     assert default["mmapped"] >= 8 << 20  # glibc's default: an 8 MB buffer is its own mmap, unmapped on free

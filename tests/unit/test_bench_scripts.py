@@ -15,7 +15,7 @@ import data_throughput  # noqa: E402
 import gpu_check  # noqa: E402
 import train_overhead  # noqa: E402
 
-from raylm.train.trainer import param_groups  # noqa: E402
+from raylm.train.optim import param_groups  # noqa: E402
 
 
 def overhead_args(*extra):

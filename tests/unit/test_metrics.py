@@ -30,13 +30,13 @@ def test_bleu_is_sacrebleu_corpus_bleu():
 
 
 def test_span_constrained_decoding_mask():
-    from raylm.inference.engine import _span_mask
+    from raylm.inference.decoding import span_mask
 
     source = [[5, 6, 7, 5, 8]]
     eos = 0
-    first = _span_mask(source, [[]], 10, eos)[0]
+    first = span_mask(source, [[]], 10, eos)[0]
     assert sorted(int(i) for i in (first == 0).nonzero()) == [5, 6, 7, 8]
-    after_five = _span_mask(source, [[5]], 10, eos)[0]
+    after_five = span_mask(source, [[5]], 10, eos)[0]
     assert sorted(int(i) for i in (after_five == 0).nonzero()) == [0, 6, 8]
-    after_five_six = _span_mask(source, [[5, 6]], 10, eos)[0]
+    after_five_six = span_mask(source, [[5, 6]], 10, eos)[0]
     assert sorted(int(i) for i in (after_five_six == 0).nonzero()) == [0, 7]

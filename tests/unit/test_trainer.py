@@ -7,7 +7,8 @@ import torch
 
 from raylm.config import ModelConfig, TrainConfig
 from raylm.models.registry import build_model
-from raylm.train.trainer import LMTrainer, lr_lambda, param_groups
+from raylm.train.optim import lr_lambda, param_groups
+from raylm.train.trainer import LMTrainer
 
 
 def _batches(num, batch_size, seed=0):

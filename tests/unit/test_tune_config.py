@@ -7,7 +7,7 @@ import pytest
 
 from raylm.config import ConfigError, ModelConfig, load_config
 from raylm.models.registry import build_model, count_parameters, non_embedding_parameters
-from raylm.train.trainer import lr_lambda
+from raylm.train.optim import lr_lambda
 from raylm.tune.space import count_trials, trial_config, tune_param_space, validate_sweep, validate_trial
 
 SPACE = "tune.space={model.hidden_size: {grid: [32, 64]}, train.max_steps: {grid: [40, 80]}}"

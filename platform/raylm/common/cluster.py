@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from raylm.common import storage
+from raylm.compat.ray import job_config_env_var
 from raylm.config import ConfigError, JobConfig
 
 # What a job's working folder upload leaves out (also used by `raylm submit`).
@@ -70,9 +71,7 @@ def check_worker_code(expected: str | None) -> None:
 
 def submitted_job_runtime_env() -> dict[str, Any]:
     """The runtime environment this driver's job was submitted with ({} outside a submitted job)."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
-
-    raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    raw = os.environ.get(job_config_env_var())
     if not raw:
         return {}
     try:

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from raylm.data.formatting import normalize_label
 from raylm.inference.task_model import InferenceOptions, ModelLoadError, TaskModel
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -40,8 +41,6 @@ class MajorityClassBaseline(TaskModel):
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict]) -> "MajorityClassBaseline":
-        from raylm.data.formatting import normalize_label
-
         counts = Counter(normalize_label(row["label"]) for row in rows if row.get("task") == "sentiment")
         if not counts:
             raise ValueError("the majority-class baseline needs sentiment rows in the training split")

@@ -10,6 +10,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from raylm.compat.sacrebleu import corpus_statistics, score_from_statistics
+from raylm.data.formatting import SENTIMENT_LABELS, normalize_label
+
 
 def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
     if len(predictions) != len(references):
@@ -140,9 +143,8 @@ def _macro_f1_from_counts(sums: np.ndarray, count: int) -> float:
 def _sacrebleu_value(kind: str) -> Callable[[np.ndarray, int], float]:
     def value(sums: np.ndarray, count: int) -> float:
         del count
-        metric = _sacrebleu_metric(kind)
-        return float(metric._compute_score_from_stats([int(round(x)) if kind == "bleu" else float(x)
-                                                       for x in sums]).score)
+        return score_from_statistics(_sacrebleu_metric(kind), [int(round(x)) if kind == "bleu" else float(x)
+                                                               for x in sums])
 
     return value
 
@@ -197,7 +199,7 @@ def sacrebleu_stats(kind: str, hypotheses: Sequence[str], references: Sequence[s
     """sacrebleu's per-sentence sufficient statistics (``kind``: bleu or chrf), one row per sentence."""
     if len(hypotheses) != len(references):
         raise ValueError("hypotheses and references differ in length")
-    rows = _sacrebleu_metric(kind)._extract_corpus_statistics(list(hypotheses), [list(references)])
+    rows = corpus_statistics(_sacrebleu_metric(kind), hypotheses, [references])
     return np.asarray(rows, dtype=np.float64)
 
 
@@ -210,8 +212,6 @@ def task_statistics(task: str, predictions: Sequence[Any], rows: Sequence[dict])
     if len(predictions) != len(rows):
         raise ValueError(f"{task}: {len(predictions)} predictions for {len(rows)} rows")
     if task == "sentiment":
-        from raylm.data.formatting import SENTIMENT_LABELS, normalize_label
-
         references = [normalize_label(row["label"]) for row in rows]
         correct = np.array([[float(p == r)] for p, r in zip(predictions, references)]).reshape(-1, 1)
         return {"sentiment_accuracy": correct,

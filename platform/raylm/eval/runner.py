@@ -17,18 +17,25 @@ cards and MLflow, ``to_json()`` the full record the promotion gate reads back.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from raylm.common.fingerprints import fingerprint, fingerprint_records
+from raylm.common.tracking import resolve_model_path
+from raylm.config import EvalConfig
+from raylm.data.formatting import format_example, normalize_label
 from raylm.eval.bootstrap import confidence_interval
 from raylm.eval.metrics import METRICS, task_statistics
+from raylm.inference.task_model import InferenceOptions, load_task_model
+
+logger = logging.getLogger(__name__)
 
 # The tasks scored, in report order, and the main metric of each (the promotion gate's default).
 EVAL_TASKS: tuple[str, ...] = ("sentiment", "qa", "translate", "lm")
@@ -37,15 +44,9 @@ PRIMARY_METRICS: dict[str, str] = {"sentiment": "sentiment_accuracy", "qa": "qa_
 REPORT_VERSION = 1
 
 
-def _quiet(message: str) -> None:
-    del message
-
-
 def row_key(task: str, row: dict) -> dict:
     """What identifies a labelled example: its inputs and references (not incidental fields)."""
     if task == "sentiment":
-        from raylm.data.formatting import normalize_label
-
         return {"text": row["text"], "label": normalize_label(row["label"])}
     if task == "qa":
         answers = row["answers"]["text"] if isinstance(row["answers"], dict) else row["answers"]
@@ -57,11 +58,7 @@ def row_key(task: str, row: dict) -> dict:
 
 def fingerprint_rows(task: str, rows: Sequence[dict]) -> str:
     """SHA-256 (16 hex digits) of the task's examples, in order."""
-    digest = hashlib.sha256(task.encode())
-    for row in rows:
-        digest.update(json.dumps(row_key(task, row), sort_keys=True, ensure_ascii=False).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()[:16]
+    return fingerprint_records(task, (row_key(task, row) for row in rows), length=16)
 
 
 def select_rows(rows: Sequence[dict], max_examples_per_task: int) -> dict[str, list[dict]]:
@@ -93,8 +90,6 @@ def text_losses(task_model, rows: Sequence[dict], batch_size: int = 16) -> list[
     window of the model's context length; tokens past it are not scored.
     """
     import torch
-
-    from raylm.data.formatting import format_example
 
     model, tokenizer = task_model.model, task_model.tokenizer
     limit = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 1024)
@@ -152,9 +147,6 @@ class BatchPredictor:
 
     def __init__(self, model_ref: str, tracking_uri: Optional[str], max_new_tokens: int, batch_size: int):
         import torch
-
-        from raylm.inference.task_model import InferenceOptions, load_task_model
-        from raylm.common.tracking import resolve_model_path
 
         torch.set_num_threads(1)
         folder = resolve_model_path(model_ref, tracking_uri)
@@ -228,8 +220,7 @@ class EvalReport:
     @property
     def fingerprint(self) -> str:
         """The whole eval set's fingerprint: the tasks' fingerprints together."""
-        payload = json.dumps(sorted(self.task_fingerprints.items()))
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return fingerprint(sorted(self.task_fingerprints.items()), length=16)
 
     def summary(self) -> dict[str, Any]:
         """Everything but the per-example record: for model cards, MLflow and the terminal."""
@@ -290,8 +281,7 @@ def score(predictions: dict[str, list], rows_by_task: dict[str, list[dict]], con
 
 
 def evaluate_model(task_model, rows: Sequence[dict], eval_config, model_ref: Optional[str] = None,
-                   tracking_uri: Optional[str] = None, split: str = "dev",
-                   log: Callable[[str], None] = _quiet) -> EvalReport:
+                   tracking_uri: Optional[str] = None, split: str = "dev") -> EvalReport:
     """Score a task model on labelled ``rows`` (all tasks it supports) with bootstrap intervals.
 
     ``task_model`` is a loaded :class:`~raylm.inference.task_model.TaskModel` (used
@@ -306,7 +296,7 @@ def evaluate_model(task_model, rows: Sequence[dict], eval_config, model_ref: Opt
     total = sum(len(task_rows) for task_rows in rows_by_task.values())
     distributed = model_ref is not None and total >= eval_config.distributed_min_examples
     if distributed:
-        log(f"evaluating {total} rows with Ray Data over {eval_config.num_actors} model actors")
+        logger.info("evaluating %d rows with Ray Data over %d model actors", total, eval_config.num_actors)
         predictions = predict_distributed(model_ref, rows_by_task, eval_config, tracking_uri)
     else:
         predictions = {task: predict_task(task_model, task, task_rows, eval_config.batch_size,
@@ -338,8 +328,6 @@ def format_report(report: EvalReport) -> list[str]:
 def evaluate_tasks(engine, rows: Sequence[dict], max_examples_per_task: int = 300,
                    batch_size: int = 32, max_new_tokens: int = 48) -> dict[str, float]:
     """Metrics only (no intervals) of ``engine`` on ``rows``: the older entry point, kept for callers."""
-    from raylm.config import EvalConfig
-
     config = EvalConfig(max_examples_per_task=max_examples_per_task, batch_size=batch_size,
                         max_new_tokens=max_new_tokens, bootstrap_samples=100)
     report = evaluate_model(engine, rows, config)

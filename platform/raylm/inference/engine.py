@@ -19,8 +19,6 @@ call cannot express.
 from __future__ import annotations
 
 import inspect
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -28,6 +26,8 @@ import torch
 
 from raylm.data.formatting import CHAT_STOP_SEQUENCES, CHAT_TEMPLATE, SENTIMENT_LABELS, qa_prompt, \
     sentiment_prompt, translate_prompt
+from raylm.data.tokenizer import load_tokenizer
+from raylm.inference.decoding import DecodeRow, sample_tokens, span_mask
 from raylm.inference.task_model import (
     TASKS,
     GenerationRequest,
@@ -46,23 +46,6 @@ __all__ = ["Engine", "read_model_card"]
 
 # Extractive answers are short; a longer budget only lets an untrained model ramble inside the passage.
 QA_MAX_NEW_TOKENS = 16
-
-
-@dataclass
-class _Row:
-    """Decoding state of one request in a batch."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    budget: int
-    span_source: Optional[list[int]] = None
-    generator: Optional[torch.Generator] = None
-    prefix: str = ""  # echoed prompt text, emitted first
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0
-    finish_reason: Optional[str] = None
-    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Engine(TaskModel):
@@ -96,8 +79,6 @@ class Engine(TaskModel):
                        max_new_tokens: Optional[int] = None, device: Optional[str] = None) -> "Engine":
         """Load a raylm model folder (safetensors weights, tokenizer, raylm.json) per ``options``."""
         from transformers import AutoModelForCausalLM
-
-        from raylm.data.tokenizer import load_tokenizer
 
         options = options or InferenceOptions()
         if max_new_tokens is not None or device is not None:
@@ -193,7 +174,7 @@ class Engine(TaskModel):
 
     # ----------------------------------------------------------------- decoding
 
-    def _start_rows(self, requests: Sequence[GenerationRequest]) -> list[_Row]:
+    def _start_rows(self, requests: Sequence[GenerationRequest]) -> list[DecodeRow]:
         text_prompts = [request.prompt for request in requests if isinstance(request.prompt, str)]
         encoded = iter(self._encode_texts(text_prompts))
         span_texts = [" " + request.span_of.strip() for request in requests if request.span_of is not None]
@@ -223,7 +204,7 @@ class Engine(TaskModel):
             prefix = ""
             if request.echo:
                 prefix = request.prompt if isinstance(request.prompt, str) else self._decode_ids(request.prompt)
-            rows.append(_Row(prompt_ids=ids, params=params, budget=budget,
+            rows.append(DecodeRow(prompt_ids=ids, params=params, budget=budget,
                              span_source=next(span_sources) if request.span_of is not None else None,
                              generator=generator, prefix=prefix))
         return rows
@@ -271,20 +252,20 @@ class Engine(TaskModel):
             step_positions = step_positions[:, -1:] + 1
             step_mask = torch.cat([step_mask, torch.ones_like(step_ids)], dim=-1)
 
-    def _choose(self, logits: torch.Tensor, rows: list[_Row]):
+    def _choose(self, logits: torch.Tensor, rows: list[DecodeRow]):
         """Pick each row's next token: greedy, or sampled with its temperature / top-k / top-p / seed."""
         want_logprobs = [row.params.logprobs is not None for row in rows]
         log_probs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
         span_lines = [line for line, row in enumerate(rows) if row.span_source is not None]
         if span_lines:
-            mask = _span_mask([rows[line].span_source for line in span_lines],
+            mask = span_mask([rows[line].span_source for line in span_lines],
                               [rows[line].generated for line in span_lines], logits.shape[-1], self.eos_id)
             logits[span_lines] += mask.to(logits.device)
         chosen = logits.argmax(dim=-1)
         sampled_lines = [line for line, row in enumerate(rows) if row.params.temperature > 0]
         if sampled_lines:
             chosen = chosen.clone()
-            chosen[sampled_lines] = _sample([rows[line] for line in sampled_lines], logits[sampled_lines])
+            chosen[sampled_lines] = sample_tokens([rows[line] for line in sampled_lines], logits[sampled_lines])
         next_ids = chosen.tolist()
         chosen_logprobs = top = None
         if log_probs is not None:
@@ -293,7 +274,7 @@ class Engine(TaskModel):
             top = log_probs.topk(most, dim=-1) if most > 0 else None
         return next_ids, chosen_logprobs, top
 
-    def _advance(self, row: _Row, token: int, chosen_logprobs, top_logprobs, line: int) -> StreamDelta:
+    def _advance(self, row: DecodeRow, token: int, chosen_logprobs, top_logprobs, line: int) -> StreamDelta:
         """Add ``token`` to ``row``; return the text it makes final, and finish the row if it ended."""
         new_logprobs = []
         if token == self.eos_id:
@@ -440,43 +421,3 @@ class Engine(TaskModel):
     def translate(self, sources: Sequence[str], max_new_tokens: Optional[int] = None) -> list[str]:
         requests = [self.task_request("translate", max_new_tokens, text=source) for source in sources]
         return [result.text.strip() for result in self.generate(requests)]
-
-
-def _sample(rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
-    """Draw one token per row after its temperature, top-k and top-p (nucleus) cuts, from its own generator.
-
-    One sort serves both cuts for the whole batch; each row then draws a single
-    uniform number from its own generator (so a seeded row's tokens do not
-    depend on the rest of the batch) and picks its token by inverse CDF.
-    """
-    device = logits.device
-    temperature = torch.tensor([max(row.params.temperature, 1e-5) for row in rows], device=device)
-    ordered, order = torch.sort(logits / temperature[:, None], dim=-1, descending=True)
-    vocab = ordered.shape[-1]
-    top_k = torch.tensor([row.params.top_k if 0 < row.params.top_k < vocab else vocab for row in rows], device=device)
-    drop = torch.arange(vocab, device=device)[None, :] >= top_k[:, None]
-    top_p = torch.tensor([row.params.top_p for row in rows], device=device)
-    if bool((top_p < 1.0).any()):
-        probs = torch.softmax(ordered.masked_fill(drop, -math.inf), dim=-1)
-        # Drop a token when the tokens before it already hold top_p of the mass; the first always stays.
-        drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]
-    probs = torch.softmax(ordered.masked_fill(drop, -math.inf), dim=-1)
-    cumulative = probs.cumsum(-1)
-    uniform = torch.stack([torch.rand((), generator=row.generator, device=device) for row in rows])
-    picked = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None]).clamp(max=vocab - 1)
-    return order.gather(-1, picked).squeeze(-1)
-
-
-def _span_mask(sources: list[list[int]], generated: list[list[int]], vocab_size: int, eos: int) -> torch.Tensor:
-    """Additive logit mask allowing only tokens that keep each output a span of its source."""
-    mask = torch.full((len(sources), vocab_size), float("-inf"))
-    for row, (source, prefix) in enumerate(zip(sources, generated)):
-        k = len(prefix)
-        if k == 0:
-            allowed = set(source)
-        else:
-            allowed = {source[i + k] for i in range(len(source) - k) if source[i: i + k] == prefix}
-            allowed.add(eos)
-        allowed.discard(-1)
-        mask[row, [token for token in allowed if token < vocab_size]] = 0.0
-    return mask

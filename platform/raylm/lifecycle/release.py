@@ -97,7 +97,7 @@ def evaluate_exported(job: JobConfig, model_dir: Path, rows: list[dict], card: d
     from raylm.eval.runner import evaluate_model, format_report
 
     task_model = load_for_eval(model_dir, job)
-    report = evaluate_model(task_model, rows, job.eval, model_ref=str(model_dir), split=split, log=log)
+    report = evaluate_model(task_model, rows, job.eval, model_ref=str(model_dir), split=split)
     for line in format_report(report):
         log(line)
     (Path(model_dir) / EVAL_REPORT_FILE).write_text(report.to_json())
@@ -245,7 +245,7 @@ def _evaluate_baseline(job: JobConfig, name: str, split: str, log: Log, output: 
     model = build_baseline(name, train_rows)
     rows = eval_rows(job, split)
     log(f"evaluating the {model.name} baseline on {len(rows)} {split} rows")
-    report = evaluate_model(model, rows, job.eval, split=split, log=log)
+    report = evaluate_model(model, rows, job.eval, split=split)
     for line in format_report(report):
         log(line)
     if output is not None:

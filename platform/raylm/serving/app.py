@@ -9,6 +9,9 @@ config, so ``raylm serve``, ``serve run`` and ``serve deploy`` (through
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,8 +19,14 @@ from typing import Any, Optional
 
 from ray import serve
 
-from raylm.config import API_KEY_ENV, ServeConfig
-from raylm.serving.routes import APIError
+from raylm.common.tracking import get_model_version, resolve_model_path
+from raylm.config import API_KEY_ENV, ConfigError, ServeConfig, validate_config
+from raylm.inference.task_model import InferenceOptions, load_task_model, model_kind, public_model_name
+from raylm.serving.batching import BatchStats, ModelWorker
+from raylm.serving.guard import APIError
+from raylm.serving.routes import build_api
+
+logger = logging.getLogger(__name__)
 
 APP_NAME = "raylm"
 DEPLOYMENT_NAME = "RaylmModel"
@@ -30,10 +39,6 @@ class RaylmServer:
 
     def __init__(self, task_models: dict[str, str], serve_config: dict, tracking_uri: Optional[str] = None):
         import torch
-
-        from raylm.inference.task_model import InferenceOptions, load_task_model, public_model_name
-        from raylm.serving.batching import BatchStats, ModelWorker
-        from raylm.common.tracking import resolve_model_path
 
         self.config = ServeConfig.model_validate(serve_config)
         torch.set_num_threads(max(1, int(self.config.num_cpus_per_replica)))
@@ -59,8 +64,6 @@ class RaylmServer:
         self.started = time.time()
 
     def __serve_build_asgi_app__(self):
-        from raylm.serving.routes import build_api
-
         return build_api(self)
 
     # ----------------------------------------------------------------- used by the routes
@@ -137,6 +140,7 @@ def app_builder(args: dict[str, Any]):
     ``args`` are ServeConfig keys (``model_path``, ``autoscaling``, ``max_batch_size``, ...) plus an
     optional ``tracking_uri``; the API key comes from ``$RAYLM_API_KEY`` unless given.
     """
+<<<<<<< HEAD
     from raylm.config import ConfigError, format_validation_error
     from pydantic import ValidationError
 
@@ -146,6 +150,15 @@ def app_builder(args: dict[str, Any]):
         config = ServeConfig.model_validate(args)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err).replace("config error: ", "config error: serve args: ")) from None
+=======
+    args = dict(args or {})
+    tracking_uri = args.pop("tracking_uri", None)
+    try:
+        # Validated as the serve section of a job config: the same checks and messages as `raylm serve`.
+        config = validate_config({"serve": args}).serve
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("config error: serve.", "config error: serve args: ", 1)) from None
+>>>>>>> compat
     if not config.task_models():
         raise ConfigError("config error: serve args need model_path (a model folder or models:/name/version) "
                           "or models")
@@ -155,9 +168,6 @@ def app_builder(args: dict[str, Any]):
 def check_model_references(config: ServeConfig, tracking_uri: Optional[str] = None) -> None:
     """Fail before deploying when a served model does not exist: a folder that is missing or holds no model
     raylm can load (FileNotFoundError, ModelLoadError), a registry URI that does not resolve (RegistryError)."""
-    from raylm.inference.task_model import model_kind
-    from raylm.common.tracking import get_model_version
-
     for reference in dict.fromkeys(config.task_models().values()):
         if reference.startswith("models:/"):
             get_model_version(tracking_uri, reference)
@@ -187,16 +197,13 @@ def stop_serving(timeout_s: Optional[float] = None) -> None:
         serve.shutdown()
 
 
-def serve_until_stopped(model_path: Optional[str], serve_config: ServeConfig, tracking_uri: Optional[str] = None,
-                        log=print) -> str:
+def serve_until_stopped(model_path: Optional[str], serve_config: ServeConfig,
+                        tracking_uri: Optional[str] = None) -> str:
     """Deploy, then serve until SIGTERM or SIGINT; drain in-flight requests, stop Serve, return the signal's name.
 
     Ray's own SIGTERM handling in a driver dumps native stacks and exits non-zero;
     the handlers installed here replace it for the time the app is served.
     """
-    import signal
-    import threading
-
     stop = threading.Event()
     received: list[int] = []
 
@@ -205,19 +212,19 @@ def serve_until_stopped(model_path: Optional[str], serve_config: ServeConfig, tr
         stop.set()
 
     if serve_config.host not in ("127.0.0.1", "localhost", "::1") and serve_config.api_key is None:
-        log(f"warning: serving on {serve_config.host} without an API key: anyone who can reach the port can use "
-            f"the models (set serve.api_key or ${API_KEY_ENV})")
+        logger.warning("serving on %s without an API key: anyone who can reach the port can use the models "
+                       "(set serve.api_key or $%s)", serve_config.host, API_KEY_ENV)
     previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         url = start_serving(model_path, serve_config, tracking_uri)
         if not stop.is_set():
-            log(f"serving {model_path or 'serve.models'} at {url} (Ctrl-C or SIGTERM to stop)")
+            logger.info("serving %s at %s (Ctrl-C or SIGTERM to stop)", model_path or "serve.models", url)
         while not stop.wait(0.5):
             pass
         name = signal.Signals(received[0]).name
-        log(f"{name}: draining in-flight requests, then stopping Serve")
+        logger.info("%s: draining in-flight requests, then stopping Serve", name)
         stop_serving()
-        log("stopped")
+        logger.info("stopped")
         return name
     finally:
         for signum, handler in previous.items():

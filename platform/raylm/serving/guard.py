@@ -24,6 +24,17 @@ _OPENAI_TYPES = {
 }
 
 
+class APIError(Exception):
+    """A request raylm refuses: HTTP ``status`` with a message (and, on OpenAI routes, param and code)."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+
 def is_openai_path(path: str) -> bool:
     """Whether ``path`` (relative to the app's route prefix) is one of the OpenAI routes."""
     return path.startswith(OPENAI_PREFIXES)

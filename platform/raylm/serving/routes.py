@@ -17,15 +17,17 @@ import json
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raylm.config import ServeConfig
 from raylm.inference.task_model import GenerationRequest, InputError, SamplingParams, UnsupportedTaskError
-from raylm.serving.guard import GuardMiddleware, error_body, is_openai_path, route_path
+from raylm.serving.batching import ModelWorker
+from raylm.serving.guard import APIError, GuardMiddleware, error_body, is_openai_path, route_path
 from raylm.serving.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -37,25 +39,10 @@ from raylm.serving.schemas import (
     TranslateResponse,
 )
 
-if TYPE_CHECKING:
-    from raylm.serving.app import RaylmServer
-    from raylm.serving.batching import ModelWorker
-
 logger = logging.getLogger("ray.serve")
 
 BATCH_HEADER = "X-Raylm-Batch-Size"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-class APIError(Exception):
-    """A request raylm refuses: HTTP ``status`` with a message (and, on OpenAI routes, param and code)."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
 
 
 def _error(request: Request, status: int, message: str, param: Optional[str] = None,
@@ -79,7 +66,20 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, Optional[str]
     return f"invalid request: {location or 'body'}: {message}", location or None
 
 
-def build_api(server: "RaylmServer") -> FastAPI:
+class ModelServer(Protocol):
+    """What the routes need of a replica (:class:`raylm.serving.app.RaylmServer`)."""
+
+    config: ServeConfig
+    started: float
+
+    def worker_for(self, task: str, requested_model: Optional[str] = None) -> ModelWorker: ...
+
+    def distinct_workers(self) -> list[ModelWorker]: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+
+def build_api(server: ModelServer) -> FastAPI:
     """The FastAPI app of one replica, wrapped in its API-key and body-size guard."""
     config = server.config
     api = FastAPI(title="raylm", version="0.2.0",
@@ -193,7 +193,7 @@ def build_api(server: "RaylmServer") -> FastAPI:
             top_k=max(0, body.top_k or 0),
             seed=seed, stop=stops, logprobs=logprobs)
 
-    def budget_for(worker: "ModelWorker", prompt, requested: Optional[int], default: int) -> int:
+    def budget_for(worker: ModelWorker, prompt, requested: Optional[int], default: int) -> int:
         """``max_tokens``: as asked (checked against the context later), or the default cut to the room left."""
         if requested is not None:
             return requested
@@ -304,7 +304,7 @@ def _chat_logprobs(entries) -> list[dict[str, Any]]:
                               for token, value in entry.top]} for entry in entries]
 
 
-async def _stream_response(worker: "ModelWorker", requests: list[GenerationRequest], reply: _Reply,
+async def _stream_response(worker: ModelWorker, requests: list[GenerationRequest], reply: _Reply,
                            include_usage: bool, chat: bool, copies: int) -> StreamingResponse:
     """Server-sent events: one chunk per decoded piece of each choice, usage last if asked, then [DONE]."""
     streams = [worker.stream(request) for request in requests]

@@ -30,7 +30,8 @@ MMAP_THRESHOLD_MAX = 32 << 20
 DEFAULT_TRIM_THRESHOLD = 1 << 30
 
 
-def _glibc():
+def glibc_library():
+    """The C library as a ctypes handle when it is glibc (Linux), else None: only glibc has mallopt."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -46,7 +47,7 @@ def keep_freed_memory(trim_threshold: int = DEFAULT_TRIM_THRESHOLD) -> bool:
 
     Returns whether the settings were applied (glibc only).
     """
-    libc = _glibc()
+    libc = glibc_library()
     if libc is None:
         return False
     applied = libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)

@@ -15,12 +15,13 @@ candidates are listed and, when remote, downloaded through it.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import posixpath
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from raylm.common.fingerprints import file_digest
 
 MANIFEST = "manifest.json"
 STATE_FILE = "trainer_state.json"
@@ -33,17 +34,9 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint folder failed its manifest check."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
     files = {
-        str(path.relative_to(folder)): {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        str(path.relative_to(folder)): {"sha256": file_digest(path), "bytes": path.stat().st_size}
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != MANIFEST
     }
@@ -64,7 +57,7 @@ def verify_checkpoint(folder: str | Path) -> None:
         path = root / name
         if not path.is_file():
             raise CorruptCheckpointError(f"checkpoint {root} lacks {name}")
-        if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != entry["bytes"] or file_digest(path) != entry["sha256"]:
             raise CorruptCheckpointError(f"checkpoint {root}: {name} does not match its checksum")
 
 

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raylm.common import storage
+from raylm.common import cluster, storage
 from raylm.config import JobConfig
+from raylm.data.formatting import CHAT_TEMPLATE
+from raylm.data.tokenizer import special_token_ids
 from raylm.train.checkpoint import BEST_CHECKPOINT, CorruptCheckpointError, STATE_FILE, fetch_checkpoint, \
     local_valid_checkpoint, read_history, read_state, verify_checkpoint
 from raylm.train.loop import train_loop_per_worker
@@ -47,8 +49,6 @@ def experiment_dir(job: JobConfig) -> Path:
 def _tokenizer_facts(tokenizer) -> tuple[int, dict[str, int]]:
     if tokenizer is None:
         return 0, {}
-    from raylm.data.tokenizer import special_token_ids
-
     return len(tokenizer), special_token_ids(tokenizer)
 
 
@@ -82,8 +82,6 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from raylm.common import cluster
 
     config = job.train
     resources = {"CPU": config.cpus_per_worker}
@@ -233,8 +231,6 @@ def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[st
     if card.get("config", {}).get("model", {}).get("task", "causal_lm") == "causal_lm" \
             and not getattr(tokenizer, "chat_template", None):
         # /v1/chat/completions renders conversations with the folder's template (saved with the tokenizer).
-        from raylm.data.formatting import CHAT_TEMPLATE
-
         tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(model_dir)
     card["exported_step"] = read_state(checkpoint_dir).get("step")

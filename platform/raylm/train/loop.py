@@ -32,6 +32,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from raylm.common.cluster import check_worker_code
+from raylm.common.tracking import WorkerTracker
+from raylm.compat.ray import run_storage
 from raylm.config import JobConfig
 from raylm.models.registry import build_model, flops_per_token
 from raylm.train.allocator import keep_freed_memory
@@ -60,7 +63,7 @@ def restore_trainer(trainer: LMTrainer, checkpoint, rank: int, storage=None) -> 
     ``checkpoint`` is the ``ray.train.Checkpoint`` Ray Train hands a (re)started
     worker group. If it is corrupt or partial, older sibling checkpoints of the
     same run are tried, newest first. Without one, complete checkpoints already
-    in the run's storage folder (``storage``: Ray Train's storage context) are
+    in the run's storage folder (``storage``: :class:`~raylm.compat.ray.RunStorage`) are
     used: a worker can die after a checkpoint is fully written but before Ray
     Train registers it. Rank 0 chooses the checkpoint and every other rank
     loads the one it chose (a rank that cannot read it fails the group, which
@@ -71,8 +74,8 @@ def restore_trainer(trainer: LMTrainer, checkpoint, rank: int, storage=None) -> 
         filesystem = getattr(checkpoint, "filesystem", None)
         search = {"latest": checkpoint.path}
     elif storage is not None:
-        filesystem = storage.storage_filesystem
-        search = {"latest": None, "search_dir": storage.experiment_fs_path}
+        filesystem = storage.filesystem
+        search = {"latest": None, "search_dir": storage.path}
     else:
         return {}
     chosen, problems = choose_valid_checkpoint(filesystem=filesystem, **search) if rank == 0 else (None, [])
@@ -153,8 +156,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from raylm.common.cluster import check_worker_code
-
     check_worker_code(loop_config.get("code_fingerprint"))
     job = JobConfig.model_validate(loop_config["job"])
     config = job.train
@@ -168,7 +169,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(job.model, loop_config["vocab_size"], seq_len, loop_config["special_ids"], seed=config.seed)
     model_flops_per_token = flops_per_token(model, seq_len)
     trainer = LMTrainer(model, config, device, task=job.model.task)
-    state = restore_trainer(trainer, ray.train.get_checkpoint(), rank, context.get_storage())
+    state = restore_trainer(trainer, ray.train.get_checkpoint(), rank, run_storage(context))
     resumed_from_step = trainer.step
     if not state.get("rng_restored"):
         _seed_everything(config.seed + 1000 * rank + trainer.step)
@@ -183,8 +184,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     tracker = None
     if rank == 0 and loop_config.get("mlflow_run_id"):
-        from raylm.common.tracking import WorkerTracker
-
         tracker = WorkerTracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
 
     meter = ThroughputMeter(model_flops_per_token, device_peak_flops(config.precision, device), world)
@@ -271,9 +270,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 if keep_best:
                     # A best evaluation between checkpoints is kept too: train.export=best exports it.
-                    storage = context.get_storage()
-                    publish_folder(directory, os.path.join(storage.experiment_fs_path, BEST_CHECKPOINT),
-                                   storage.storage_filesystem)
+                    storage = run_storage(context)
+                    publish_folder(directory, os.path.join(storage.path, BEST_CHECKPOINT), storage.filesystem)
                 if should_checkpoint:
                     checkpoint = ray.train.Checkpoint.from_directory(directory)
             if not should_checkpoint:

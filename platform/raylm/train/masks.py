@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from raylm.compat.transformers import attention_implementation
+
 
 def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     """(batch, 1, seq, seq) bool: query i sees key j iff j <= i and both lie in the same document.
@@ -37,6 +39,6 @@ def packed_attention_mask(model: torch.nn.Module, position_ids: torch.Tensor | N
     """
     if position_ids is None or position_ids.dim() != 2:
         return None
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) != "sdpa":
+    if attention_implementation(model) != "sdpa":
         return None
     return packed_causal_mask(position_ids)

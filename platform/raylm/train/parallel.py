@@ -17,6 +17,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from raylm.train.kernels import fuse_kernels
+
 MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -135,8 +137,6 @@ def parallelize(model: torch.nn.Module, parallel: str, device: torch.device, pre
     if parallel not in ("ddp", "fsdp"):
         raise ValueError(f"unknown parallel mode {parallel!r}")
     if fused_kernels:
-        from raylm.train.kernels import fuse_kernels
-
         fuse_kernels(model)
     model = model.to(device)
     if activation_checkpointing:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from raylm.checks import validate_job
+from raylm.compat.ray import on_worker_group_start, placement_group_from_hex, result_grid_trials
 from raylm.config import ConfigError, JobConfig
 
 Log = Callable[[str], None]
@@ -204,28 +205,23 @@ def _placement_group_recorder(trial_dir: str):
     cleaner needs the state API (the dashboard), which a local Ray without it
     lacks. The sweep removes the recorded groups itself (:func:`release_placement_groups`).
     """
-    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    def record(group_id: str) -> None:
+        with open(Path(trial_dir) / PLACEMENT_GROUPS_FILE, "a") as handle:
+            handle.write(group_id + "\n")
 
-    class RecordPlacementGroup(WorkerGroupCallback):
-        def after_worker_group_start(self, worker_group):
-            group = worker_group.get_worker_group_state().placement_group_handle.placement_group
-            with open(Path(trial_dir) / PLACEMENT_GROUPS_FILE, "a") as handle:
-                handle.write(group.id.hex() + "\n")
-
-    return RecordPlacementGroup()
+    return on_worker_group_start(record)
 
 
 def release_placement_groups(trial_dir: Path) -> int:
     """Remove the worker placement groups a trial recorded that still exist; returns how many were removed."""
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+    from ray.util.placement_group import placement_group_table, remove_placement_group
 
     path = Path(trial_dir) / PLACEMENT_GROUPS_FILE
     if not path.is_file():
         return 0
     removed = 0
     for line in path.read_text().split():
-        group = PlacementGroup(PlacementGroupID(bytes.fromhex(line)))
+        group = placement_group_from_hex(line)
         try:
             if placement_group_table(group).get("state") not in (None, "REMOVED"):
                 remove_placement_group(group)
@@ -453,7 +449,7 @@ def collect_outcomes(sweep_dir: Path, result_grid) -> list[dict[str, Any]]:
     """
     outcomes = []
     # ResultGrid keeps its trials in this order; their Tune status tells stopped from interrupted.
-    trials = result_grid._experiment_analysis.trials
+    trials = result_grid_trials(result_grid)
     for index, trial in enumerate(trials):
         result = result_grid[index]
         metrics = dict(result.metrics or {})

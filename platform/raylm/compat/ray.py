@@ -1,0 +1,118 @@
+"""Ray's private and developer APIs that raylm uses, written for Ray 2.60 (see tests/unit/test_compat.py).
+
+Each function names what it reaches for; when a Ray upgrade moves or removes
+it, the function raises :class:`CompatError` saying which attribute is gone
+and which Ray it was written for, instead of failing somewhere deep in a run.
+Ray is imported inside the functions: this module sits at the bottom of
+raylm's layers and must stay cheap to import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, NamedTuple
+
+WRITTEN_FOR = "2.60"
+
+
+class CompatError(RuntimeError):
+    """A private API raylm relies on is missing from the installed dependency."""
+
+
+def _ray_version() -> str:
+    import ray
+
+    return getattr(ray, "__version__", "unknown")
+
+
+def _gone(what: str) -> CompatError:
+    return CompatError(f"raylm.compat: {what} is gone in Ray {_ray_version()} (written for {WRITTEN_FOR})")
+
+
+def require_attribute(module: str, name: str) -> Any:
+    """``module.name``, or a :class:`CompatError` naming it and the installed Ray when it is gone."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        raise _gone(f"{module}.{name}") from None
+
+
+def job_config_env_var() -> str:
+    """The environment variable in which Ray hands a submitted job's driver its job config (JSON).
+
+    Ray keeps it in ``ray._private.runtime_env.constants.RAY_JOB_CONFIG_JSON_ENV_VAR``;
+    its ``runtime_env`` field tells a driver what the submission already set.
+    """
+    return str(require_attribute("ray._private.runtime_env.constants", "RAY_JOB_CONFIG_JSON_ENV_VAR"))
+
+
+def worker_group_callback_class() -> type:
+    """Ray Train V2's ``WorkerGroupCallback`` base class (``ray.train.v2._internal.execution.callback``)."""
+    return require_attribute("ray.train.v2._internal.execution.callback", "WorkerGroupCallback")
+
+
+def worker_group_placement_group(worker_group) -> Any:
+    """The placement group (``ray.util.placement_group.PlacementGroup``) of a started Ray Train worker group."""
+    try:
+        return worker_group.get_worker_group_state().placement_group_handle.placement_group
+    except AttributeError:
+        raise _gone("WorkerGroup.get_worker_group_state().placement_group_handle.placement_group") from None
+
+
+def on_worker_group_start(record: Callable[[str], None]) -> Any:
+    """A Ray Train ``RunConfig`` callback that calls ``record(placement group id, hex)`` each time the
+    worker group of a run starts (Ray Train V2 creates that group from its controller, out of the driver's
+    reach); ``record`` travels to the controller, so it must be picklable."""
+    base = worker_group_callback_class()
+
+    class RecordPlacementGroup(base):
+        def after_worker_group_start(self, worker_group):
+            record(worker_group_placement_group(worker_group).id.hex())
+
+    if not hasattr(base, "after_worker_group_start"):
+        raise _gone("WorkerGroupCallback.after_worker_group_start")
+    return RecordPlacementGroup()
+
+
+def placement_group_from_hex(group_id: str) -> Any:
+    """A ``PlacementGroup`` handle for the id :func:`on_worker_group_start` recorded (hex), e.g. to remove it.
+
+    Ray has no public constructor from an id; it takes ``ray._raylet.PlacementGroupID``.
+    """
+    from ray.util.placement_group import PlacementGroup
+
+    placement_group_id = require_attribute("ray._raylet", "PlacementGroupID")
+    return PlacementGroup(placement_group_id(bytes.fromhex(group_id)))
+
+
+class RunStorage(NamedTuple):
+    """Where a Ray Train run keeps its checkpoints: a pyarrow file system and the run's folder on it."""
+
+    filesystem: Any
+    path: str
+
+
+def run_storage(train_context) -> RunStorage:
+    """The storage of the run a Ray Train worker belongs to (``train_context``: ``ray.train.get_context()``).
+
+    ``TrainContext.get_storage()`` is a DeveloperAPI returning Ray's internal
+    ``StorageContext``, whose interface "may change without notice between minor
+    versions"; raylm reads its ``storage_filesystem`` and ``experiment_fs_path``.
+    """
+    try:
+        storage = train_context.get_storage()
+        return RunStorage(storage.storage_filesystem, str(storage.experiment_fs_path))
+    except AttributeError:
+        raise _gone("TrainContext.get_storage().storage_filesystem / .experiment_fs_path") from None
+
+
+def result_grid_trials(result_grid) -> list:
+    """The Tune trials of a ``ResultGrid``, in the grid's order (each with ``trial_id`` and ``status``).
+
+    ``ResultGrid`` exposes results, not trials; the trials (and their status, which
+    tells a stopped trial from an interrupted one) sit in ``_experiment_analysis``.
+    """
+    try:
+        return list(result_grid._experiment_analysis.trials)
+    except AttributeError:
+        raise _gone("ResultGrid._experiment_analysis.trials") from None
