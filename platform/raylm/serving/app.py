@@ -140,17 +140,6 @@ def app_builder(args: dict[str, Any]):
     ``args`` are ServeConfig keys (``model_path``, ``autoscaling``, ``max_batch_size``, ...) plus an
     optional ``tracking_uri``; the API key comes from ``$RAYLM_API_KEY`` unless given.
     """
-<<<<<<< HEAD
-    from raylm.config import ConfigError, format_validation_error
-    from pydantic import ValidationError
-
-    args = dict(args or {})
-    tracking_uri = args.pop("tracking_uri", None)
-    try:
-        config = ServeConfig.model_validate(args)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err).replace("config error: ", "config error: serve args: ")) from None
-=======
     args = dict(args or {})
     tracking_uri = args.pop("tracking_uri", None)
     try:
@@ -158,7 +147,6 @@ def app_builder(args: dict[str, Any]):
         config = validate_config({"serve": args}).serve
     except ConfigError as err:
         raise ConfigError(str(err).replace("config error: serve.", "config error: serve args: ", 1)) from None
->>>>>>> compat
     if not config.task_models():
         raise ConfigError("config error: serve args need model_path (a model folder or models:/name/version) "
                           "or models")
