@@ -47,7 +47,12 @@ ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file")
 def main_options(verbose: bool = typer.Option(
         False, "--verbose", "-v", help="also show other libraries' INFO lines (Ray, MLflow), and raylm's DEBUG")) -> None:
     """Train, tune and serve language models on Ray."""
+    global _verbose
+    _verbose = verbose
     configure_logging(verbose)
+
+
+_verbose = False
 
 OverridesArgument = typer.Argument(None, help="dotted overrides, e.g. train.lr=1e-3")
 
@@ -77,6 +82,8 @@ def _user_errors():
 
 def _run(fn, *args):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Again, now that the command's layers are imported: Ray Data sets its loggers' levels on import.
+    configure_logging(_verbose)
     try:
         return fn(*args)
     except ConfigError as err:
