@@ -155,7 +155,8 @@ def finish_sweep(job: JobConfig, sweep_dir: Path, record: dict[str, Any], outcom
     if best and job.tune.export_best and not interrupted:
         model_dir = export_best_model(best, job, sweep_dir, tokenizer, record)
         results["best_model_dir"] = str(model_dir)
-        logger.info(f"best trial {best['trial_id']} ({best['model']}, eval loss {best['eval_loss']:.4f}) -> {model_dir}")
+        logger.info(f"best trial {best['trial_id']} ({best['model']}, eval loss {best['eval_loss']:.4f}) "
+                    f"-> {model_dir}")
     if record.get("parent_run_id") and tracking_uri:
         results["registry_uri"] = log_sweep_to_parent(job, record["parent_run_id"], tracking_uri, results,
                                                       artifacts, model_dir, interrupted)

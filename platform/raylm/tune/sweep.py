@@ -74,14 +74,14 @@ def progress_callback(expected: int, trials_dir: Path):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if "eval_loss" in result:
                 logger.info(f"trial {trial.trial_id}: step {result.get('step')}, eval loss {result['eval_loss']:.4f} "
-                    f"(evaluation {result.get('evaluations')}, {len(self.completed)}/{expected} trials done)")
+                            f"(evaluation {result.get('evaluations')}, {len(self.completed)}/{expected} trials done)")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.completed.add(trial.trial_id)
             release_placement_groups(trials_dir / trial.trial_id)
             result = trial.last_result or {}
             logger.info(f"trial {trial.trial_id} ended at step {result.get('step')} "
-                f"({len(self.completed)}/{expected} trials done)")
+                        f"({len(self.completed)}/{expected} trials done)")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.errored.add(trial.trial_id)
@@ -189,7 +189,7 @@ def run_sweep(job: JobConfig | None, resume: str | None = None) -> dict[str, Any
         record.update(status="running", attempts=int(record.get("attempts", 1)) + 1)
     write_json(sweep_dir / SWEEP_RECORD, record)
     logger.info(("resuming sweep " if resume else "sweep ") + f"{record['sweep_id']} in {sweep_dir}: "
-        f"{summary['num_trials']} trials ({job.tune.search} search, scheduler {job.tune.scheduler})")
+                f"{summary['num_trials']} trials ({job.tune.search} search, scheduler {job.tune.scheduler})")
 
     ensure_ray(job)
     _check_cluster(job)
@@ -201,7 +201,7 @@ def run_sweep(job: JobConfig | None, resume: str | None = None) -> dict[str, Any
                           f"but the configured data is now {data.fingerprint}")
     record["data_fingerprint"] = data.fingerprint
     logger.info(f"data ready: {data.stats['num_train_rows']} train rows, vocab {data.stats['vocab_size']}, "
-        f"fingerprint {data.fingerprint}")
+                f"fingerprint {data.fingerprint}")
 
     tracking_uri = job.resolved_tracking_uri()
     if job.tracking.enabled and tracking_uri:
@@ -242,5 +242,5 @@ def run_sweep(job: JobConfig | None, resume: str | None = None) -> dict[str, Any
     report["sweep_seconds"] = round(time.time() - started, 1)
     if interrupted:
         logger.info(f"sweep interrupted with {done}/{summary['num_trials']} trials done; continue it with "
-            f"raylm tune --resume {sweep_dir}")
+                    f"raylm tune --resume {sweep_dir}")
     return report
