@@ -44,7 +44,7 @@ def run(config: str, overrides: list[str], workdir: str, scheduler: str) -> tupl
     started = time.time()
     # Ray Tune prints its own tables to stdout; this script's stdout is the one JSON object.
     with contextlib.redirect_stdout(sys.stderr):
-        results = run_sweep(job, log=lambda line: print(f"[{scheduler}] {line}", file=sys.stderr, flush=True))
+        results = run_sweep(job)
     return results, time.time() - started
 
 

@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import typer
 
+from raylm.common.logging import configure_logging
 from raylm.config import ConfigError, JobConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, tune and serve language models on Ray.")
@@ -40,6 +41,19 @@ tune_app = typer.Typer(cls=_RunByDefault, help="Scaling sweeps with Ray Tune (ra
 app.add_typer(tune_app, name="tune")
 
 ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file")
+
+
+@app.callback()
+def main_options(verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="also show other libraries' INFO lines (Ray, MLflow), and raylm's DEBUG")) -> None:
+    """Train, tune and serve language models on Ray."""
+    global _verbose
+    _verbose = verbose
+    configure_logging(verbose)
+
+
+_verbose = False
+
 OverridesArgument = typer.Argument(None, help="dotted overrides, e.g. train.lr=1e-3")
 
 
@@ -70,6 +84,8 @@ def _user_errors():
 
 def _run(fn, *args):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Again, now that the command's layers are imported: Ray Data sets its loggers' levels on import.
+    configure_logging(_verbose)
     try:
         return fn(*args)
     except ConfigError as err:
@@ -117,7 +133,7 @@ def train(
     job = _load(config, overrides)
     from raylm.lifecycle import workflow
 
-    summary = _run(workflow.train, job, workflow._print, resume)
+    summary = _run(workflow.train, job, resume)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -135,7 +151,7 @@ def finetune(
               "give model.init_from=<folder>", 2)
     from raylm.lifecycle import workflow
 
-    summary = _run(workflow.train, job, workflow._print, resume)
+    summary = _run(workflow.train, job, resume)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -177,9 +193,9 @@ def evaluate(
 
     if baseline is not None and baseline not in BASELINES:
         _fail(f"--baseline must be one of {', '.join(BASELINES)}, not {baseline!r}", 2)
-    from raylm.lifecycle import release, workflow
+    from raylm.lifecycle.evaluate import evaluate_reference
 
-    report = _run(release.evaluate_reference, job, model, split, workflow._print, output, baseline)
+    report = _run(evaluate_reference, job, model, split, output, baseline)
     typer.echo(json.dumps(report.summary(), indent=2))
 
 
@@ -229,18 +245,8 @@ def serve(
         if not reference.startswith("models:/") and not Path(reference).is_dir():
             _fail(f"model folder not found: {reference}")
     from raylm.lifecycle import workflow
-    from raylm.serving.app import serve_until_stopped
 
-    def run() -> None:
-        import ray
-
-        workflow.ensure_ray(job)
-        try:
-            serve_until_stopped(model_path, job.serve, job.resolved_tracking_uri())
-        finally:
-            ray.shutdown()
-
-    _run(run)
+    _run(workflow.serve_model, job, model_path)
 
 
 @app.command()
@@ -337,7 +343,6 @@ def tune_run(
         None, "--resume", help="continue the interrupted sweep in this folder (finished trials are not rerun)"),
 ) -> None:
     """Run the sweep in tune.*: Ray Train trials under Ray Tune (ASHA), a scaling-law fit, tables and plots."""
-    from raylm.lifecycle import workflow
     from raylm.tune.space import validate_sweep
     from raylm.tune.sweep import run_sweep
 
@@ -351,7 +356,7 @@ def tune_run(
             validate_sweep(job)
         except ConfigError as err:
             _fail(str(err), 2)
-    results = _run(run_sweep, job, workflow._print, resume)
+    results = _run(run_sweep, job, resume)
     keys = ("sweep_id", "sweep_dir", "status", "num_trials", "num_finished", "num_stopped", "num_errors",
             "total_steps", "best_trial", "best_eval_loss", "best_model_dir", "registry_uri", "parent_run_id")
     compact = {key: results.get(key) for key in keys}

@@ -14,6 +14,7 @@ that wants a token nobody gave gets one line that says where to put it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import sys
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from raylm.common.cluster import UPLOAD_EXCLUDES
-from raylm.lifecycle.workflow import WORKER_ENV_VARS, WORKER_SETUP_HOOK
+from raylm.common.logging import WORKER_SETUP_HOOK
+from raylm.common.ray_session import worker_env_vars
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -81,8 +83,6 @@ def connect(address: str | None = None):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    import logging
-
     url = resolve_address(address)
     token = find_auth_token()
     headers = {"Authorization": f"Bearer {token.value}"} if token.value else {}
@@ -138,7 +138,7 @@ def build_runtime_env(working_dir: str | Path, env_vars: dict[str, str] | None =
         runtime_env["py_modules"] = [str(package)]
     # Everything the driver would otherwise add when it joins, so that its runtime env is the
     # submitted one and Ray sets up nothing again.
-    runtime_env["env_vars"] = {**WORKER_ENV_VARS, "PYTHONUNBUFFERED": "1", **(env_vars or {})}
+    runtime_env["env_vars"] = {**worker_env_vars(), "PYTHONUNBUFFERED": "1", **(env_vars or {})}
     runtime_env["worker_process_setup_hook"] = WORKER_SETUP_HOOK
     return runtime_env
 

@@ -54,7 +54,7 @@ def test_dev_loss_turns_upward_before_the_end(trained):
 
 
 def test_export_best_takes_the_best_evaluation(trained, tmp_path):
-    from raylm.lifecycle.release import export_run_model
+    from raylm.lifecycle.export import export_run_model
 
     job, record, data, result = trained
     model_dir, card = export_run_model(job, result, data, record, tmp_path / "best")
@@ -78,7 +78,7 @@ def test_export_best_takes_the_best_evaluation(trained, tmp_path):
 
 def test_export_best_model_reproduces_its_dev_loss(trained, tmp_path):
     """The exported weights score the dev loss the card claims (recomputed outside the training loop)."""
-    from raylm.lifecycle.release import export_run_model
+    from raylm.lifecycle.export import export_run_model
     from raylm.train.trainer import LMTrainer
     from transformers import AutoModelForCausalLM
 
@@ -92,7 +92,7 @@ def test_export_best_model_reproduces_its_dev_loss(trained, tmp_path):
 
 
 def test_export_last_takes_the_last_checkpoint(trained, tmp_path):
-    from raylm.lifecycle.release import export_run_model
+    from raylm.lifecycle.export import export_run_model
 
     job, record, data, result = trained
     last_job = job.model_copy(deep=True)

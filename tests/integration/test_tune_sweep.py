@@ -1,6 +1,7 @@
 """Real Ray Tune sweeps of real Ray Train runs (tiny GPT-2s, CPU) with ASHA, MLflow and resume."""
 
 import json
+import logging
 import os
 import signal
 import threading
@@ -24,6 +25,17 @@ def _sweep(workdir, *extra):
     return load_config(None, TINY + [f"workdir={workdir}", *extra])
 
 
+class _Lines(logging.Handler):
+    """Keeps the messages of raylm's log records (the lines a user of `raylm tune` reads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def asha_sweep(ray_session, tmp_path_factory):
     from raylm.tune.sweep import run_sweep
@@ -31,9 +43,16 @@ def asha_sweep(ray_session, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sweep")
     # A learning rate 300x too small cannot keep up with 3e-3 by the first rung (8 steps): ASHA must stop it.
     job = _sweep(workdir, "run_name=asha", "tune.space={train.lr: [3.0e-3, 1.0e-5], model.hidden_size: [32, 16]}")
-    lines = []
-    results = run_sweep(job, log=lines.append)
-    return job, results, lines
+    raylm_logger, lines = logging.getLogger("raylm"), _Lines()
+    level = raylm_logger.level
+    raylm_logger.addHandler(lines)
+    raylm_logger.setLevel(logging.INFO)
+    try:
+        results = run_sweep(job)
+    finally:
+        raylm_logger.removeHandler(lines)
+        raylm_logger.setLevel(level)
+    return job, results, lines.lines
 
 
 def test_asha_stops_a_trial_early_and_the_rest_finish(asha_sweep, ray_session):
@@ -133,7 +152,7 @@ def test_resume_continues_an_interrupted_sweep_without_rerunning_finished_trials
 
     watcher = threading.Thread(target=interrupt_after_first_trial, daemon=True)
     watcher.start()
-    first = run_sweep(job, log=lambda line: None)
+    first = run_sweep(job)
     interrupted.set()
     assert first["status"] == "interrupted"
     done_before = {row["trial_id"] for row in first["trials"] if row["status"] == "finished"}
@@ -141,7 +160,7 @@ def test_resume_continues_an_interrupted_sweep_without_rerunning_finished_trials
     sweep_dir = Path(first["sweep_dir"])
     assert json.loads((sweep_dir / "sweep.json").read_text())["status"] == "interrupted"
 
-    second = run_sweep(None, log=lambda line: None, resume=str(sweep_dir))
+    second = run_sweep(None, resume=str(sweep_dir))
     assert second["status"] == "finished" and second["num_finished"] == 3
     for row in second["trials"]:
         starts = json.loads((Path(row["run_dir"]) / "trial.json").read_text())["starts"]
@@ -150,4 +169,4 @@ def test_resume_continues_an_interrupted_sweep_without_rerunning_finished_trials
     from raylm.config import ConfigError
 
     with pytest.raises(ConfigError, match="already finished"):
-        run_sweep(None, log=lambda line: None, resume=str(sweep_dir))
+        run_sweep(None, resume=str(sweep_dir))

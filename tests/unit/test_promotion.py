@@ -60,11 +60,11 @@ def registry(tmp_path_factory):
 
 
 def _holder(uri: str, alias: str = "production") -> str:
-    return str(tracking._client(uri).get_model_version_by_alias("sentiment-model", alias).version)
+    return str(tracking.mlflow_client(uri).get_model_version_by_alias("sentiment-model", alias).version)
 
 
 def _decision_tag(uri: str, version: str, alias: str = "production") -> dict:
-    tags = tracking._client(uri).get_model_version("sentiment-model", version).tags
+    tags = tracking.mlflow_client(uri).get_model_version("sentiment-model", version).tags
     return json.loads(tags[f"raylm.promotion.{alias}"])
 
 

@@ -35,7 +35,7 @@ def test_parse_registry_uri_forms():
 def test_alias_resolves_to_the_version_holding_it_now(store, tmp_path):
     uri, versions = store
     assert versions == ["models:/m/1", "models:/m/2"]
-    client = tracking._client(uri)
+    client = tracking.mlflow_client(uri)
     client.set_registered_model_alias("m", "production", "1")
     first = tracking.resolve_model_path("models:/m@production", uri, str(tmp_path / "a"))
     assert json.loads((first / "raylm.json").read_text()) == {"which": 1}

@@ -45,7 +45,7 @@ def test_submission_runtime_env_ships_the_working_trees_raylm(tmp_path):
     assert env["py_modules"] == [str(REPO_ROOT / "platform" / "raylm")]
     assert {".git", ".venv", "runs", "mlruns", "__pycache__", "data/"} <= set(env["excludes"])
     assert env["env_vars"]["HF_HOME"] == "/cache" and env["env_vars"]["RAY_USAGE_STATS_ENABLED"] == "0"
-    assert env["worker_process_setup_hook"] == "raylm.lifecycle.workflow.quiet_ray_worker_logs"
+    assert env["worker_process_setup_hook"] == "raylm.common.logging.configure_worker_logging"
     plain = tmp_path / "scripts"
     plain.mkdir()
     assert "py_modules" not in submission.build_runtime_env(plain)  # no raylm in it: nothing to ship
@@ -59,7 +59,7 @@ def test_submission_runtime_env_ships_the_working_trees_raylm(tmp_path):
 def test_driver_adds_only_what_the_submitted_job_lacks(monkeypatch):
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
-    hook = "raylm.lifecycle.workflow.quiet_ray_worker_logs"
+    hook = "raylm.common.logging.configure_worker_logging"
     variables = {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
     monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
     alone = cluster.runtime_env_for_cluster(variables, hook)

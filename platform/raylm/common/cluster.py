@@ -17,15 +17,19 @@ files) when the training workers may run on other nodes.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+import raylm
 from raylm.common import storage
 from raylm.compat.ray import job_config_env_var
+from raylm.common.fingerprints import fingerprint_folder
 from raylm.config import ConfigError, JobConfig
+
+logger = logging.getLogger(__name__)
 
 # What a job's working folder upload leaves out (also used by `raylm submit`).
 UPLOAD_EXCLUDES = (".git", ".venv", "venv", "runs", "mlruns", "mlflow.db", "*.db", "__pycache__", "*.pyc",
@@ -38,20 +42,7 @@ TRACKING_SERVER_SCHEMES = ("http://", "https://", "databricks", "postgresql", "m
 
 def package_dir() -> Path:
     """The folder of the ``raylm`` package this process imported."""
-    import raylm
-
     return Path(raylm.__file__).resolve().parent
-
-
-def fingerprint_folder(root: str | os.PathLike) -> str:
-    """SHA-256 (16 hex digits) over the relative paths and contents of the ``*.py`` files under ``root``."""
-    root = Path(root)
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        if "__pycache__" in path.parts:
-            continue
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=1)
@@ -169,7 +160,17 @@ def check_tracking(job: JobConfig, spans_nodes: bool) -> None:
             "several nodes; give an MLflow server (tracking.tracking_uri=http://host:5000 or $MLFLOW_TRACKING_URI)")
 
 
-def check_storage_and_tracking(job: JobConfig, log=None) -> None:
+def check_local_inputs(job: JobConfig) -> None:
+    """Fail on a lost workdir, unusable tracking and missing local folders, before any cluster resource is taken."""
+    check_workdir(job)
+    if job.tracking.enabled and job.resolved_tracking_uri() is None:
+        check_tracking(job, spans_nodes=False)
+    for field, value in (("model.init_from", job.model.init_from), ("data.tokenizer_path", job.data.tokenizer_path)):
+        if value and "://" not in value and not Path(value).is_dir():
+            raise FileNotFoundError(f"{field}: folder not found: {value}")
+
+
+def check_storage_and_tracking(job: JobConfig) -> None:
     """The checks a connected driver runs before it prepares data or starts workers.
 
     A local workdir on a run spanning nodes only warns: it is right on a shared
@@ -182,8 +183,8 @@ def check_storage_and_tracking(job: JobConfig, log=None) -> None:
     resources = {"CPU": job.train.cpus_per_worker, **({"GPU": 1.0} if job.train.use_gpu else {})}
     spans_nodes = ray.is_initialized() and workers_may_leave_this_node(job.train.num_workers, resources)
     check_tracking(job, spans_nodes)
-    if spans_nodes and not job.storage_is_remote and log is not None:
-        log(f"note: workdir {storage.normalize(job.workdir)} is a local path and the workers may run on other "
+    if spans_nodes and not job.storage_is_remote:
+        logger.warning(f"workdir {storage.normalize(job.workdir)} is a local path and the workers may run on other "
             "nodes: it must be a shared file system mounted at the same path everywhere (or use s3:// / gs://)")
 
 

@@ -12,8 +12,10 @@ S3-compatible store, ``GOOGLE_APPLICATION_CREDENTIALS``).
 
 from __future__ import annotations
 
+import atexit
 import os
 import posixpath
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
@@ -166,9 +168,6 @@ def download_folder(location: str | os.PathLike, local_folder: str | os.PathLike
 
 def local_scratch(prefix: str = "raylm-") -> Path:
     """A new local folder for files that are assembled here and then uploaded (removed at exit)."""
-    import atexit
-    import shutil
-
     folder = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder

@@ -7,14 +7,20 @@ the eval metrics, the model folder and a loss curve, and registers the model.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from raylm.common import storage
+
+logger = logging.getLogger(__name__)
+
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def _client(tracking_uri: str):
+def mlflow_client(tracking_uri: str):
+    """An ``MlflowClient`` for runs and the model registry at ``tracking_uri``."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -36,7 +42,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, config: dict[st
     """
     from mlflow.entities import Param
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
@@ -50,7 +56,7 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, config: dict[st
 
 def reopen_run(tracking_uri: str, run_id: str) -> None:
     """Mark an existing run as running again (a resumed training run logs into its own MLflow run)."""
-    _client(tracking_uri).update_run(run_id, status="RUNNING")
+    mlflow_client(tracking_uri).update_run(run_id, status="RUNNING")
 
 
 class WorkerTracker:
@@ -62,7 +68,7 @@ class WorkerTracker:
     """
 
     def __init__(self, tracking_uri: str, run_id: str, attempts: int = 3):
-        self.client = _client(tracking_uri)
+        self.client = mlflow_client(tracking_uri)
         self.run_id = run_id
         self.attempts = attempts
 
@@ -82,7 +88,7 @@ class WorkerTracker:
                 return
             except Exception as err:  # any backend error: sqlite lock, HTTP 5xx, network
                 if attempt == self.attempts - 1:
-                    print(f"[raylm] warning: MLflow logging failed at step {step}: {err}", flush=True)
+                    logger.warning(f"MLflow logging failed at step {step}: {err}")
                     return
                 time.sleep(0.5 * (attempt + 1))
 
@@ -125,7 +131,7 @@ def finish_run(tracking_uri: str, run_id: str, model_dir: Path, metrics: dict[st
 
     ``version_tags`` (lineage, :mod:`raylm.lifecycle.lineage`) go onto the new model version and the run.
     """
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     for key, value in (version_tags or {}).items():
         client.set_tag(run_id, key, value)
     log_metrics(tracking_uri, run_id, {key: value for key, value in metrics.items() if isinstance(value, (int, float))})
@@ -149,7 +155,7 @@ def finish_run(tracking_uri: str, run_id: str, model_dir: Path, metrics: dict[st
 
 
 def fail_run(tracking_uri: str, run_id: str) -> None:
-    _client(tracking_uri).set_terminated(run_id, status="FAILED")
+    mlflow_client(tracking_uri).set_terminated(run_id, status="FAILED")
 
 
 class RegistryError(ValueError):
@@ -180,7 +186,7 @@ def get_model_version(tracking_uri: str, uri: str):
     from mlflow.exceptions import MlflowException
 
     name, version, alias = parse_registry_uri(uri)
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
         if alias is not None:
             return client.get_model_version_by_alias(name, alias)
@@ -205,8 +211,6 @@ def resolve_model_path(model_path: str, tracking_uri: str | None = None, destina
         local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=destination,
                                                     tracking_uri=tracking_uri)
         return Path(local)
-    from raylm.common import storage
-
     if storage.is_remote(model_path):
         # A model folder in an object store, e.g. a run's <workdir>/<run id>/model in S3.
         target = Path(destination) if destination else storage.local_scratch("raylm-model-") / "model"

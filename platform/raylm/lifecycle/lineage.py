@@ -18,6 +18,9 @@ import subprocess
 from pathlib import Path
 from typing import Any, Optional
 
+from raylm import __version__
+from raylm.common.tracking import mlflow_client
+
 # MLflow's tag naming a run's parent (set by sweeps on their trials).
 PARENT_RUN_TAG = "mlflow.parentRunId"
 TAG_PREFIX = "raylm."
@@ -33,8 +36,6 @@ def code_version() -> str:
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."], cwd=source,
                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        from raylm import __version__
-
         return f"raylm-{__version__}"
     return f"git:{commit}" + ("-dirty" if status else "")
 
@@ -80,3 +81,10 @@ def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
                                                   f"({evaluation.get('confidence', 0.95):.0%} CI)"
                                                   if low is not None else f"{entry['value']:.6g}")
     return tags
+
+
+def parent_run_of(tracking_uri: str, mlflow_run_id: Optional[str]) -> Optional[str]:
+    """The MLflow parent run (a sweep's run) of ``mlflow_run_id``, if it has one."""
+    if not mlflow_run_id:
+        return None
+    return mlflow_client(tracking_uri).get_run(mlflow_run_id).data.tags.get(PARENT_RUN_TAG)

@@ -21,18 +21,25 @@ comparison table says why.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from raylm.common.tracking import RegistryError, get_model_version, mlflow_client, parse_registry_uri
 from raylm.eval.bootstrap import PairedComparison, paired_bootstrap
 from raylm.eval.metrics import METRICS
 from raylm.eval.runner import PRIMARY_METRICS, EvalReport
-from raylm.lifecycle.release import EVAL_REPORT_FILE
-from raylm.common.tracking import RegistryError, _client, get_model_version, parse_registry_uri
+from raylm.lifecycle.evaluate import EVAL_REPORT_FILE
+
+logger = logging.getLogger(__name__)
+
 DECISION_TAG = "raylm.promotion.{alias}"
 MAX_TAG_CHARS = 4900  # MLflow keeps tag values up to 5000 characters
 
@@ -105,8 +112,6 @@ def version_uri(version) -> str:
 
 def load_version_report(tracking_uri: str, version) -> Optional[EvalReport]:
     """The eval report stored in a model version's folder, or None when it has none."""
-    import mlflow
-
     with tempfile.TemporaryDirectory(prefix="raylm-report-") as folder:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=f"{version.source}/{EVAL_REPORT_FILE}",
@@ -155,24 +160,22 @@ def _record(tracking_uri: str, decision: PromotionDecision, name: str, version: 
     text = json.dumps(payload, default=str)
     if len(text) > MAX_TAG_CHARS:  # keep the verdict and the reason; drop the table
         text = json.dumps({**payload, "comparisons": "(omitted: too long for a tag)"}, default=str)[:MAX_TAG_CHARS]
-    _client(tracking_uri).set_model_version_tag(name, version, DECISION_TAG.format(alias=decision.alias), text)
+    mlflow_client(tracking_uri).set_model_version_tag(name, version, DECISION_TAG.format(alias=decision.alias), text)
 
 
 def promote(tracking_uri: str, candidate_uri: str, alias: str, eval_config, force: bool = False,
-            reason: Optional[str] = None, log: Callable[[str], None] = lambda message: None) -> PromotionDecision:
+            reason: Optional[str] = None) -> PromotionDecision:
     """Move ``alias`` to the candidate version if it passes the gate (or ``force``, with a ``reason``).
 
     Returns the decision when the alias moved (or already pointed there); raises
     :class:`PromotionRefused` (holding the decision) when the gate kept it where it was.
     """
-    from mlflow.exceptions import MlflowException
-
     if force and not (reason and reason.strip()):
         raise RegistryError("--force needs a reason (--reason '...'): it is recorded with the promotion")
     name = parse_registry_uri(candidate_uri)[0]
     candidate = get_model_version(tracking_uri, candidate_uri)
     uri = version_uri(candidate)
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     try:
         holder = client.get_model_version_by_alias(name, alias)
     except MlflowException:
@@ -204,5 +207,5 @@ def promote(tracking_uri: str, candidate_uri: str, alias: str, eval_config, forc
         raise PromotionRefused(decision)
     client.set_registered_model_alias(name, alias, candidate.version)
     _record(tracking_uri, decision, name, candidate.version)
-    log(f"@{alias} -> {uri} ({decision.outcome})")
+    logger.info(f"@{alias} -> {uri} ({decision.outcome})")
     return decision

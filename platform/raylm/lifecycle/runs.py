@@ -15,14 +15,14 @@ registers the same weights twice.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import secrets
 import time
 from typing import Any
 
 from raylm.common import storage
+from raylm.common.fingerprints import fingerprint
+from raylm.common.run_ids import new_run_id
 from raylm.config import ConfigError, JobConfig
 
 RECORD_FILE = "run.json"
@@ -70,8 +70,7 @@ def identity(job: JobConfig) -> dict[str, Any]:
 
 def config_hash(job: JobConfig) -> str:
     """SHA-256 (16 hex digits) of the config without :data:`RESUMABLE_KEYS`."""
-    payload = json.dumps(identity(job), sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return fingerprint(identity(job), length=16)
 
 
 def config_differences(stored: dict[str, Any], job: JobConfig) -> list[str]:
@@ -88,10 +87,6 @@ def config_differences(stored: dict[str, Any], job: JobConfig) -> list[str]:
         defaults = flat_config(JobConfig())
         before.update({key: defaults[key] for key in missing if key in defaults})
     return sorted(key for key in set(before) | set(after) if before.get(key) != after.get(key))
-
-
-def new_run_id(run_name: str) -> str:
-    return f"{run_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 def read_record(run_location: str | os.PathLike) -> dict[str, Any]:
