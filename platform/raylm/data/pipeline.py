@@ -8,6 +8,7 @@ fingerprint matches.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import random
@@ -21,6 +22,10 @@ from raylm.data.errors import DataError
 from raylm.data.formatting import FormatError, format_example
 from raylm.data.packing import tokenize_and_pack
 from raylm.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from raylm.data import prepare
+from raylm.data.prepare import load_dev_examples as load_source_dev_examples
+
+logger = logging.getLogger(__name__)
 
 DEMO_CORPUS_VERSION = "1"
 
@@ -125,17 +130,14 @@ def _decode_tokenize_pack(batch, tokenizer, seq_len: int):
     return tokenize_and_pack(as_columns, tokenizer, seq_len)
 
 
-def _quiet(message: str) -> None:
-    del message
 
-
-def prepare_data(job: JobConfig, log: Callable[[str], None] = _quiet) -> PreparedData:
+def prepare_data(job: JobConfig) -> PreparedData:
     """Generate or read the corpus, train/load the tokenizer and build lazy packed datasets."""
     import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     if job.data.corpus == "sources":
-        return _prepare_sources(job, log)
+        return _prepare_sources(job)
     corpus = load_corpus(job)
     train_rows = apply_mixture(corpus["train"], job.data.mixture, job.data.shuffle_seed)
     tokenizer = build_tokenizer(job, train_rows)
@@ -150,16 +152,15 @@ def prepare_data(job: JobConfig, log: Callable[[str], None] = _quiet) -> Prepare
                         fingerprint=fingerprint, stats=stats)
 
 
-def _prepare_sources(job: JobConfig, log: Callable[[str], None]) -> PreparedData:
-    from raylm.data import prepare
+def _prepare_sources(job: JobConfig) -> PreparedData:
 
     corpus = prepare.resolve_corpus(job)
-    tokenizer, tokenizer_info = prepare.resolve_tokenizer(job, corpus, log)
-    manifest = prepare.prepare_dataset(job, log, corpus=corpus, tokenizer=tokenizer, tokenizer_info=tokenizer_info)
+    tokenizer, tokenizer_info = prepare.resolve_tokenizer(job, corpus)
+    manifest = prepare.prepare_dataset(job, corpus=corpus, tokenizer=tokenizer, tokenizer_info=tokenizer_info)
     if manifest["cached"]:
-        log(f"reading the prepared dataset {manifest['fingerprint']} (fingerprints match; no tokenizing)")
+        logger.info(f"reading the prepared dataset {manifest['fingerprint']} (fingerprints match; no tokenizing)")
         for line in prepare.describe_bad_rows(manifest["bad_rows"]):
-            log(line)
+            logger.info(line)
     train, dev = prepare.open_prepared(manifest, job.data.shuffle_seed)
     dev_examples = prepare.load_dev_examples(job, job.eval.max_examples_per_task, corpus=corpus)
     splits = manifest["splits"]
@@ -178,7 +179,6 @@ def load_dev_examples(job: JobConfig, limit_per_task: int) -> list[dict]:
     """Formatted dev rows for task metrics: the demo corpus's dev split, or up to
     ``limit_per_task`` rows per task from the dev sources."""
     if job.data.corpus == "sources":
-        from raylm.data.prepare import load_dev_examples as load_source_dev_examples
 
         return load_source_dev_examples(job, limit_per_task)
     return load_corpus(job)["dev"]

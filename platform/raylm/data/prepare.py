@@ -12,6 +12,7 @@ reads the Parquet back lazily instead of tokenizing again.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import os
@@ -23,21 +24,19 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from raylm.config import DataSourceConfig, JobConfig
-from raylm.data.dispatch import prompt_task_dispatch
 from raylm.data.errors import DataError, find_data_error
 from raylm.data.segments import MAX_PROBLEM_EXAMPLES, SourcePlan, sample_texts, segment_rows, write_packed_segments
 from raylm.data.sources import ResolvedSource, check_local_paths, map_segments, resolve_source
 from raylm.data.tokenizer import encoder_spec, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from raylm.common import storage
+
+logger = logging.getLogger(__name__)
 
 # Bump when a change to reading, formatting or packing changes the blocks for the same input.
 PIPELINE_VERSION = "1"
 MANIFEST = "manifest.json"
 
-Log = Callable[[str], None]
 
-
-def _quiet(message: str) -> None:
-    del message
 
 
 def configured_sources(job: JobConfig) -> tuple[list[tuple[str, DataSourceConfig]], list[tuple[str, DataSourceConfig]]]:
@@ -72,7 +71,6 @@ def resolve_corpus(job: JobConfig) -> ResolvedCorpus:
 
 def prepared_root(job: JobConfig) -> str:
     """Where prepared datasets and trained tokenizers live (``data.cache_dir``, default ``<workdir>/prepared``)."""
-    from raylm.common import storage
 
     if job.data.cache_dir:
         return job.data.cache_dir if "://" in job.data.cache_dir else str(Path(job.data.cache_dir).resolve())
@@ -107,8 +105,8 @@ def source_plans(job: JobConfig, corpus: ResolvedCorpus, role: str) -> list[tupl
     return plans
 
 
-def _run_ray(action: Callable[[], Any]) -> Any:
-    """Run a Ray Data execution (dispatching tasks promptly, without Ray Data's progress bars: raylm reports
+def run_ray(action: Callable[[], Any]) -> Any:
+    """Run a Ray Data execution (without Ray Data's progress bars: raylm reports
     its own progress, as ``raylm prepare`` does), turning a DataError raised inside a task into a plain
     one-line DataError."""
     import ray.data
@@ -116,8 +114,7 @@ def _run_ray(action: Callable[[], Any]) -> Any:
     context = ray.data.DataContext.get_current()
     bars, context.enable_progress_bars = context.enable_progress_bars, False
     try:
-        with prompt_task_dispatch():
-            return action()
+        return action()
     except DataError:
         raise
     except Exception as err:
@@ -138,7 +135,7 @@ def tokenizer_key(job: JobConfig, corpus: ResolvedCorpus) -> str:
                   "dev_fraction": job.data.dev_fraction, "sources": [s.fingerprint for s in corpus.train]})
 
 
-def train_tokenizer_on_sources(job: JobConfig, corpus: ResolvedCorpus, log: Log = _quiet):
+def train_tokenizer_on_sources(job: JobConfig, corpus: ResolvedCorpus):
     """Train a BPE tokenizer on a sample of the training sources streamed through Ray Data.
 
     Each document is kept with probability ``tokenizer_sample_bytes / corpus
@@ -160,14 +157,14 @@ def train_tokenizer_on_sources(job: JobConfig, corpus: ResolvedCorpus, log: Log 
                 stats["sampled_chars"] += len(text)
                 yield text
 
-    log(f"training a {job.data.vocab_size}-token BPE tokenizer on {fraction:.1%} of {total / 1e6:.1f} MB")
-    tokenizer = _run_ray(lambda: train_bpe_tokenizer(texts(), job.data.vocab_size))
+    logger.info(f"training a {job.data.vocab_size}-token BPE tokenizer on {fraction:.1%} of {total / 1e6:.1f} MB")
+    tokenizer = run_ray(lambda: train_bpe_tokenizer(texts(), job.data.vocab_size))
     if stats["sampled_texts"] == 0:
         raise DataError("the corpus is empty: no usable rows to train the tokenizer on")
     return tokenizer, stats
 
 
-def resolve_tokenizer(job: JobConfig, corpus: ResolvedCorpus, log: Log = _quiet) -> tuple[Any, dict[str, Any]]:
+def resolve_tokenizer(job: JobConfig, corpus: ResolvedCorpus) -> tuple[Any, dict[str, Any]]:
     """The tokenizer for a sources corpus: ``data.tokenizer_path``, ``model.init_from``, or a BPE
     tokenizer trained on the corpus (cached under the prepared root, keyed by the sources' fingerprints)."""
     if job.data.tokenizer_path:
@@ -176,17 +173,16 @@ def resolve_tokenizer(job: JobConfig, corpus: ResolvedCorpus, log: Log = _quiet)
     if job.model.init_from:
         return load_tokenizer(job.model.init_from), {"origin": "model.init_from",
                                                      "path": str(Path(job.model.init_from).resolve())}
-    from raylm.common import storage
 
     location = storage.join(prepared_root(job), "tokenizers", tokenizer_key(job, corpus))
     if storage.is_remote(location):
-        return _remote_cached_tokenizer(job, corpus, location, log)
+        return _remote_cached_tokenizer(job, corpus, location)
     folder = Path(location)
     info_path = folder / "raylm_tokenizer.json"
     if info_path.is_file():
         info = json.loads(info_path.read_text())
         return load_tokenizer(folder), {**info, "origin": "cache", "path": str(folder)}
-    tokenizer, stats = train_tokenizer_on_sources(job, corpus, log)
+    tokenizer, stats = train_tokenizer_on_sources(job, corpus)
     staging = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
     tokenizer.save_pretrained(staging)
     info = {"vocab_size": len(tokenizer), "hash": tokenizer_fingerprint(tokenizer),
@@ -196,13 +192,11 @@ def resolve_tokenizer(job: JobConfig, corpus: ResolvedCorpus, log: Log = _quiet)
     return load_tokenizer(folder), {**info, "origin": "trained", "path": str(folder)}
 
 
-def _remote_cached_tokenizer(job: JobConfig, corpus: ResolvedCorpus, location: str,
-                             log: Log) -> tuple[Any, dict[str, Any]]:
+def _remote_cached_tokenizer(job: JobConfig, corpus: ResolvedCorpus, location: str) -> tuple[Any, dict[str, Any]]:
     """The corpus tokenizer cached in an object store (s3://, gs://): downloaded, or trained and uploaded.
 
     The description file is uploaded last, so a reader never takes a partial upload for a cached tokenizer.
     """
-    from raylm.common import storage
 
     local = storage.local_scratch("raylm-tokenizer-")
     info_location = storage.join(location, "raylm_tokenizer.json")
@@ -210,7 +204,7 @@ def _remote_cached_tokenizer(job: JobConfig, corpus: ResolvedCorpus, location: s
         storage.download_folder(location, local)
         info = json.loads((local / "raylm_tokenizer.json").read_text())
         return load_tokenizer(local), {**info, "origin": "cache", "path": location}
-    tokenizer, stats = train_tokenizer_on_sources(job, corpus, log)
+    tokenizer, stats = train_tokenizer_on_sources(job, corpus)
     tokenizer.save_pretrained(local)
     info = {"vocab_size": len(tokenizer), "hash": tokenizer_fingerprint(tokenizer),
             "sources": [source.describe() for source in corpus.train], **stats}
@@ -230,10 +224,10 @@ def _publish(staging: Path, final: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def prepare_tokenizer(job: JobConfig, log: Log = _quiet) -> dict[str, Any]:
+def prepare_tokenizer(job: JobConfig) -> dict[str, Any]:
     """``raylm prepare tokenizer``: resolve (train if needed) the corpus tokenizer; returns its description."""
     corpus = resolve_corpus(job)
-    tokenizer, info = resolve_tokenizer(job, corpus, log)
+    tokenizer, info = resolve_tokenizer(job, corpus)
     return {**info, "vocab_size": len(tokenizer), "hash": tokenizer_fingerprint(tokenizer)}
 
 
@@ -322,7 +316,7 @@ def _write_manifest(folder: str, manifest: dict[str, Any]) -> None:
         stream.write(json.dumps(manifest, indent=2).encode("utf-8"))
 
 
-def prepare_dataset(job: JobConfig, log: Log = _quiet, corpus: ResolvedCorpus | None = None,
+def prepare_dataset(job: JobConfig, corpus: ResolvedCorpus | None = None,
                     tokenizer=None, tokenizer_info: dict | None = None) -> dict[str, Any]:
     """``raylm prepare data``: write the packed dataset and its manifest unless a matching one exists.
 
@@ -336,14 +330,14 @@ def prepare_dataset(job: JobConfig, log: Log = _quiet, corpus: ResolvedCorpus | 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     corpus = corpus or resolve_corpus(job)
     if tokenizer is None:
-        tokenizer, tokenizer_info = resolve_tokenizer(job, corpus, log)
+        tokenizer, tokenizer_info = resolve_tokenizer(job, corpus)
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
     fingerprint = dataset_fingerprint(job, corpus, tokenizer_hash)
     root = prepared_root(job)
     folder = f"{root}/{fingerprint}"
     manifest = read_manifest(folder)
     if manifest is not None and manifest.get("fingerprint") == fingerprint:
-        log(f"prepared dataset found: {folder}")
+        logger.info(f"prepared dataset found: {folder}")
         return {**manifest, "cached": True}
 
     remote = "://" in root
@@ -351,10 +345,10 @@ def prepare_dataset(job: JobConfig, log: Log = _quiet, corpus: ResolvedCorpus | 
     started = time.time()
     # Both splits in one Ray Data execution: every packing task writes its blocks to
     # <staging>/<split>/ and returns only its segment's report.
-    log("tokenizing and packing the train and dev splits with Ray Data")
+    logger.info("tokenizing and packing the train and dev splits with Ray Data")
     pairs = source_plans(job, corpus, "train") + source_plans(job, corpus, "dev")
     try:
-        rows = _run_ray(lambda: map_segments(
+        rows = run_ray(lambda: map_segments(
             pairs, job.data.segment_bytes, write_packed_segments, longest_first=True,
             encoder=encoder_spec(tokenizer), seq_len=job.data.seq_len, folder=staging).take_all())
         reports = [json.loads(row["report"]) for row in rows]
@@ -364,7 +358,7 @@ def prepare_dataset(job: JobConfig, log: Log = _quiet, corpus: ResolvedCorpus | 
         raise
     summary = summarize_reports(reports, job.data.seq_len)
     for line in describe_bad_rows(summary["bad_rows"]):
-        log(line)
+        logger.info(line)
     for role in ("train", "dev"):
         split = summary["splits"].get(role, {"blocks": 0})
         if split["blocks"] == 0:
@@ -391,7 +385,7 @@ def prepare_dataset(job: JobConfig, log: Log = _quiet, corpus: ResolvedCorpus | 
     _write_manifest(staging, manifest)
     if not remote:
         _publish(Path(staging), Path(folder))
-    log(f"prepared dataset written: {folder}")
+    logger.info(f"prepared dataset written: {folder}")
     return {**manifest, "cached": False}
 
 
@@ -439,7 +433,7 @@ def load_dev_examples(job: JobConfig, limit_per_task: int, corpus: ResolvedCorpu
         if wanted <= 0:
             continue
         dataset = map_segments([(source, plan)], job.data.segment_bytes, segment_rows).limit(wanted)
-        found = [json.loads(item["row"]) for item in _run_ray(dataset.take_all)]
+        found = [json.loads(item["row"]) for item in run_ray(dataset.take_all)]
         taken[plan.task] = taken.get(plan.task, 0) + len(found)
         rows.extend(found)
     return rows

@@ -28,6 +28,7 @@ from raylm.data.errors import DataError
 from raylm.data.formatting import RowProblem, canonical_row, example_key, example_text, format_example
 from raylm.data.packing import IGNORE_INDEX, empty_blocks, example_sequences, pack_documents, pack_sequences
 from raylm.data.tokenizer import EncoderSpec, encode_texts
+from raylm.common import storage
 
 MAX_PROBLEM_EXAMPLES = 5
 COLUMNAR_SLICE_ROWS = 256
@@ -462,7 +463,6 @@ def write_blocks(location: str, packed: dict[str, np.ndarray]) -> None:
     import pyarrow.parquet as pq
     from ray.data.block import BlockAccessor
 
-    from raylm.common import storage
 
     filesystem, path = storage.filesystem(location)
     if not storage.is_remote(location):
@@ -479,7 +479,6 @@ def write_packed_segments(batch: dict[str, Any], plan: SourcePlan, encoder: Enco
     few hundred bytes each) travel back to the driver, so one Ray Data execution
     packs both splits and no report files or collector actor are needed.
     """
-    from raylm.common import storage
 
     reports = []
     for segment in _segments_of(batch):

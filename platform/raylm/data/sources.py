@@ -21,6 +21,7 @@ from raylm.config import DataSourceConfig
 from raylm.data.errors import DataError
 from raylm.data.formatting import TASK_FIELDS
 from raylm.data.segments import iter_columnar_segments, iter_line_segments, segment_schema
+from raylm.common import storage
 
 # What a folder of each format is searched for (compressed variants are read transparently).
 FORMAT_EXTENSIONS = {
@@ -294,7 +295,6 @@ def plan_file_segments(files: list[str], read_format: str, segment_bytes: int, t
     plus ``uri``, ``file_index`` (counted from ``first_index``), ``offset`` and ``length``. ``path`` is the
     path within the file system, as Ray Data's file readers give it, so that reports and document keys are
     the same on both reading paths."""
-    from raylm.common import storage
 
     unit = text_unit if read_format == "text" else "line"
     planned = []
@@ -314,7 +314,6 @@ def _read_planned(batch: dict[str, Any], fn, plans: list, **fn_kwargs) -> dict[s
     """Ray Data ``map_batches`` function over planned segments: read each segment's bytes, then ``fn``."""
     import numpy as np
 
-    from raylm.common import storage
 
     outputs = []
     for index in range(len(batch["offset"])):

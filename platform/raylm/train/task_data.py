@@ -13,6 +13,7 @@ export, evaluation and tracking do not care which kind of model it is.
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 from pathlib import Path
@@ -21,13 +22,20 @@ from typing import Callable
 from raylm.config import JobConfig
 from raylm.data.errors import DataError
 from raylm.data.pipeline import PreparedData
+from raylm.data.pipeline import apply_mixture, load_corpus
+from raylm.data.prepare import ResolvedCorpus, run_ray, resolve_corpus, source_plans
+from raylm.data.segments import segment_rows
+from raylm.data.sources import map_segments, resolve_source
+from raylm.data.formatting import SENTIMENT_LABELS, normalize_label
+from raylm.train.classification import tokenize_classification_rows
+from raylm.data.spans import tokenize_span_rows
+from raylm.data.tokenizer import tokenizer_fingerprint
+
+logger = logging.getLogger(__name__)
 
 # The corpus task each encoder head learns.
 HEAD_TASKS: dict[str, str] = {"sequence_classification": "sentiment", "question_answering": "qa"}
 
-
-def _quiet(message: str) -> None:
-    del message
 
 
 def read_split_rows(job: JobConfig, split: str, task: str | None = None, limit: int | None = None) -> list[dict]:
@@ -42,7 +50,6 @@ def read_split_rows(job: JobConfig, split: str, task: str | None = None, limit: 
     if job.data.corpus == "demo":
         if split == "test":
             raise DataError("the demo corpus has no test split; give data.test_sources")
-        from raylm.data.pipeline import apply_mixture, load_corpus
 
         corpus = load_corpus(job)
         rows = apply_mixture(corpus["train"], job.data.mixture, job.data.shuffle_seed) if split == "train" \
@@ -51,9 +58,6 @@ def read_split_rows(job: JobConfig, split: str, task: str | None = None, limit: 
         return rows[:limit] if limit is not None else rows
     import ray.data
 
-    from raylm.data.prepare import ResolvedCorpus, _run_ray, resolve_corpus, source_plans
-    from raylm.data.segments import segment_rows
-    from raylm.data.sources import map_segments, resolve_source
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     if split == "test":
@@ -71,7 +75,7 @@ def read_split_rows(job: JobConfig, split: str, task: str | None = None, limit: 
         dataset = map_segments([(source, plan)], job.data.segment_bytes, segment_rows)
         if limit is not None:
             dataset = dataset.limit(max(0, limit - len(rows)))
-        rows.extend(json.loads(item["row"]) for item in _run_ray(dataset.take_all))
+        rows.extend(json.loads(item["row"]) for item in run_ray(dataset.take_all))
         if limit is not None and len(rows) >= limit:
             break
     return rows
@@ -91,13 +95,10 @@ def load_encoder_tokenizer(job: JobConfig):
 
 def _encode(rows: list[dict], head: str, tokenizer, max_length: int) -> dict:
     if head == "sequence_classification":
-        from raylm.data.formatting import SENTIMENT_LABELS, normalize_label
-        from raylm.train.classification import tokenize_classification_rows
 
         labelled = [{"text": row["text"], "label": SENTIMENT_LABELS.index(normalize_label(row["label"]))}
                     for row in rows]
         return tokenize_classification_rows(labelled, tokenizer, max_length)
-    from raylm.data.spans import tokenize_span_rows
 
     return tokenize_span_rows(rows, tokenizer, max_length)
 
@@ -109,9 +110,8 @@ def _dataset(arrays: dict):
     return ray.data.from_items([dict(zip(names, values)) for values in zip(*(arrays[name] for name in names))])
 
 
-def prepare_encoder_data(job: JobConfig, log: Callable[[str], None] = _quiet) -> PreparedData:
+def prepare_encoder_data(job: JobConfig) -> PreparedData:
     """Rows of the head's task -> tokenized train and dev Ray Datasets, dev rows for task metrics."""
-    from raylm.data.tokenizer import tokenizer_fingerprint
 
     head = job.model.task
     task = HEAD_TASKS[head]
@@ -128,7 +128,7 @@ def prepare_encoder_data(job: JobConfig, log: Callable[[str], None] = _quiet) ->
         dev_arrays = _encode(dev_rows, head, tokenizer, max_length)
     except ValueError as err:
         raise DataError(f"{task} rows: {err}") from None
-    log(f"{head}: {len(train_rows)} train / {len(dev_rows)} dev {task} rows -> {len(train_arrays['labels'])} / "
+    logger.info(f"{head}: {len(train_rows)} train / {len(dev_rows)} dev {task} rows -> {len(train_arrays['labels'])} / "
         f"{len(dev_arrays['labels'])} windows of {max_length} tokens")
     described = json.dumps({"head": head, "max_length": max_length, "tokenizer": tokenizer_fingerprint(tokenizer),
                             "train": [json.dumps(row, sort_keys=True) for row in train_rows],
