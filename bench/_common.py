@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 
 class SizedTokenizer:
@@ -84,17 +84,20 @@ def _busy_fraction(interval_s: float) -> float:
     return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
 
 
-def settle(max_busy: float = 0.15, interval_s: float = 1.0, timeout_s: float = 30.0) -> float:
+def settle(max_busy: float = 0.15, interval_s: float = 1.0, timeout_s: float = 30.0,
+           busy_fraction: Callable[[float], float] | None = None) -> float:
     """Wait until the last run's after-effects are gone; returns the seconds waited.
 
     A run's written files may still be being flushed (dirty pages) and its
     processes torn down when it returns, at the cost of whichever run comes next.
     This flushes the page cache's dirty pages and waits until the machine's CPU
     was at most ``max_busy`` busy over ``interval_s`` (at most ``timeout_s``).
+    ``busy_fraction`` measures one interval (the machine's CPU by default).
     """
+    measure = busy_fraction or _busy_fraction
     started = time.perf_counter()
     os.sync()
-    while time.perf_counter() - started < timeout_s and _busy_fraction(interval_s) > max_busy:
+    while time.perf_counter() - started < timeout_s and measure(interval_s) > max_busy:
         pass
     return time.perf_counter() - started
 
