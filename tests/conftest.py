@@ -57,7 +57,7 @@ def mlflow_server(tmp_path_factory):
     try:
         yield f"http://127.0.0.1:{MLFLOW_SERVER_PORT}"
     finally:
-        kill_group(process, grace_s=60)
+        kill_group(process, grace_s=5)  # SIGKILL after 5 s: it can take a minute to stop on SIGTERM
 
 
 @pytest.fixture(scope="session")
