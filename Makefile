@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
-.PHONY: install install-dev demo test test-all clean
+.PHONY: install install-dev demo test test-fast test-all clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +31,18 @@ install-dev: $(VENV)/.installed-dev
 demo: $(VENV)/.installed
 	$(VENV)/bin/raylm demo --config jobs/configs/demo.yaml
 
-# The suite CI runs (about 35 minutes on 2 cores); test-all adds the `slow` tests (the default
-# demo's dev targets, torch.compile parity: about 10 minutes more).
+# The suite CI runs: real local Ray, Serve over HTTP, MLflow server, Tune, a two-node cluster (at most
+# 15 minutes on 2 cores); --durations shows where the time goes. test-fast: unit tests only, no Ray
+# (under 90 s), for use between edits. test-all adds the `slow` tests (the default demo's dev targets,
+# torch.compile parity: about 10 minutes more).
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -m "not slow" --durations=25
+
+test-fast: $(VENV)/.installed-dev
+	$(PY) -m pytest tests/unit -m "not slow" --durations=10
 
 test-all: $(VENV)/.installed-dev
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 clean:
 	rm -rf runs .pytest_cache

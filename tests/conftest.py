@@ -1,4 +1,8 @@
-"""Shared fixtures: one local Ray per test session, paths to the shared data."""
+"""Shared fixtures, each started once per test run: a local Ray, an MLflow server, Serve's HTTP port, a tiny
+model folder, and the paths to the shared data.
+
+Modules that need a Ray of their own (the CLI's subprocesses, the two-node cluster) start it themselves.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,11 @@ os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# Serve keeps the HTTP port of whoever starts it first in a Ray session: every in-process Serve test uses this
+# one, so that Serve (controller, proxy, ingress) starts once per run and each module deploys and deletes
+# only its own applications.
+SERVE_PORT = 8210
+MLFLOW_SERVER_PORT = 8460
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +43,29 @@ def ray_session():
     except Exception:
         pass
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real ``mlflow server`` per test run: its own process group, SQLite backend, artifacts served over
+    HTTP, 127.0.0.1. Tests share it, so each uses its own experiment and model names."""
+    from tests.integration.local_cluster import kill_group, start_mlflow_server
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    process = start_mlflow_server(MLFLOW_SERVER_PORT, root, str(root / "artifacts"), env, timeout_s=600)
+    try:
+        yield f"http://127.0.0.1:{MLFLOW_SERVER_PORT}"
+    finally:
+        kill_group(process, grace_s=5)  # SIGKILL after 5 s: it can take a minute to stop on SIGTERM
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny causal-LM model folder (debug GPT-2, BPE tokenizer), built once per run; tests only read it."""
+    from tests.model_folders import build_tiny_model_folder
+
+    return build_tiny_model_folder(tmp_path_factory.mktemp("tiny-model") / "model")
 
 
 @pytest.fixture(scope="session")

@@ -287,7 +287,8 @@ def s3_env(port: int) -> dict[str, str]:
             "AWS_EC2_METADATA_DISABLED": "true"}
 
 
-def start_mlflow_server(port: int, root: Path, artifacts: str, env: dict[str, str]) -> subprocess.Popen:
+def start_mlflow_server(port: int, root: Path, artifacts: str, env: dict[str, str],
+                        timeout_s: float = 300) -> subprocess.Popen:
     """An MLflow tracking server (SQLite backend) that proxies artifacts to ``artifacts``."""
     root.mkdir(parents=True, exist_ok=True)
     log = root / "mlflow-server.log"
@@ -295,4 +296,4 @@ def start_mlflow_server(port: int, root: Path, artifacts: str, env: dict[str, st
                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", artifacts,
                # One process: uvicorn's multi-worker supervisor kills workers that start slowly on a busy machine.
                "--workers", "1"]
-    return start_server(command, env, log, f"http://127.0.0.1:{port}/health", "MLflow server", 300)
+    return start_server(command, env, log, f"http://127.0.0.1:{port}/health", "MLflow server", timeout_s)

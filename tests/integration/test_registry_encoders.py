@@ -21,8 +21,8 @@ import pytest
 import requests
 
 from raylm.config import load_config
+from tests.conftest import SERVE_PORT
 
-SERVE_PORT = 8462
 COMMON = [
     "data.demo_num_train=400", "data.demo_num_dev=40", "data.seq_len=96", "train.num_workers=1",
     "train.micro_batch_size=16", "train.max_steps=30", "train.warmup_steps=3", "train.lr=1e-3",
@@ -115,8 +115,7 @@ def test_one_serve_app_answers_sentiment_and_qa_with_the_encoders(trained):
     context, question = "Anna lives in Berlin. Ben works as a baker.", "What is the job of Ben?"
     local_sentiment = load_task_model(classifier_dir).classify_sentiment(texts)
     local_answer = load_task_model(span_dir).answer_questions([context], [question])[0]
-    # Serve keeps the HTTP port of whoever started it first in this Ray session: start it afresh on ours.
-    serve.shutdown()
+    # The run's one Serve instance (conftest.SERVE_PORT): this deploys the `raylm` app and deletes it after.
     config = ServeConfig(port=SERVE_PORT, model_path=classifier_dir, models={"qa": span_dir})
     url = start_serving(None, config)
     try:
@@ -131,4 +130,4 @@ def test_one_serve_app_answers_sentiment_and_qa_with_the_encoders(trained):
         unsupported = requests.post(f"{url}/v1/translate", json={"text": "the dog sees the cat."}, timeout=60)
         assert unsupported.status_code == 400 and "translate" in unsupported.json()["error"]
     finally:
-        serve.shutdown()
+        serve.delete("raylm")

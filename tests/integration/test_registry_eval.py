@@ -14,20 +14,11 @@ from raylm.config import EvalConfig
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from raylm.config import ModelConfig
+def model_dir(tiny_model_dir):
+    """The run's tiny model folder (conftest) and 15 dev rows of each task."""
     from raylm.data.demo import generate_demo_corpus
-    from raylm.data.formatting import format_example
-    from raylm.data.tokenizer import special_token_ids, train_bpe_tokenizer
-    from raylm.models.registry import build_model
 
-    folder = tmp_path_factory.mktemp("eval-model")
-    corpus = generate_demo_corpus(seed=0, num_train=200, num_dev=15)
-    tokenizer = train_bpe_tokenizer((p + a for p, a in map(format_example, corpus["train"])), vocab_size=500)
-    model = build_model(ModelConfig(size="debug"), len(tokenizer), 256, special_token_ids(tokenizer))
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
-    return folder, corpus["dev"]
+    return tiny_model_dir, generate_demo_corpus(seed=0, num_train=200, num_dev=15)["dev"]
 
 
 def test_distributed_evaluation_matches_in_process(ray_session, model_dir):

@@ -16,11 +16,6 @@ config copy.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,9 +23,8 @@ import requests
 from typer.testing import CliRunner
 
 from raylm.config import load_config
+from tests.conftest import SERVE_PORT
 
-MLFLOW_PORT = 8460
-SERVE_PORT = 8461
 MODEL = "served-by-alias"
 SECRET = "s3cret-api-key-do-not-log"
 TINY = [
@@ -44,38 +38,9 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    command = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
-               f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-               "--host", "127.0.0.1", "--port", str(MLFLOW_PORT), "--workers", "1"]
-    log = (root / "server.log").open("w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{MLFLOW_PORT}"
-    try:
-        _wait_until_healthy(process, url, root / "server.log", timeout=600)
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the server and its worker processes (its own session)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-
-
-def _wait_until_healthy(process, url: str, log_path: Path, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow server exited: {log_path.read_text()[-2000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    pytest.fail(f"mlflow server did not answer /health within {timeout:.0f} s")
+def server(mlflow_server):
+    """The run's one MLflow server (conftest): this module's experiments and model name are its own."""
+    return mlflow_server
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +165,7 @@ def test_serve_resolves_the_alias_at_deploy_time(server, runs, tmp_path):
         # One sentence per call, as each HTTP request below arrives alone (no padding differences).
         expected[number] = [model.translate([sentence])[0] for sentence in sentences]
     assert expected["1"] != expected["2"]
-    # Serve keeps the HTTP port of whoever started it first in this Ray session: start it afresh on ours.
-    serve.shutdown()
+    # The run's one Serve instance (conftest.SERVE_PORT): this deploys the `raylm` app and deletes it after.
     config = ServeConfig(port=SERVE_PORT, api_key=SECRET, max_new_tokens=8)
     url = start_serving(f"models:/{MODEL}@production", config, tracking_uri=server)
     try:
@@ -215,4 +179,4 @@ def test_serve_resolves_the_alias_at_deploy_time(server, runs, tmp_path):
         models = requests.get(f"{url}/v1/models", headers=headers, timeout=60).json()
         assert [entry["id"] for entry in models["data"]] == [f"models:/{MODEL}@production"]
     finally:
-        serve.shutdown()
+        serve.delete("raylm")

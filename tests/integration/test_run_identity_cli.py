@@ -20,7 +20,7 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 SMOKE = ["--config", "jobs/configs/smoke.yaml", "run_name=killtest", "train.max_steps=4", "train.warmup_steps=1",
-         "eval.max_examples_per_task=5"]
+         "eval.max_examples_per_task=5", "train.num_workers=1"]
 
 
 def _raylm(*args, timeout=900):

@@ -21,9 +21,10 @@ import pytest
 import requests
 
 from raylm.config import ServeConfig
-from tests.model_folders import build_tiny_model_folder, register_with_alias
+from tests.conftest import SERVE_PORT
+from tests.model_folders import register_with_alias
 
-PORT = 8210
+PORT = SERVE_PORT
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ALIAS = "models:/served-model@champion"
@@ -45,13 +46,13 @@ def _build_encoder_folder(folder):
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, tmp_path_factory):
+def served(ray_session, tiny_model_dir, tmp_path_factory):
     from ray import serve
 
     from raylm.serving.app import build_app, start_serving
 
     root = tmp_path_factory.mktemp("serving")
-    model_dir = build_tiny_model_folder(root / "model")
+    model_dir = tiny_model_dir  # the run's tiny model folder, built once (conftest)
     encoder_dir = _build_encoder_folder(root / "encoder")
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     register_with_alias(model_dir, tracking_uri, "served-model", "champion")

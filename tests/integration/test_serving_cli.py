@@ -16,7 +16,6 @@ import pytest
 import requests
 
 from tests.conftest import REPO_ROOT
-from tests.model_folders import build_tiny_model_folder
 
 PORT = 8220
 
@@ -32,8 +31,8 @@ def _start_serve(model_dir, workdir):
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path):
-    model_dir = build_tiny_model_folder(tmp_path / "model")
+def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_model_dir, tmp_path):
+    model_dir = tiny_model_dir
     process = _start_serve(model_dir, tmp_path)
     lines: list[str] = []
     ready = threading.Event()

@@ -9,6 +9,9 @@ here a second worker would only add gloo traffic on a 2-core machine). The held-
 are disjoint from the training rows. An untrained head is at chance (about
 0.5); 40 steps of 16 sentences bring the held-out accuracy above 0.7, and the
 exported model folder reproduces the accuracy the workers reported.
+
+Marked ``slow`` (``make test-all``): test_recipes_sst2.py fine-tunes the same MiniLM on the same SST-2
+rows through the same trainer in ``make test``, and exports, scores and registers it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch
 from raylm.config import load_config
 
 NUM_TRAIN, NUM_HELD_OUT, MAX_LENGTH = 640, 128, 32
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
