@@ -40,7 +40,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tiny_model_dir, tmp_path)
     def read_output() -> None:
         for line in process.stdout:
             lines.append(line)
-            if line.startswith("serving "):
+            if line.startswith("[raylm] serving "):
                 ready.set()
 
     reader = threading.Thread(target=read_output, daemon=True)

@@ -45,13 +45,17 @@ def ray_train_chatty_loggers() -> tuple[str, ...]:
 
     names = ["ray.train.v2._internal.execution.storage", "ray.train._internal.storage",
              "ray.train.v2._internal.execution.controller.controller",
-             "ray.train.v2._internal.execution.controller.placement_group_cleaner",
              "ray.train.v2._internal.execution.worker_group.worker_group"]
     ray_spec = importlib.util.find_spec("ray")
     if ray_spec is not None and ray_spec.origin:
         ray_root = os.path.dirname(ray_spec.origin)
         names.append(os.path.join(ray_root, "train", "v2", "_internal", "execution", "context.py"))
     return tuple(names)
+
+
+# Ray Train's PlacementGroupCleaner polls the state API every second, which a local Ray started
+# without the dashboard does not serve: it would warn once a second for the whole run. Its errors show.
+ERRORS_ONLY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
 class DropBelow(logging.Filter):
@@ -133,6 +137,11 @@ def configure_logging(verbose: bool = False) -> None:
             logger.removeFilter(old)
         if not verbose:
             logger.addFilter(DropBelow(logging.WARNING))
+    for name in ERRORS_ONLY_LOGGERS:
+        logger = logging.getLogger(name)
+        for old in [f for f in logger.filters if isinstance(f, DropBelow)]:
+            logger.removeFilter(old)
+        logger.addFilter(DropBelow(logging.ERROR))
 
 
 def configure_worker_logging() -> None:
