@@ -132,16 +132,18 @@ def configure_logging(verbose: bool = False) -> None:
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(library_level)
     for name in ray_train_chatty_loggers():
-        logger = logging.getLogger(name)
-        for old in [f for f in logger.filters if isinstance(f, DropBelow)]:
-            logger.removeFilter(old)
-        if not verbose:
-            logger.addFilter(DropBelow(logging.WARNING))
+        drop_below(name, None if verbose else logging.WARNING)
     for name in ERRORS_ONLY_LOGGERS:
-        logger = logging.getLogger(name)
-        for old in [f for f in logger.filters if isinstance(f, DropBelow)]:
-            logger.removeFilter(old)
-        logger.addFilter(DropBelow(logging.ERROR))
+        drop_below(name, logging.ERROR)
+
+
+def drop_below(name: str, level: int | None) -> None:
+    """Give logger ``name`` one :class:`DropBelow` filter at ``level`` (none when ``level`` is None)."""
+    logger = logging.getLogger(name)
+    for old in [f for f in logger.filters if isinstance(f, DropBelow)]:
+        logger.removeFilter(old)
+    if level is not None:
+        logger.addFilter(DropBelow(level))
 
 
 def configure_worker_logging() -> None:
