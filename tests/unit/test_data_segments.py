@@ -10,15 +10,9 @@ import pytest
 
 from raylm.data.errors import DataError
 from raylm.data.packing import IGNORE_INDEX, unpack_segments
-from raylm.data.segments import (
-    SourcePlan,
-    iter_columnar_segments,
-    iter_line_segments,
-    pack_examples,
-    pack_segment,
-    read_bytes_segments,
-    segment_examples,
-)
+from raylm.data.parse import SourcePlan, segment_examples
+from raylm.data.read import iter_columnar_segments, iter_line_segments, read_bytes_segments
+from raylm.data.segments import pack_examples, pack_segment
 from raylm.data.tokenizer import encode_texts, encoder_spec, train_bpe_tokenizer
 
 

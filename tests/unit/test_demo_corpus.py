@@ -1,6 +1,7 @@
 from collections import Counter
 
-from raylm.data.demo import example_key, generate_demo_corpus
+from raylm.data.demo import generate_demo_corpus
+from raylm.data.formatting import example_key
 
 
 def test_deterministic_for_a_seed():

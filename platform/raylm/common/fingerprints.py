@@ -62,3 +62,10 @@ def fingerprint_folder(root: str | os.PathLike, pattern: str = "*.py", length: i
             continue
         digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:length]
+
+
+def unit_interval(*parts: Any) -> float:
+    """A deterministic pseudo-random number in [0, 1) for ``parts`` (same on every machine and run): the
+    hash behind sampling and hold-out decisions that must not depend on the order rows are read in."""
+    digest = hashlib.blake2b("\x1f".join(str(part) for part in parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64

@@ -20,6 +20,8 @@ from __future__ import annotations
 import random
 from typing import Callable, Iterator
 
+from raylm.data.formatting import example_key
+
 # --------------------------------------------------------------------------- sentiment
 
 _SUBJECTS = [
@@ -209,16 +211,6 @@ GENERATORS: dict[str, Callable[[random.Random], dict]] = {
     "qa": make_qa_example,
     "translate": make_translation_example,
 }
-
-
-def example_key(example: dict) -> str:
-    """The model-visible input of an example; train and dev never share one."""
-    task = example["task"]
-    if task == "qa":
-        return f"qa|{example['context']}|{example['question']}"
-    if task == "translate":
-        return f"translate|{example['source']}"
-    return f"{task}|{example['text']}"
 
 
 def _unique_examples(task: str, seed: int, count: int, exclude: set[str]) -> Iterator[dict]:

@@ -28,7 +28,7 @@ from raylm.data.formatting import FormatError, format_example
 IGNORE_INDEX = -100
 
 
-def tokenize_examples(rows: Iterable[dict[str, Any]], tokenizer) -> tuple[list[list[int]], list[list[int]], int]:
+def tokenize_rows(rows: Iterable[dict[str, Any]], tokenizer) -> tuple[list[list[int]], list[list[int]], int]:
     """Return per-example input ids and labels, plus the number of rows skipped as malformed."""
     prompts: list[str] = []
     answers: list[str] = []
@@ -175,7 +175,7 @@ def tokenize_and_pack(batch: dict[str, np.ndarray], tokenizer, seq_len: int) -> 
     columns = list(batch)
     num_rows = len(batch[columns[0]]) if columns else 0
     rows = [{column: _to_python(batch[column][i]) for column in columns} for i in range(num_rows)]
-    ids, labels, _ = tokenize_examples(rows, tokenizer)
+    ids, labels, _ = tokenize_rows(rows, tokenizer)
     return pack_sequences(ids, labels, seq_len, tokenizer.pad_token_id)
 
 

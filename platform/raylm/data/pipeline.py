@@ -8,22 +8,22 @@ fingerprint matches.
 
 from __future__ import annotations
 
-import logging
-import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
+from raylm.common.fingerprints import fingerprint
 from raylm.config import JobConfig
+from raylm.data import prepare
 from raylm.data.demo import generate_demo_corpus
 from raylm.data.errors import DataError
+from raylm.data.execution import ordered_execution
 from raylm.data.formatting import FormatError, format_example
 from raylm.data.packing import tokenize_and_pack
+from raylm.data.plan import resolve_corpus
 from raylm.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
-from raylm.data import prepare
-from raylm.data.prepare import load_dev_examples as load_source_dev_examples
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def corpus_fingerprint(job: JobConfig) -> str:
         "mixture": job.data.mixture,
         "seq_len": job.data.seq_len,
     }
-    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(description)
 
 
 def build_tokenizer(job: JobConfig, train_rows: list[dict]):
@@ -131,11 +131,9 @@ def _decode_tokenize_pack(batch, tokenizer, seq_len: int):
 
 
 
+@ordered_execution()
 def prepare_data(job: JobConfig) -> PreparedData:
     """Generate or read the corpus, train/load the tokenizer and build lazy packed datasets."""
-    import ray.data
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     if job.data.corpus == "sources":
         return _prepare_sources(job)
     corpus = load_corpus(job)
@@ -153,8 +151,7 @@ def prepare_data(job: JobConfig) -> PreparedData:
 
 
 def _prepare_sources(job: JobConfig) -> PreparedData:
-
-    corpus = prepare.resolve_corpus(job)
+    corpus = resolve_corpus(job)
     tokenizer, tokenizer_info = prepare.resolve_tokenizer(job, corpus)
     manifest = prepare.prepare_dataset(job, corpus=corpus, tokenizer=tokenizer, tokenizer_info=tokenizer_info)
     if manifest["cached"]:
@@ -162,7 +159,7 @@ def _prepare_sources(job: JobConfig) -> PreparedData:
         for line in prepare.describe_bad_rows(manifest["bad_rows"]):
             logger.info(line)
     train, dev = prepare.open_prepared(manifest, job.data.shuffle_seed)
-    dev_examples = prepare.load_dev_examples(job, job.eval.max_examples_per_task, corpus=corpus)
+    dev_examples = prepare.read_dev_examples(job, job.eval.max_examples_per_task, corpus=corpus)
     splits = manifest["splits"]
     stats = {
         "num_train_rows": splits["train"]["examples"], "num_dev_rows": splits["dev"]["examples"],
@@ -179,6 +176,5 @@ def load_dev_examples(job: JobConfig, limit_per_task: int) -> list[dict]:
     """Formatted dev rows for task metrics: the demo corpus's dev split, or up to
     ``limit_per_task`` rows per task from the dev sources."""
     if job.data.corpus == "sources":
-
-        return load_source_dev_examples(job, limit_per_task)
+        return prepare.read_dev_examples(job, limit_per_task)
     return load_corpus(job)["dev"]

@@ -12,23 +12,26 @@ reads the Parquet back lazily instead of tokenizing again.
 
 from __future__ import annotations
 
-import logging
-import hashlib
 import json
+import logging
 import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
-from raylm.config import DataSourceConfig, JobConfig
-from raylm.data.errors import DataError, find_data_error
-from raylm.data.segments import MAX_PROBLEM_EXAMPLES, SourcePlan, sample_texts, segment_rows, write_packed_segments
-from raylm.data.sources import ResolvedSource, check_local_paths, map_segments, resolve_source
-from raylm.data.tokenizer import encoder_spec, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 from raylm.common import storage
+from raylm.common.fingerprints import fingerprint
+from raylm.config import JobConfig
+from raylm.data.errors import DataError
+from raylm.data.execution import ordered_execution, run_ray
+from raylm.data.parse import MAX_PROBLEM_EXAMPLES
+from raylm.data.plan import ResolvedCorpus, prepared_root, resolve_corpus, source_plans
+from raylm.data.segments import sample_texts, segment_rows, write_packed_segments
+from raylm.data.sources import map_segments
+from raylm.data.tokenizer import encoder_spec, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -37,100 +40,17 @@ PIPELINE_VERSION = "1"
 MANIFEST = "manifest.json"
 
 
+def _fingerprint(payload: Any) -> str:
+    return fingerprint(payload, 20)
 
 
-def configured_sources(job: JobConfig) -> tuple[list[tuple[str, DataSourceConfig]], list[tuple[str, DataSourceConfig]]]:
-    """``(train, dev)`` source configs with the config path of each, for messages."""
-    train = [(f"data.sources[{i}]", source) for i, source in enumerate(job.data.sources)]
-    dev = [(f"data.dev_sources[{i}]", source) for i, source in enumerate(job.data.dev_sources)]
-    return train, dev
-
-
-def check_sources(job: JobConfig) -> None:
-    """Fail on missing local source paths before any cluster resource is taken."""
-    if job.data.corpus != "sources":
-        return
-    train, dev = configured_sources(job)
-    check_local_paths(train + dev)
-
-
-@dataclass
-class ResolvedCorpus:
-    train: list[ResolvedSource]
-    dev: list[ResolvedSource]
-
-
-def resolve_corpus(job: JobConfig) -> ResolvedCorpus:
-    if job.data.corpus != "sources":
-        raise DataError("data.sources is empty: raylm prepare reads real corpora (the demo corpus is generated "
-                        "in memory at train time)")
-    train, dev = configured_sources(job)
-    return ResolvedCorpus(train=[resolve_source(name, config) for name, config in train],
-                          dev=[resolve_source(name, config) for name, config in dev])
-
-
-def prepared_root(job: JobConfig) -> str:
-    """Where prepared datasets and trained tokenizers live (``data.cache_dir``, default ``<workdir>/prepared``)."""
-
-    if job.data.cache_dir:
-        return job.data.cache_dir if "://" in job.data.cache_dir else str(Path(job.data.cache_dir).resolve())
-    return storage.join(job.workdir, "prepared")
-
-
-def _hash(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-# --------------------------------------------------------------------------- plans
-
-
-def source_plans(job: JobConfig, corpus: ResolvedCorpus, role: str) -> list[tuple[ResolvedSource, SourcePlan]]:
-    """The passes that produce split ``role``: every dev source, or the held-out share of every train source."""
-    data = job.data
-    if role == "dev" and corpus.dev:
-        sources = [(index, source, 0.0) for index, source in enumerate(corpus.dev)]
-        count_problems = True
-    else:
-        sources = [(index, source, data.dev_fraction) for index, source in enumerate(corpus.train)]
-        count_problems = role == "train"
-    plans = []
-    for index, source, holdout in sources:
-        config = source.config
-        weight = config.weight * data.mixture.get(config.task, 1.0) if role == "train" else 1.0
-        plans.append((source, SourcePlan(
-            index=index, label=config.path, format=source.read_format, task=config.task,
-            fields=tuple(sorted(config.fields.items())), text_unit=config.text_unit, role=role,
-            holdout=holdout, weight=weight, seed=data.shuffle_seed, strict=data.strict,
-            count_problems=count_problems)))
-    return plans
-
-
-def run_ray(action: Callable[[], Any]) -> Any:
-    """Run a Ray Data execution (without Ray Data's progress bars: raylm reports
-    its own progress, as ``raylm prepare`` does), turning a DataError raised inside a task into a plain
-    one-line DataError."""
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    bars, context.enable_progress_bars = context.enable_progress_bars, False
-    try:
-        return action()
-    except DataError:
-        raise
-    except Exception as err:
-        found = find_data_error(err)
-        if found is not None:
-            raise DataError(str(found)) from None
-        raise
-    finally:
-        context.enable_progress_bars = bars
 
 
 # --------------------------------------------------------------------------- tokenizer
 
 
 def tokenizer_key(job: JobConfig, corpus: ResolvedCorpus) -> str:
-    return _hash({"version": PIPELINE_VERSION, "vocab_size": job.data.vocab_size,
+    return _fingerprint({"version": PIPELINE_VERSION, "vocab_size": job.data.vocab_size,
                   "sample_bytes": job.data.tokenizer_sample_bytes, "seed": job.data.shuffle_seed,
                   "dev_fraction": job.data.dev_fraction, "sources": [s.fingerprint for s in corpus.train]})
 
@@ -164,6 +84,7 @@ def train_tokenizer_on_sources(job: JobConfig, corpus: ResolvedCorpus):
     return tokenizer, stats
 
 
+@ordered_execution()
 def resolve_tokenizer(job: JobConfig, corpus: ResolvedCorpus) -> tuple[Any, dict[str, Any]]:
     """The tokenizer for a sources corpus: ``data.tokenizer_path``, ``model.init_from``, or a BPE
     tokenizer trained on the corpus (cached under the prepared root, keyed by the sources' fingerprints)."""
@@ -236,7 +157,7 @@ def prepare_tokenizer(job: JobConfig) -> dict[str, Any]:
 
 def dataset_fingerprint(job: JobConfig, corpus: ResolvedCorpus, tokenizer_hash: str) -> str:
     data = job.data
-    return _hash({
+    return _fingerprint({
         "version": PIPELINE_VERSION,
         "train": [s.fingerprint for s in corpus.train],
         "dev": [s.fingerprint for s in corpus.dev],
@@ -316,6 +237,7 @@ def _write_manifest(folder: str, manifest: dict[str, Any]) -> None:
         stream.write(json.dumps(manifest, indent=2).encode("utf-8"))
 
 
+@ordered_execution()
 def prepare_dataset(job: JobConfig, corpus: ResolvedCorpus | None = None,
                     tokenizer=None, tokenizer_info: dict | None = None) -> dict[str, Any]:
     """``raylm prepare data``: write the packed dataset and its manifest unless a matching one exists.
@@ -324,10 +246,6 @@ def prepare_dataset(job: JobConfig, corpus: ResolvedCorpus | None = None,
     Raises :class:`DataError` when a split ends up empty or, under
     ``data.strict``, at the first bad row.
     """
-    import ray
-    import ray.data
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     corpus = corpus or resolve_corpus(job)
     if tokenizer is None:
         tokenizer, tokenizer_info = resolve_tokenizer(job, corpus)
@@ -389,6 +307,7 @@ def prepare_dataset(job: JobConfig, corpus: ResolvedCorpus | None = None,
     return {**manifest, "cached": False}
 
 
+@ordered_execution()
 def open_prepared(manifest: dict[str, Any], seed: int):
     """Lazy Ray Datasets ``(train, dev)`` over a prepared dataset's Parquet files.
 
@@ -418,11 +337,9 @@ def open_prepared(manifest: dict[str, Any], seed: int):
     return train, dev
 
 
-def load_dev_examples(job: JobConfig, limit_per_task: int, corpus: ResolvedCorpus | None = None) -> list[dict]:
+@ordered_execution()
+def read_dev_examples(job: JobConfig, limit_per_task: int, corpus: ResolvedCorpus | None = None) -> list[dict]:
     """Up to ``limit_per_task`` formatted dev rows of each task (not plain LM text), for task metrics."""
-    import ray.data
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     corpus = corpus or resolve_corpus(job)
     rows: list[dict] = []
     taken: dict[str, int] = {}

@@ -10,18 +10,17 @@ that back it, so the rows never pass through the driver.
 from __future__ import annotations
 
 import glob
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from raylm.common import storage
+from raylm.common.fingerprints import fingerprint
 from raylm.config import DataSourceConfig
 from raylm.data.errors import DataError
 from raylm.data.formatting import TASK_FIELDS
-from raylm.data.segments import iter_columnar_segments, iter_line_segments, segment_schema
-from raylm.common import storage
+from raylm.data.read import iter_columnar_segments, iter_line_segments, segment_schema
 
 # What a folder of each format is searched for (compressed variants are read transparently).
 FORMAT_EXTENSIONS = {
@@ -165,10 +164,9 @@ def resolve_source(name: str, config: DataSourceConfig) -> ResolvedSource:
         read_format = config.format
     if read_format == "parquet":
         _check_parquet_columns(name, config, files[0])
-    payload = json.dumps({"config": config.model_dump(mode="json"), **identity}, sort_keys=True, default=str)
     return ResolvedSource(name=name, config=config, files=tuple(files), read_format=read_format,
                           num_bytes=sum(state[1] for state in states),
-                          fingerprint=hashlib.sha256(payload.encode()).hexdigest()[:16])
+                          fingerprint=fingerprint({"config": config.model_dump(mode="json"), **identity}))
 
 
 def _needed_columns(config: DataSourceConfig) -> list[str]:
@@ -205,7 +203,7 @@ def _segment_datasource_class():
     from ray.data.datasource import FileBasedDatasource
 
     class SegmentDatasource(FileBasedDatasource):
-        """Reads files as segments (one row each): see :mod:`raylm.data.segments`."""
+        """Reads files as segments (one row each): see :mod:`raylm.data.read`."""
 
         def __init__(self, paths: list[str], *, read_format: str, segment_bytes: int, text_unit: str,
                      columns: Optional[list[str]] = None):

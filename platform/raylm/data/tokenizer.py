@@ -6,12 +6,12 @@ transformers fast tokenizer so that it saves and loads with the model folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from raylm.common.fingerprints import fingerprint_text
 from raylm.data.special_tokens import ALL_SPECIAL_TOKENS, EOS_TOKEN, PAD_TOKEN, TASK_TOKENS
 
 
@@ -74,7 +74,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """A stable hash of the tokenizer's vocabulary and merges."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     payload = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+    return fingerprint_text(payload)
 
 
 @dataclass(frozen=True)

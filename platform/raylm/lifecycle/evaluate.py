@@ -19,13 +19,13 @@ from typing import Any, Optional
 from raylm.common.ray_session import ensure_ray
 from raylm.common.tracking import get_model_version, mlflow_client, resolve_model_path
 from raylm.config import ConfigError, JobConfig
-from raylm.data.prepare import check_sources
+from raylm.data.encoder_rows import read_split_rows
+from raylm.data.plan import check_sources
 from raylm.eval.baselines import build_baseline
 from raylm.eval.runner import evaluate_model, format_report, select_rows
 from raylm.inference.task_model import InferenceOptions, load_task_model
 from raylm.lifecycle.export import write_card
 from raylm.lifecycle.lineage import build_lineage
-from raylm.train.task_data import read_split_rows
 
 logger = logging.getLogger(__name__)
 

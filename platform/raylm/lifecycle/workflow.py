@@ -15,18 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raylm.checks import check_job
-from raylm.config import JobConfig
 import ray
 import ray.data
 import requests
 from ray import serve
 
+from raylm.checks import check_job
 from raylm.common import cluster, storage, tracking
 from raylm.common.ray_session import ensure_ray
 from raylm.config import ConfigError, JobConfig
 from raylm.data import prepare
+from raylm.data.encoder_rows import prepare_encoder_data
 from raylm.data.pipeline import prepare_data
+from raylm.data.plan import check_sources
 from raylm.lifecycle import runs
 from raylm.lifecycle.evaluate import evaluate_exported, evaluate_reference
 from raylm.lifecycle.export import export_run_model, write_card
@@ -35,7 +36,6 @@ from raylm.lifecycle.register import register_run
 from raylm.serving.app import serve_until_stopped, start_serving
 from raylm.serving.ingress import ingress_env, set_ingress_env
 from raylm.train.driver import run_training
-from raylm.train.task_data import prepare_encoder_data
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def check_inputs(job: JobConfig) -> None:
     """Fail on an invalid config, missing local inputs and unusable storage before any cluster resource is taken."""
     check_job(job)
     cluster.check_local_inputs(job)
-    prepare.check_sources(job)
+    check_sources(job)
 
 
 def serving_env(job: JobConfig) -> dict[str, str]:

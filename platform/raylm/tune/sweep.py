@@ -41,7 +41,7 @@ from raylm.common.run_ids import new_run_id
 from raylm.checks import validate_job
 from raylm.config import ConfigError, JobConfig
 from raylm.data.pipeline import prepare_data
-from raylm.data.prepare import check_sources
+from raylm.data.plan import check_sources
 from raylm.tune.outcomes import collect_outcomes, finish_sweep, scaling_points
 from raylm.tune.records import RESULTS_FILE, SWEEP_RECORD, read_json, write_json
 from raylm.tune.space import tune_param_space, validate_sweep

@@ -1,4 +1,4 @@
-"""Training data for encoder heads: ``model.task`` sequence_classification or question_answering.
+"""Rows for encoder heads: ``model.task`` sequence_classification or question_answering.
 
 A causal LM trains on packed token blocks (:mod:`raylm.data.pipeline`). An
 encoder head trains on one fixed-length row per example instead: a sentence
@@ -13,21 +13,22 @@ export, evaluation and tracking do not care which kind of model it is.
 
 from __future__ import annotations
 
-import logging
-import hashlib
 import json
+import logging
 from pathlib import Path
-from typing import Callable
+from typing import Any, Iterable
 
+import numpy as np
+
+from raylm.common.fingerprints import fingerprint
 from raylm.config import JobConfig
 from raylm.data.errors import DataError
-from raylm.data.pipeline import PreparedData
-from raylm.data.pipeline import apply_mixture, load_corpus
-from raylm.data.prepare import ResolvedCorpus, run_ray, resolve_corpus, source_plans
+from raylm.data.execution import ordered_execution, run_ray
+from raylm.data.formatting import SENTIMENT_LABELS, normalize_label
+from raylm.data.pipeline import PreparedData, apply_mixture, load_corpus
+from raylm.data.plan import ResolvedCorpus, resolve_corpus, source_plans
 from raylm.data.segments import segment_rows
 from raylm.data.sources import map_segments, resolve_source
-from raylm.data.formatting import SENTIMENT_LABELS, normalize_label
-from raylm.train.classification import tokenize_classification_rows
 from raylm.data.spans import tokenize_span_rows
 from raylm.data.tokenizer import tokenizer_fingerprint
 
@@ -38,6 +39,7 @@ HEAD_TASKS: dict[str, str] = {"sequence_classification": "sentiment", "question_
 
 
 
+@ordered_execution()
 def read_split_rows(job: JobConfig, split: str, task: str | None = None, limit: int | None = None) -> list[dict]:
     """The formatted rows of ``split`` (train | dev | test) of the configured corpus, optionally of one task.
 
@@ -56,10 +58,6 @@ def read_split_rows(job: JobConfig, split: str, task: str | None = None, limit: 
             else corpus["dev"]
         rows = [row for row in rows if task is None or row.get("task") == task]
         return rows[:limit] if limit is not None else rows
-    import ray.data
-
-
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     if split == "test":
         if not job.data.test_sources:
             raise DataError("no test split: data.test_sources is empty")
@@ -110,6 +108,7 @@ def _dataset(arrays: dict):
     return ray.data.from_items([dict(zip(names, values)) for values in zip(*(arrays[name] for name in names))])
 
 
+@ordered_execution()
 def prepare_encoder_data(job: JobConfig) -> PreparedData:
     """Rows of the head's task -> tokenized train and dev Ray Datasets, dev rows for task metrics."""
 
@@ -130,14 +129,41 @@ def prepare_encoder_data(job: JobConfig) -> PreparedData:
         raise DataError(f"{task} rows: {err}") from None
     logger.info(f"{head}: {len(train_rows)} train / {len(dev_rows)} dev {task} rows -> {len(train_arrays['labels'])} / "
         f"{len(dev_arrays['labels'])} windows of {max_length} tokens")
-    described = json.dumps({"head": head, "max_length": max_length, "tokenizer": tokenizer_fingerprint(tokenizer),
-                            "train": [json.dumps(row, sort_keys=True) for row in train_rows],
-                            "dev": [json.dumps(row, sort_keys=True) for row in dev_rows]}, sort_keys=True)
-    fingerprint = hashlib.sha256(described.encode()).hexdigest()[:20]
+    data_fingerprint = fingerprint({"head": head, "max_length": max_length,
+                                    "tokenizer": tokenizer_fingerprint(tokenizer), "train": train_rows,
+                                    "dev": dev_rows}, 20)
     return PreparedData(
         train=_dataset(train_arrays).materialize(), dev=_dataset(dev_arrays).materialize(),
-        dev_examples=dev_rows[: job.eval.max_examples_per_task], tokenizer=tokenizer, fingerprint=fingerprint,
+        dev_examples=dev_rows[: job.eval.max_examples_per_task], tokenizer=tokenizer, fingerprint=data_fingerprint,
         stats={"num_train_rows": len(train_rows), "num_dev_rows": len(dev_rows),
                "num_train_windows": len(train_arrays["labels"]), "num_dev_windows": len(dev_arrays["labels"]),
                "vocab_size": len(tokenizer), "max_length": max_length},
     )
+
+
+def tokenize_classification_rows(rows: Iterable[dict[str, Any]], tokenizer, max_length: int,
+                                 text_field: str = "text", label_field: str = "label") -> dict[str, np.ndarray]:
+    """Tokenize ``rows`` into fixed-length arrays; raises ValueError naming a bad row."""
+    texts, labels = [], []
+    for index, row in enumerate(rows):
+        text, label = row.get(text_field), row.get(label_field)
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"row {index}: {text_field!r} must be a non-empty string")
+        if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
+            raise ValueError(f"row {index}: {label_field!r} must be a class index >= 0, got {label!r}")
+        texts.append(text)
+        labels.append(int(label))
+    if not texts:
+        raise ValueError("no rows to tokenize")
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                        return_attention_mask=True)
+    return {
+        "input_ids": np.asarray(encoded["input_ids"], dtype=np.int64),
+        "attention_mask": np.asarray(encoded["attention_mask"], dtype=np.int64),
+        "labels": np.asarray(labels, dtype=np.int64),
+    }
+
+
+def classification_dataset(rows: list[dict[str, Any]], tokenizer, max_length: int, **fields):
+    """A Ray Dataset of tokenized classification rows, ready for ``run_training``."""
+    return _dataset(tokenize_classification_rows(rows, tokenizer, max_length, **fields))
