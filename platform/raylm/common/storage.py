@@ -21,30 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-
-def is_remote(location: str | os.PathLike) -> bool:
-    """True for a URI with a scheme other than ``file://`` (s3://, gs://, hdfs://, ...)."""
-    text = str(location)
-    return "://" in text and not text.startswith("file://")
-
-
-def normalize(location: str | os.PathLike) -> str:
-    """A URI without a trailing slash, or an absolute local path (``file://`` stripped, relative resolved)."""
-    text = str(location)
-    if is_remote(text):
-        scheme, rest = text.split("://", 1)
-        return f"{scheme}://{rest.rstrip('/')}" if rest.strip("/") else f"{scheme}://{rest}"
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    return str(Path(text).expanduser().resolve())
-
-
-def join(location: str | os.PathLike, *parts: str) -> str:
-    """``location/part/...`` for URIs and local paths alike."""
-    base = normalize(location)
-    if is_remote(base):
-        return posixpath.join(base, *parts) if parts else base
-    return str(Path(base).joinpath(*parts))
+from raylm.config.locations import is_remote, join, normalize  # noqa: F401  (part of this module's API)
 
 
 def parent(location: str | os.PathLike) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import posixpath
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,6 +12,7 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from raylm.config.base import StrictModel
 from raylm.config.data import DataConfig
 from raylm.config.errors import ConfigError
+from raylm.config.locations import is_remote, join
 from raylm.config.eval import EvalConfig
 from raylm.config.model import ModelConfig
 from raylm.config.serve import ServeConfig
@@ -52,12 +52,12 @@ class JobConfig(StrictModel):
     @property
     def storage_is_remote(self) -> bool:
         """True when the workdir is an object-store URI (s3://, gs://) rather than a file system path."""
-        return _is_remote(self.workdir)
+        return is_remote(self.workdir)
 
     @property
     def run_uri(self) -> str:
         """The run's folder as a location: an absolute path or a URI (``<workdir>/<run id>``)."""
-        return _join(self.workdir, self.run_id or self.run_name)
+        return join(self.workdir, self.run_id or self.run_name)
 
     @property
     def run_dir(self) -> Path:
@@ -106,17 +106,3 @@ def public_dump(model: BaseModel) -> dict[str, Any]:
 
     strip(model, dumped)
     return dumped
-
-
-# The run's location is needed by every layer (data, train, tune write under it), and config imports no other
-# raylm package, so these two mirror raylm.common.storage.is_remote and storage.join for the workdir alone.
-def _is_remote(location: str) -> bool:
-    return "://" in location and not location.startswith("file://")
-
-
-def _join(location: str, part: str) -> str:
-    if _is_remote(location):
-        scheme, rest = location.split("://", 1)
-        base = f"{scheme}://{rest.rstrip('/')}" if rest.strip("/") else location
-        return posixpath.join(base, part)
-    return str(Path(location.removeprefix("file://")).expanduser().resolve() / part)
