@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -343,19 +342,25 @@ def tune_run(
         None, "--resume", help="continue the interrupted sweep in this folder (finished trials are not rerun)"),
 ) -> None:
     """Run the sweep in tune.*: Ray Train trials under Ray Tune (ASHA), a scaling-law fit, tables and plots."""
+    from raylm.tune.records import locate_sweep
     from raylm.tune.space import validate_sweep
-    from raylm.tune.sweep import run_sweep
 
     job = None
     if resume is not None:
         if config is not None or overrides:
             _fail("--resume continues a sweep with its own config; give no --config or overrides", 2)
+        try:
+            locate_sweep(resume)
+        except ConfigError as err:
+            _fail(str(err), 2)
     else:
         job = _load(config, overrides)
         try:
             validate_sweep(job)
         except ConfigError as err:
             _fail(str(err), 2)
+    from raylm.tune.sweep import run_sweep  # Ray Tune and torch: only once the sweep's config is known to be good
+
     results = _run(run_sweep, job, resume)
     keys = ("sweep_id", "sweep_dir", "status", "num_trials", "num_finished", "num_stopped", "num_errors",
             "total_steps", "best_trial", "best_eval_loss", "best_model_dir", "registry_uri", "parent_run_id")

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from raylm.config import ConfigError, ModelConfig, load_config
-from raylm.models.registry import build_model, count_parameters, non_embedding_parameters
+from raylm.models.registry import build_model, count_parameters
+from raylm.models.shapes import non_embedding_parameters
 from raylm.train.optim import lr_lambda
 from raylm.tune.space import count_trials, trial_config, tune_param_space, validate_sweep, validate_trial
 

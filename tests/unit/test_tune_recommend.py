@@ -9,7 +9,7 @@ import pytest
 
 from raylm.checks import load_job
 from raylm.config import ConfigError, load_config
-from raylm.models.registry import non_embedding_parameters
+from raylm.models.shapes import non_embedding_parameters
 from raylm.tune.recommend import recommend
 from raylm.tune.scaling import ScalingPoint, fit_scaling_law
 from raylm.tune.space import validate_trial

@@ -36,3 +36,28 @@ def model_shape(model_config: Any) -> dict[str, int]:
         if value is not None:
             shape[name] = value
     return shape
+
+
+def non_embedding_parameters(model_config) -> int:
+    """Non-embedding parameters of the causal LM a :class:`raylm.config.ModelConfig` describes, without building it.
+
+    The ``N`` of scaling laws (Kaplan et al. 2020; Hoffmann et al. 2022): every
+    weight and bias of the transformer blocks and the final norm, without the
+    token and position embeddings and without the output head (tied or not), so
+    that it does not depend on the vocabulary. For a tied head this equals
+    ``count_parameters(build_model(...), exclude_embeddings=True)``.
+    """
+    if getattr(model_config, "init_from", None):
+        raise ValueError("non_embedding_parameters needs a model built from a size, not init_from")
+    shape = model_shape(model_config)
+    width, layers = shape["hidden_size"], shape["num_layers"]
+    if model_config.arch == "gpt2":
+        # c_attn (d x 3d + 3d), c_proj (d x d + d), c_fc (d x 4d + 4d), mlp c_proj (4d x d + d), two LayerNorms (4d).
+        per_block = 12 * width * width + 13 * width
+        return layers * per_block + 2 * width  # + ln_f
+    head_dim = width // shape["num_heads"]
+    kv_width = shape["num_kv_heads"] * head_dim
+    mlp = shape["intermediate_size"]
+    # q and o (d x d), k and v (d x kv), gate/up/down (3 x d x mlp), two RMSNorms (2d); no biases.
+    per_block = 2 * width * width + 2 * width * kv_width + 3 * width * mlp + 2 * width
+    return layers * per_block + width  # + final norm

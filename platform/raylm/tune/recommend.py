@@ -20,11 +20,10 @@ import yaml
 
 from raylm.checks import validate_job
 from raylm.config import ConfigError, JobConfig, ModelConfig
-from raylm.models.registry import non_embedding_parameters
-from raylm.models.shapes import model_shape
+from raylm.models.shapes import model_shape, non_embedding_parameters
 from raylm.tune.scaling import FitError, ScalingFit, compute_optimal, predict_loss
+from raylm.tune.records import RESULTS_FILE
 from raylm.tune.space import trial_config, validate_trial
-from raylm.tune.sweep import RESULTS_FILE
 
 
 def load_results(reference: str, tracking_uri: str | None = None) -> dict[str, Any]:

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from raylm.config import ConfigError
+
 SWEEP_RECORD = "sweep.json"
 TRIAL_RECORD = "trial.json"
 RESULTS_FILE = "results.json"
@@ -25,3 +27,11 @@ def read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except FileNotFoundError:
         return {}
+
+
+def locate_sweep(reference: str) -> Path:
+    """The sweep folder ``reference`` names (a folder with ``sweep.json``); ConfigError otherwise."""
+    folder = Path(reference)
+    if not (folder / SWEEP_RECORD).is_file():
+        raise ConfigError(f"resume: {reference} is not a sweep folder (no {SWEEP_RECORD})")
+    return folder.resolve()

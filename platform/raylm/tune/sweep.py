@@ -43,7 +43,7 @@ from raylm.config import ConfigError, JobConfig
 from raylm.data.pipeline import prepare_data
 from raylm.data.plan import check_sources
 from raylm.tune.outcomes import collect_outcomes, finish_sweep, scaling_points
-from raylm.tune.records import RESULTS_FILE, SWEEP_RECORD, read_json, write_json
+from raylm.tune.records import RESULTS_FILE, SWEEP_RECORD, locate_sweep, read_json, write_json
 from raylm.tune.space import tune_param_space, validate_sweep
 from raylm.tune.trial import release_placement_groups, run_trial
 
@@ -93,14 +93,6 @@ def progress_callback(expected: int, trials_dir: Path):
 
 
 # --------------------------------------------------------------------------- the sweep
-
-
-def locate_sweep(reference: str) -> Path:
-    """The sweep folder ``reference`` names (a folder with ``sweep.json``); ConfigError otherwise."""
-    folder = Path(reference)
-    if not (folder / SWEEP_RECORD).is_file():
-        raise ConfigError(f"resume: {reference} is not a sweep folder (no {SWEEP_RECORD})")
-    return folder.resolve()
 
 
 def _check_cluster(job: JobConfig) -> None:

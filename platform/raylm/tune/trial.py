@@ -24,7 +24,7 @@ from ray.util.placement_group import placement_group_table, remove_placement_gro
 from raylm.common import tracking
 from raylm.compat.ray import on_worker_group_start, placement_group_from_hex
 from raylm.config import JobConfig
-from raylm.models.registry import non_embedding_parameters
+from raylm.models.shapes import non_embedding_parameters
 from raylm.train.driver import build_trainer, fit_trainer
 from raylm.tune.records import TRIAL_RECORD, read_json, write_json
 from raylm.tune.space import validate_trial
