@@ -14,7 +14,7 @@ from raylm.config import load_config
 
 TINY = [
     "data.demo_num_train=150", "data.demo_num_dev=20", "data.seq_len=32", "data.vocab_size=300",
-    "model.size=debug", "model.num_layers=1", "train.num_workers=1", "train.micro_batch_size=8", "train.max_steps=24",
+    "model.size=debug", "model.num_layers=1", "train.num_workers=1", "train.micro_batch_size=8", "train.max_steps=16",
     "train.warmup_steps=2", "train.eval_every=4", "train.eval_batches=2", "train.log_every=1000",
     "tune.scheduler=asha", "tune.grace_period=2", "tune.reduction_factor=2", "tune.max_concurrent_trials=2",
     "tune.trial_start_timeout_s=600", "tracking.experiment=raylm-sweep-test",
@@ -68,12 +68,12 @@ def test_asha_stops_a_trial_early_and_the_rest_finish(asha_sweep, ray_session):
     # The grid runs the good learning rate first; the 300x smaller one is behind it at the first rung.
     assert all(row["status"] == "stopped" for row in trials if row["params"]["train.lr"] == 1e-5), statuses
     finished = [row for row in trials if row["status"] == "finished"]
-    assert finished and all(row["step"] == 24 and row["evaluations"] == 6 for row in finished)
-    assert results["total_steps"] < 4 * 24
+    assert finished and all(row["step"] == 16 and row["evaluations"] == 4 for row in finished)
+    assert results["total_steps"] < 4 * 16
     # Every evaluation reached Tune, with the tokens and FLOPs seen so far.
     for row in finished:
-        assert [point["step"] for point in row["history"]] == [4, 8, 12, 16, 20, 24]
-        assert row["D"] == 24 * 8 * 32 and row["history"][-1]["tokens_seen"] == row["D"]
+        assert [point["step"] for point in row["history"]] == [4, 8, 12, 16]
+        assert row["D"] == 16 * 8 * 32 and row["history"][-1]["tokens_seen"] == row["D"]
         assert row["N"] > 0 and row["history"][-1]["flops_seen"] > 6 * row["N"] * row["D"]
     # The table ranks by final dev loss, and the best trial is a finished one with the good learning rate.
     losses = [row["eval_loss"] for row in trials]
