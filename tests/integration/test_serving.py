@@ -113,9 +113,18 @@ def _listeners() -> dict[tuple[str, int], str]:
 
 def test_haproxy_ingress_listens_on_loopback_with_a_private_admin_socket(served):
     """The default ingress: HAProxy owns serve.port on 127.0.0.1, each replica answers HTTP on its own loopback
-    port, and HAProxy's admin socket (mode 666) lies in a folder only this user can enter."""
-    listeners = _listeners()
-    owners = {port: owner for (ip, port), owner in listeners.items()}
+    port, and HAProxy's admin socket (mode 666) lies in a folder only this user can enter.
+
+    Serve restarts HAProxy on every route change (Ray 2.60, ``serve/_private/haproxy.py``), and the module's
+    second application changed the routes just before: for a moment the old process is gone and the new one
+    not yet listening, so the check waits (up to 30 s) for the port to have an owner again."""
+    deadline = time.monotonic() + 30
+    while True:
+        listeners = _listeners()
+        owners = {port: owner for (ip, port), owner in listeners.items()}
+        if PORT in owners or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert "haproxy" in owners.get(PORT, ""), f"port {PORT} is served by {owners.get(PORT)!r}, not HAProxy"
     assert [ip for (ip, port) in listeners if port == PORT] == ["127.0.0.1"]
     replica_ports = [(ip, port) for (ip, port), owner in listeners.items()
