@@ -230,6 +230,25 @@ def test_strict_mode_and_empty_corpus_fail_with_one_line(ray_session, corpus, tm
     assert "missing field 'text'" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_dataset_created_under_quiet_progress_keeps_it_after_the_block(ray_session):
+    """Training streams the prepared Datasets after prepare returned: they must carry the quiet context with
+    them, while the process-wide context gets its setting back."""
+    import ray.data
+
+    from raylm.data.execution import quiet_progress
+
+    context = ray.data.DataContext.get_current()
+    saved, context.enable_progress_bars = context.enable_progress_bars, True
+    try:
+        with quiet_progress():
+            dataset = ray.data.from_items([{"x": 1}, {"x": 2}])
+        assert context.enable_progress_bars is True
+        assert dataset.context.enable_progress_bars is False
+        assert dataset.take_all() == [{"x": 1}, {"x": 2}]
+    finally:
+        context.enable_progress_bars = saved
+
+
 def test_missing_path_is_a_clear_error_before_ray(tmp_path):
     from raylm.data.plan import check_sources
 

@@ -1,9 +1,9 @@
 """Running Ray Data executions for raylm: one-line data errors, no progress bars, and scoped context changes.
 
 Ray Data's :class:`~ray.data.DataContext` is process-wide; a Dataset copies it when
-it is created. raylm changes it only inside :func:`ordered_execution` and
-:func:`run_ray`, which restore what they changed, so nothing leaks into a user's
-own Ray Data code in the same process.
+it is created. raylm changes it only inside :func:`ordered_execution`,
+:func:`quiet_progress` and :func:`run_ray`, which restore what they changed, so
+nothing leaks into a user's own Ray Data code in the same process.
 """
 
 from __future__ import annotations
@@ -28,16 +28,28 @@ def ordered_execution() -> Iterator[None]:
         options.preserve_order = previous
 
 
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No Ray Data progress bars for executions inside, nor for Datasets created inside (they keep a copy of
+    the context, so the training loop's streaming split stays quiet too): raylm prints its own progress lines,
+    and per-operator bars would drown them. Restores the previous setting on exit."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    previous, context.enable_progress_bars = context.enable_progress_bars, False
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = previous
+
+
 def run_ray(action: Callable[[], Any]) -> Any:
     """Run a Ray Data execution (without Ray Data's progress bars: raylm reports
     its own progress, as ``raylm prepare`` does), turning a DataError raised inside a task into a plain
     one-line DataError."""
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    bars, context.enable_progress_bars = context.enable_progress_bars, False
     try:
-        return action()
+        with quiet_progress():
+            return action()
     except DataError:
         raise
     except Exception as err:
@@ -45,5 +57,3 @@ def run_ray(action: Callable[[], Any]) -> Any:
         if found is not None:
             raise DataError(str(found)) from None
         raise
-    finally:
-        context.enable_progress_bars = bars

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import ray.data
 import requests
 from ray import serve
 
@@ -26,6 +25,7 @@ from raylm.common.ray_session import ensure_ray
 from raylm.config import ConfigError, JobConfig
 from raylm.data import prepare
 from raylm.data.encoder_rows import prepare_encoder_data
+from raylm.data.execution import quiet_progress
 from raylm.data.pipeline import prepare_data
 from raylm.data.plan import check_sources
 from raylm.lifecycle import runs
@@ -86,11 +86,10 @@ def train(job: JobConfig, resume: str | None = None) -> dict[str, Any]:
     # Files that are assembled here first: in the run folder itself, or in a scratch folder
     # uploaded to a remote workdir.
     local_run = storage.local_scratch(f"raylm-{job.run_id}-") if job.storage_is_remote else job.run_dir
-    # raylm prints its own progress lines; Ray Data's per-operator bars would drown them.
-    ray.data.DataContext.get_current().enable_progress_bars = False
     logger.info("preparing data with Ray Data")
     # An encoder head (classifier, span head) trains on one tokenized row per example, not packed blocks.
-    data = prepare_data(job) if job.model.task == "causal_lm" else prepare_encoder_data(job)
+    with quiet_progress():
+        data = prepare_data(job) if job.model.task == "causal_lm" else prepare_encoder_data(job)
     logger.info(f"data ready: {data.stats['num_train_rows']} train rows, {data.stats['num_dev_rows']} dev rows, "
                 f"vocab {data.stats['vocab_size']}, fingerprint {data.fingerprint}")
     if record.get("data_fingerprint") not in (None, data.fingerprint):

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import ray.data
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -40,6 +39,7 @@ from raylm.common.ray_session import ensure_ray
 from raylm.common.run_ids import new_run_id
 from raylm.checks import validate_job
 from raylm.config import ConfigError, JobConfig
+from raylm.data.execution import quiet_progress
 from raylm.data.pipeline import prepare_data
 from raylm.data.plan import check_sources
 from raylm.tune.outcomes import collect_outcomes, finish_sweep, scaling_points
@@ -186,9 +186,9 @@ def run_sweep(job: JobConfig | None, resume: str | None = None) -> dict[str, Any
 
     ensure_ray(job)
     _check_cluster(job)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     logger.info("preparing data with Ray Data (once, for every trial)")
-    data = prepare_data(job)
+    with quiet_progress():
+        data = prepare_data(job)
     if record.get("data_fingerprint") not in (None, data.fingerprint):
         raise ConfigError(f"resume: sweep {record['sweep_id']} trained on data {record['data_fingerprint']}, "
                           f"but the configured data is now {data.fingerprint}")
