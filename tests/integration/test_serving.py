@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from raylm.config import ServeConfig
+from raylm.serving.ingress import recorded_pids
 from tests.conftest import SERVE_PORT
 from tests.model_folders import register_with_alias
 
@@ -134,6 +135,58 @@ def test_haproxy_ingress_listens_on_loopback_with_a_private_admin_socket(served)
     folder = os.path.dirname(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"])
     assert os.stat(folder).st_mode & 0o077 == 0
     assert list(Path(folder).rglob("admin.sock")), "HAProxy's admin socket is not in raylm's private folder"
+
+
+def _answers_http(port: int) -> bool:
+    """Whether whatever listens on ``port`` answers a plain HTTP/1.1 request (a gRPC server does not)."""
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as connection:
+            connection.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            return connection.recv(16).startswith(b"HTTP/1.")
+    except OSError:
+        return False
+
+
+def test_nothing_started_for_serving_listens_beyond_loopback(served):
+    """serve.host is 127.0.0.1: every socket HAProxy listens on (the API, its stats page, its Prometheus
+    exporter, which Ray's template binds on every interface) is on loopback, and so is every HTTP port of
+    Serve's processes (replicas' own ports, the fallback proxy). What a Serve process may listen on beyond
+    loopback are Ray's gRPC ports (the worker's, and a replica's inter-deployment server on ``[::]:0`` in
+    Ray 2.60), guarded by Ray's cluster token; they do not speak HTTP/1.1. Ray's daemons (GCS, raylet,
+    agents) follow Ray's node address: see docs/serving.md."""
+    import psutil
+
+    loopback = ("127.0.0.1", "::1")
+    ours = {process.pid: process for process in psutil.Process().children(recursive=True)}
+    listeners: dict[int, list[tuple[str, int]]] = {}
+    for connection in psutil.net_connections("tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.pid in ours:
+            listeners.setdefault(connection.pid, []).append((connection.laddr.ip, connection.laddr.port))
+    folder = os.path.dirname(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"])
+    haproxies = [pid for pid in dict.fromkeys(recorded_pids(folder)) if pid in listeners]
+    assert haproxies, "no HAProxy that raylm's launcher started is listening"
+    monitor_ports = {int(os.environ[key]) for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")}
+    for pid in haproxies:
+        assert {ip for ip, _ in listeners[pid]} <= set(loopback), (pid, listeners[pid])
+    assert monitor_ports <= {port for pid in haproxies for _, port in listeners[pid]}, "stats/exporter not found"
+    serve_processes = ("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController", "ray::HAProxyManager")
+    checked, replica_http = 0, []
+    for pid, addresses in listeners.items():
+        try:
+            title = " ".join(ours[pid].cmdline())
+        except psutil.Error:
+            continue
+        if not title.startswith(serve_processes):
+            continue
+        checked += 1
+        http_beyond = [(ip, port) for ip, port in addresses if ip not in loopback and _answers_http(port)]
+        assert not http_beyond, f"{title.strip()} answers HTTP on {http_beyond}"
+        if title.startswith("ray::ServeReplica"):
+            replica_http += [port for ip, port in addresses if ip in loopback and _answers_http(port)]
+    assert checked >= 3, "Serve's controller, proxy and replicas were not found among this test's processes"
+    assert replica_http, "the probe found no replica's own HTTP port: it would not see one on 0.0.0.0 either"
 
 
 def test_healthz_is_open_and_shows_no_file_paths(served):
