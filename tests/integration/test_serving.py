@@ -21,6 +21,7 @@ import pytest
 import requests
 
 from raylm.config import ServeConfig
+from raylm.serving.ingress import recorded_pids
 from tests.conftest import SERVE_PORT
 from tests.model_folders import register_with_alias
 
@@ -57,7 +58,7 @@ def served(ray_session, tiny_model_dir, tmp_path_factory):
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     register_with_alias(model_dir, tracking_uri, "served-model", "champion")
     config = ServeConfig(
-        port=PORT, api_key=API_KEY, max_input_chars=500, max_new_tokens=8, max_body_bytes=8192,
+        port=PORT, api_key=API_KEY, max_input_chars=500, max_new_tokens=8, max_body_bytes=8192, max_request_tokens=320,
         max_batch_size=16, batch_wait_timeout_s=0.05, max_ongoing_requests=48, max_queued_requests=64,
         autoscaling={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 24, "upscale_delay_s": 600,
                      "downscale_delay_s": 600})
@@ -134,6 +135,58 @@ def test_haproxy_ingress_listens_on_loopback_with_a_private_admin_socket(served)
     folder = os.path.dirname(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"])
     assert os.stat(folder).st_mode & 0o077 == 0
     assert list(Path(folder).rglob("admin.sock")), "HAProxy's admin socket is not in raylm's private folder"
+
+
+def _answers_http(port: int) -> bool:
+    """Whether whatever listens on ``port`` answers a plain HTTP/1.1 request (a gRPC server does not)."""
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=3) as connection:
+            connection.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            return connection.recv(16).startswith(b"HTTP/1.")
+    except OSError:
+        return False
+
+
+def test_nothing_started_for_serving_listens_beyond_loopback(served):
+    """serve.host is 127.0.0.1: every socket HAProxy listens on (the API, its stats page, its Prometheus
+    exporter, which Ray's template binds on every interface) is on loopback, and so is every HTTP port of
+    Serve's processes (replicas' own ports, the fallback proxy). What a Serve process may listen on beyond
+    loopback are Ray's gRPC ports (the worker's, and a replica's inter-deployment server on ``[::]:0`` in
+    Ray 2.60), guarded by Ray's cluster token; they do not speak HTTP/1.1. Ray's daemons (GCS, raylet,
+    agents) follow Ray's node address: see docs/serving.md."""
+    import psutil
+
+    loopback = ("127.0.0.1", "::1")
+    ours = {process.pid: process for process in psutil.Process().children(recursive=True)}
+    listeners: dict[int, list[tuple[str, int]]] = {}
+    for connection in psutil.net_connections("tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.pid in ours:
+            listeners.setdefault(connection.pid, []).append((connection.laddr.ip, connection.laddr.port))
+    folder = os.path.dirname(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"])
+    haproxies = [pid for pid in dict.fromkeys(recorded_pids(folder)) if pid in listeners]
+    assert haproxies, "no HAProxy that raylm's launcher started is listening"
+    monitor_ports = {int(os.environ[key]) for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")}
+    for pid in haproxies:
+        assert {ip for ip, _ in listeners[pid]} <= set(loopback), (pid, listeners[pid])
+    assert monitor_ports <= {port for pid in haproxies for _, port in listeners[pid]}, "stats/exporter not found"
+    serve_processes = ("ray::ServeReplica", "ray::ProxyActor", "ray::ServeController", "ray::HAProxyManager")
+    checked, replica_http = 0, []
+    for pid, addresses in listeners.items():
+        try:
+            title = " ".join(ours[pid].cmdline())
+        except psutil.Error:
+            continue
+        if not title.startswith(serve_processes):
+            continue
+        checked += 1
+        http_beyond = [(ip, port) for ip, port in addresses if ip not in loopback and _answers_http(port)]
+        assert not http_beyond, f"{title.strip()} answers HTTP on {http_beyond}"
+        if title.startswith("ray::ServeReplica"):
+            replica_http += [port for ip, port in addresses if ip in loopback and _answers_http(port)]
+    assert checked >= 3, "Serve's controller, proxy and replicas were not found among this test's processes"
+    assert replica_http, "the probe found no replica's own HTTP port: it would not see one on 0.0.0.0 either"
 
 
 def test_healthz_is_open_and_shows_no_file_paths(served):
@@ -300,7 +353,8 @@ OPENAI_BAD = [
     ("zero_n", "/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
     ("empty_prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("five_stops", "/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ("context_exceeded", "/v1/completions", {"prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
+    # Within serve.max_request_tokens (320), beyond the tiny model's context of 256.
+    ("context_exceeded", "/v1/completions", {"prompt": "hi", "max_tokens": 256}, 400, "context is 256"),
     ("bad_token_id", "/v1/completions", {"prompt": [1, 2, 999999]}, 400, "prompt"),
     ("no_messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("bad_role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
@@ -319,6 +373,66 @@ def test_bad_openai_requests_get_openai_errors(served, name, route, body, status
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert fragment in error["message"]
+
+
+def _model_inputs(base: str) -> int:
+    """Inputs the replica's models have computed so far, all kinds of work together (its /healthz)."""
+    return sum(kind["inputs"] for kind in requests.get(f"{base}/healthz", timeout=30).json()["batching"].values())
+
+
+def test_a_completion_at_the_token_budget_finishes(served):
+    # serve.max_request_tokens is 320: 4 prompts x n=2 x max_tokens=40 is exactly that.
+    body = {"prompt": ["the dog", "a cat", "once upon a time", "the end"], "n": 2, "max_tokens": 40,
+            "temperature": 1.0, "seed": 3}
+    response = _post(f"{served['base']}/v1/completions", body)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert len(answer["choices"]) == 8 and 0 < answer["usage"]["completion_tokens"] <= 320
+
+
+def test_requests_over_the_token_budget_are_refused_before_they_are_queued(served):
+    base = served["base"]
+    before = _model_inputs(base)
+    started = time.monotonic()
+    refused = {
+        # one token over: 3 prompts x n=1 x max_tokens=107 = 321
+        "completion": _post(f"{base}/v1/completions", {"prompt": ["the dog"] * 3, "max_tokens": 107}),
+        # the largest completion the schema allows: 64 prompts x n=16 x max_tokens=256
+        "largest": _post(f"{base}/v1/completions", {"prompt": ["the dog"] * 64, "n": 16, "max_tokens": 256,
+                                                    "stream": True}),
+        "chat": _post(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3,
+                                                      "max_tokens": 107}),
+        # 41 inputs x max_new_tokens 8 (serve.max_new_tokens) = 328
+        "translate": _post(f"{base}/v1/translate", {"inputs": [{"text": "the cat."}] * 41}),
+    }
+    elapsed = time.monotonic() - started
+    for name, response in refused.items():
+        assert response.status_code == 400, (name, response.text)
+    for name in ("completion", "largest", "chat"):
+        error = refused[name].json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        assert error["code"] == "max_request_tokens_exceeded" and error["param"] == "max_tokens"
+        assert "the limit is 320 per request (serve.max_request_tokens)" in error["message"]
+    assert "up to 321 tokens (3 prompts x max_tokens=107)" in refused["completion"].json()["error"]["message"]
+    assert "up to 262144 tokens (64 prompts x n=16 x max_tokens=256)" in refused["largest"].json()["error"]["message"]
+    assert "up to 321 tokens (n=3 x max_tokens=107)" in refused["chat"].json()["error"]["message"]
+    assert "up to 328 tokens (41 inputs x max_new_tokens=8)" in refused["translate"].json()["error"]
+    assert elapsed < 10, f"refusing took {elapsed:.1f} s: was something generated first?"
+    # Nothing of the refused requests reached the model: the next request is computed alone, and the
+    # replica's models have computed exactly its one input since.
+    after = _post(f"{base}/v1/completions", {"prompt": "the dog", "max_tokens": 2})
+    assert after.status_code == 200 and after.headers["X-Raylm-Batch-Size"] == "1"
+    assert _model_inputs(base) - before == 1
+
+
+def test_the_default_token_budget_is_one_batch_of_full_context_rows(served):
+    # The open app sets no max_request_tokens and has max_batch_size 1: 1 x the context of 256.
+    refused = requests.post(f"{served['open']}/v1/completions", json={"prompt": "hi", "n": 2, "max_tokens": 200},
+                            timeout=60)
+    assert refused.status_code == 400, refused.text
+    assert "up to 400 tokens (1 prompt x n=2 x max_tokens=200); the limit is 256 per request " \
+           "(serve.max_request_tokens; by default serve.max_batch_size 1 x the model's context of 256)" \
+           in refused.json()["error"]["message"]
 
 
 def test_oversized_body_is_refused_before_parsing(served):

@@ -8,6 +8,9 @@ removes or moves an attribute, the test fails with the message the compat functi
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
+import re
 import types
 
 import pytest
@@ -102,6 +105,55 @@ def test_result_grid_trials_ray_2_60():
 
     analysis = types.SimpleNamespace(trials=[])  # the ExperimentAnalysis Tune builds after a run
     assert _contract(ray_compat.result_grid_trials, ResultGrid(analysis)) == []
+
+
+def _render_ray_haproxy_config(folder, host: str, ports: dict[str, int]) -> str:
+    """The HAProxy configuration Ray 2.60's Serve writes (its own template and renderer), in ``folder``."""
+    from ray.serve._private.haproxy import HAProxyApi, HAProxyConfig
+    from ray.serve.config import HTTPOptions
+
+    config = HAProxyConfig(http_options=HTTPOptions(host=host, port=ports["serve"]), stats_port=ports["stats"],
+                           metrics_port=ports["metrics"], socket_path=str(folder / "admin.sock"),
+                           metrics_socket_path=str(folder / "metrics.sock"),
+                           server_state_base=str(folder), server_state_file=str(folder / "state"))
+    api = HAProxyApi(cfg=config, config_file_path=str(folder / "node" / "haproxy.cfg"))
+    api._generate_config_file_internal()
+    return api.config_file_path
+
+
+def _bind_lines(path) -> list[str]:
+    return sorted(line.strip() for line in open(path, encoding="utf-8") if line.strip().startswith("bind "))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])
+def test_haproxy_stats_and_exporter_move_to_loopback_ray_2_60(tmp_path, monkeypatch, host):
+    """Ray's HAProxy template binds the stats page and the Prometheus exporter on every interface, with no
+    setting for it; raylm's launcher moves those two binds (and only those) to 127.0.0.1, and the real
+    HAProxy accepts the result (``-c``: check the configuration)."""
+    import subprocess
+
+    from raylm.serving.ingress import _real_haproxy_binary, write_recording_launcher
+
+    binary = _real_haproxy_binary()
+    if binary is None:
+        pytest.skip("no HAProxy binary (ray-haproxy ships one for Linux)")
+    ports = {"serve": 18100, "stats": 18404, "metrics": 19101}
+    path = _render_ray_haproxy_config(tmp_path, host, ports)
+    frontend = "*" if host == "0.0.0.0" else host
+    assert _bind_lines(path) == sorted(["bind *:18404", "bind :19101", f"bind {frontend}:18100"]), \
+        "Ray's HAProxy template binds its stats page and exporter differently from Ray 2.60: re-check " \
+        "raylm.compat.ray.haproxy_bind_rewrite"
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_METRICS_PORT", "19101")
+    checked = subprocess.run([write_recording_launcher(str(tmp_path), binary), "-c", "-f", path],
+                             capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    # The served port keeps the host it was configured with.
+    assert _bind_lines(path) == sorted(["bind 127.0.0.1:18404", "bind 127.0.0.1:19101", f"bind {frontend}:18100"])
+    # The launcher reads the ports from Ray's variables, with Ray's defaults when they are unset.
+    constants = inspect.getsource(importlib.import_module("ray.serve._private.constants"))
+    for key, default in ray_compat.HAPROXY_MONITOR_PORTS.items():
+        assert re.search(rf'"{key}",\s*"?{default}"?\s*\)', constants), f"{key} (default {default}) changed"
 
 
 # --------------------------------------------------------------------------- sacrebleu 2.6

@@ -26,6 +26,8 @@ from tests.conftest import REPO_ROOT
     (["serve.max_queued_requests=0"], "serve.max_queued_requests"),
     (["serve.batch_wait_timeout_s=-1"], "serve.batch_wait_timeout_s"),
     (["serve.autoscaling.upscale_delay=3"], "serve.autoscaling.upscale_delay: unknown key"),
+    (["serve.max_request_tokens=0"], "serve.max_request_tokens"),
+    (["serve.max_request_tokens=32"], "max_request_tokens (32) must be >= max_new_tokens (64)"),
 ])
 def test_bad_serve_settings_are_one_line_config_errors(overrides, fragment):
     with pytest.raises(ConfigError) as error:
@@ -96,6 +98,41 @@ def test_api_key_comes_from_the_environment_and_never_reaches_dumps(monkeypatch)
     job = load_config(None, [])
     assert job.serve.api_key_value() == "s3cret"
     assert "s3cret" not in json.dumps(job.public_dict()) and "s3cret" not in job.to_yaml()
+
+
+def test_the_request_token_budget_defaults_to_one_full_batch_of_the_model():
+    # One request may ask for at most what one model call can hold: max_batch_size rows of the full context.
+    assert ServeConfig().max_request_tokens is None
+    assert ServeConfig().request_token_budget(1024) == 32 * 1024
+    assert ServeConfig(max_batch_size=4).request_token_budget(256) == 4 * 256
+    assert ServeConfig(max_request_tokens=500).request_token_budget(256) == 500  # a set value wins
+    assert load_config(None, ["serve.max_request_tokens=4096"]).serve.request_token_budget(10) == 4096
+
+
+def test_request_tokens_are_inputs_x_n_x_max_tokens_and_over_the_limit_a_400():
+    from raylm.serving.guard import APIError, check_request_tokens
+
+    # At the limit: allowed, and the count is returned.
+    assert check_request_tokens([40] * 4, 2, 320, unit="prompt", budget_name="max_tokens", limit_source="s") == 320
+    assert check_request_tokens([8] * 40, 1, 320, unit="input", budget_name="max_new_tokens",
+                                limit_source="s") == 320
+    cases = [  # (max_tokens per input, n, unit, limit) -> what the message says
+        ([107] * 3, 1, "prompt", 320, "up to 321 tokens (3 prompts x max_tokens=107); the limit is 320 per "
+                                      "request (s)"),
+        ([107], 3, None, 320, "up to 321 tokens (n=3 x max_tokens=107)"),  # chat: one conversation, n copies
+        ([41], 4, "prompt", 160, "up to 164 tokens (1 prompt x n=4 x max_tokens=41)"),
+        ([16, 16, 5] * 3, 4, "prompt", 320, "up to 444 tokens (9 prompts x n=4 x max_tokens up to 16 each)"),
+    ]
+    for max_tokens, copies, unit, limit, message in cases:
+        with pytest.raises(APIError) as refused:
+            check_request_tokens(max_tokens, copies, limit, unit=unit, budget_name="max_tokens", limit_source="s")
+        assert message in refused.value.message
+        assert (refused.value.status, refused.value.code, refused.value.param) == \
+            (400, "max_request_tokens_exceeded", "max_tokens")
+    # The largest completion the schema allows (64 prompts, n = 16, a 1024-token context) is over the default.
+    with pytest.raises(APIError, match="up to 1048576 tokens"):
+        check_request_tokens([1024] * 64, 16, ServeConfig().request_token_budget(1024), unit="prompt",
+                             budget_name="max_tokens", limit_source="serve.max_request_tokens")
 
 
 # ------------------------------------------------------------------ schemas

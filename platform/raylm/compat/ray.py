@@ -116,3 +116,21 @@ def result_grid_trials(result_grid) -> list:
         return list(result_grid._experiment_analysis.trials)
     except AttributeError:
         raise _gone("ResultGrid._experiment_analysis.trials") from None
+
+
+# Ray Serve's HAProxy ingress (ray/serve/_private/haproxy.py and haproxy_templates.py): the ports of its stats
+# page and Prometheus exporter come from these variables, with these defaults when they are unset.
+HAPROXY_MONITOR_PORTS: dict[str, int] = {"RAY_SERVE_HAPROXY_STATS_PORT": 8404, "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+
+
+def haproxy_bind_rewrite(port: str, host: str = "127.0.0.1") -> str:
+    """A ``sed -E`` expression that moves the ``bind`` line of HAProxy's configuration on ``port`` to ``host``.
+
+    Ray 2.60 renders HAProxy's stats page as ``listen stats`` / ``bind *:<stats port>`` and its
+    Prometheus exporter as ``frontend prometheus`` / ``bind :<metrics port>``
+    (``HAPROXY_CONFIG_TEMPLATE``): every interface, with no setting for the address. The
+    expression matches a ``bind`` on ``port`` whatever its address (``*``, empty, ``0.0.0.0``,
+    ``[::]``), so a template that changes the address form is still caught. ``port`` may be a
+    shell variable (``$stats``): the launcher expands it inside double quotes, hence ``\\$``.
+    """
+    return rf"s/^([[:space:]]*bind[[:space:]]+)[^[:space:]]*:{port}([[:space:]]|\$)/\1{host}:{port}\2/"

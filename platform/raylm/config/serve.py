@@ -73,6 +73,11 @@ class ServeConfig(StrictModel):
     max_input_chars: int = Field(4000, ge=1)
     max_inputs_per_request: int = Field(64, ge=1, description="inputs in one task request's 'inputs' list")
     max_new_tokens: int = Field(64, ge=1, le=2048, description="default budget of translate and chat")
+    max_request_tokens: Optional[int] = Field(
+        None, ge=1, description="most tokens one request may ask to generate: prompts x n x max_tokens "
+                                "(completions), n x max_tokens (chat), the inputs' max_new_tokens summed "
+                                "(translate); more is a 400 before anything is queued. Default: max_batch_size x "
+                                "the model's context length, one full batch of full-length rows")
 
     @model_validator(mode="after")
     def _check_serving(self) -> "ServeConfig":
@@ -86,6 +91,9 @@ class ServeConfig(StrictModel):
             raise ValueError("device is 'cuda' but num_gpus_per_replica is 0: a replica would get no GPU")
         if self.device == "cpu" and self.num_gpus_per_replica > 0:
             raise ValueError("num_gpus_per_replica > 0 with device 'cpu' reserves GPUs that are never used")
+        if self.max_request_tokens is not None and self.max_request_tokens < self.max_new_tokens:
+            raise ValueError(f"max_request_tokens ({self.max_request_tokens}) must be >= max_new_tokens "
+                             f"({self.max_new_tokens}), or a chat request with the default budget is refused")
         return self
 
     def resolved_device(self) -> str:
@@ -93,6 +101,17 @@ class ServeConfig(StrictModel):
         if self.device == "auto":
             return "cuda" if self.num_gpus_per_replica > 0 else "cpu"
         return self.device
+
+    def request_token_budget(self, context_length: int) -> int:
+        """The most tokens one request may ask a model with ``context_length`` positions to generate.
+
+        ``max_request_tokens`` when set; else one full batch of rows that each fill the context
+        (``max_batch_size x context_length``): the most one model call can be asked to do, so a single
+        request can take at most about one batch's time from the other callers.
+        """
+        if self.max_request_tokens is not None:
+            return self.max_request_tokens
+        return self.max_batch_size * context_length
 
     def task_models(self) -> dict[str, str]:
         """Task -> model reference for every task (``models`` entries, the rest ``model_path``)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional, Sequence
 
 OPENAI_PREFIXES = ("/v1/completions", "/v1/chat/", "/v1/models")
 OPEN_PATHS = ("/healthz",)  # answered without the API key (load balancers, Serve's own checks)
@@ -53,6 +53,31 @@ def error_body(path: str, status: int, message: str, param: Optional[str] = None
         return {"error": {"message": message, "type": error_type or _OPENAI_TYPES.get(status, "invalid_request_error"),
                           "param": param, "code": code}}
     return {"error": message}
+
+
+def check_request_tokens(max_tokens: Sequence[int], copies: int, limit: int, *, unit: Optional[str],
+                         budget_name: str, limit_source: str) -> int:
+    """The tokens a request may generate (``copies`` x the sum of its inputs' ``max_tokens``); an
+    :class:`APIError` (400) when that is over ``limit``, with the limit and what was asked.
+
+    ``unit`` names the inputs (``prompt``, ``input``; None for chat, which has one conversation),
+    ``budget_name`` the request field that set the per-input budget (``max_tokens``, ``max_new_tokens``).
+    Called before anything is queued to the model, so a refused request costs the replica no model time.
+    """
+    requested = copies * sum(max_tokens)
+    if requested <= limit:
+        return requested
+    factors = []
+    if unit is not None:
+        factors.append(f"{len(max_tokens)} {unit}{'' if len(max_tokens) == 1 else 's'}")
+    if copies != 1 or unit is None:
+        factors.append(f"n={copies}")
+    if len(set(max_tokens)) == 1:
+        factors.append(f"{budget_name}={max_tokens[0]}")
+    else:
+        factors.append(f"{budget_name} up to {max(max_tokens)} each")
+    raise APIError(400, f"this request may generate up to {requested} tokens ({' x '.join(factors)}); the limit "
+                        f"is {limit} per request ({limit_source})", budget_name, "max_request_tokens_exceeded")
 
 
 async def send_json(send: Callable[[dict], Awaitable[None]], status: int, body: dict[str, Any],

@@ -23,9 +23,12 @@ configuration and state files go to a fresh folder only this user can enter
 mode 666), and its stats and Prometheus ports are free ports picked at start
 (Ray's defaults, 8404 and 9101, collide when two Rays run on one machine), and so is the port of
 Serve's fallback proxy behind HAProxy (Ray's 8500 would reach another Ray's Serve).
-Those two ports listen on every interface (HAProxy's template in Ray); the
-served API itself listens on ``serve.host``, 127.0.0.1 unless configured,
-and so do the replicas' own ports.
+Ray's HAProxy template binds the stats page and the exporter on every
+interface and has no setting for their address; they show replica addresses
+and traffic, so raylm's launcher (below) moves those two ``bind`` lines to
+127.0.0.1 before HAProxy reads its configuration (scrape them on the machine
+itself). The served API listens on ``serve.host``, 127.0.0.1 unless
+configured, and so do the replicas' own ports and Serve's fallback proxy.
 
 Serve starts (and restarts) HAProxy itself. raylm has it run a launcher in
 that folder which records each HAProxy's process id before it execs the real
@@ -45,6 +48,8 @@ import signal
 import socket
 import tempfile
 from typing import Literal
+
+from raylm.compat.ray import HAPROXY_MONITOR_PORTS, haproxy_bind_rewrite
 
 HAPROXY_FLAG = "RAY_SERVE_ENABLE_HA_PROXY"
 BINARY_KEY = "RAY_SERVE_HAPROXY_BINARY_PATH"  # what Serve runs as HAProxy: raylm's recording launcher
@@ -113,18 +118,47 @@ def _real_haproxy_binary() -> str | None:
 
 
 def write_recording_launcher(folder: str, binary: str) -> str:
-    """Write ``<folder>/haproxy``: a launcher that appends its process id to ``<folder>/haproxy.pids`` and
-    then execs ``binary`` with its arguments, so HAProxy runs under the recorded id; returns its path.
+    """Write ``<folder>/haproxy``: a launcher that appends its process id to ``<folder>/haproxy.pids``,
+    moves the stats and exporter ``bind`` lines of the configuration it is given (``-f``, a file in
+    ``folder``) to 127.0.0.1, then execs ``binary`` with its arguments, so HAProxy runs under the
+    recorded id; returns its path.
 
-    Ray Serve's HAProxy manager (``ray/serve/_private/haproxy.py`` in Ray 2.60) starts
-    ``haproxy -db -f <config>`` itself, on every route change, without a pidfile;
-    it runs whatever ``$RAY_SERVE_HAPROXY_BINARY_PATH`` names. Pointing that at this
-    launcher is how raylm learns the id of every HAProxy started for its Ray.
+    Ray Serve's HAProxy manager (``ray/serve/_private/haproxy.py`` in Ray 2.60) writes
+    ``<config>`` and starts ``haproxy -db -f <config>`` itself, on every route change,
+    without a pidfile; it runs whatever ``$RAY_SERVE_HAPROXY_BINARY_PATH`` names.
+    Pointing that at this launcher is how raylm learns the id of every HAProxy started
+    for its Ray. The configuration is edited in place (under the lock Ray writes it
+    with), not copied: Ray recognises its HAProxy processes by that path on their
+    command line. The ports are read when HAProxy starts, from the variables Ray
+    rendered them from; a failed edit stops the start (no HAProxy on every interface).
     """
     launcher = os.path.join(folder, "haproxy")
     pids = os.path.join(folder, PID_FILE)
+    (stats_key, stats_default), (metrics_key, metrics_default) = HAPROXY_MONITOR_PORTS.items()
+    rewrite = f'-e "{haproxy_bind_rewrite("$stats")}" -e "{haproxy_bind_rewrite("$metrics")}"'
+    script = f"""#!/bin/sh
+echo $$ >> {shlex.quote(pids)}
+stats=${{{stats_key}:-{stats_default}}}
+metrics=${{{metrics_key}:-{metrics_default}}}
+case "$stats$metrics" in *[!0-9]*) echo "raylm: HAProxy ports are not numbers: $stats $metrics" >&2; exit 1;; esac
+previous=
+for argument do
+  if [ "$previous" = "-f" ] && [ -f "$argument" ]; then
+    case "$argument" in
+      {shlex.quote(folder.rstrip(os.sep))}/*)
+        if command -v flock >/dev/null 2>&1; then
+          flock "$argument.lock" sed -i -E {rewrite} "$argument" || exit 1
+        else
+          sed -i -E {rewrite} "$argument" || exit 1
+        fi;;
+    esac
+  fi
+  previous=$argument
+done
+exec {shlex.quote(binary)} "$@"
+"""
     with open(launcher, "w", encoding="utf-8") as handle:
-        handle.write(f"#!/bin/sh\necho $$ >> {shlex.quote(pids)}\nexec {shlex.quote(binary)} \"$@\"\n")
+        handle.write(script)
     os.chmod(launcher, 0o700)
     return launcher
 

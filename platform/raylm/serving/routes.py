@@ -7,7 +7,8 @@ OpenAI routes (``{"error": {"message", "type", "param", "code"}}`` errors):
   POST /v1/completions, /v1/chat/completions (``stream: true`` as server-sent events), GET /v1/models
 
 Every response computed by a model carries ``X-Raylm-Batch-Size``: the number
-of inputs in the model call that computed it.
+of inputs in the model call that computed it. A request that may generate more
+than ``serve.max_request_tokens`` is refused (400) before any of it is queued.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from raylm.config import ServeConfig
 from raylm.inference.task_model import GenerationRequest, InputError, SamplingParams, UnsupportedTaskError
 from raylm.serving.batching import ModelWorker
-from raylm.serving.guard import APIError, GuardMiddleware, error_body, is_openai_path, route_path
+from raylm.serving.guard import (
+    APIError,
+    GuardMiddleware,
+    check_request_tokens,
+    error_body,
+    is_openai_path,
+    route_path,
+)
 from raylm.serving.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -137,6 +145,17 @@ def build_api(server: ModelServer) -> FastAPI:
                                 f"{config.max_inputs_per_request} per request", "inputs")
         return items
 
+    def check_tokens(worker: ModelWorker, max_tokens: list[int], copies: int, unit: Optional[str],
+                     budget_name: str) -> None:
+        """Refuse a request that may generate more than ``serve.max_request_tokens`` before it is queued."""
+        context = worker.model.max_positions
+        source = "serve.max_request_tokens"
+        if config.max_request_tokens is None:
+            source += (f"; by default serve.max_batch_size {config.max_batch_size} x the model's context "
+                       f"of {context}")
+        check_request_tokens(max_tokens, copies, config.request_token_budget(context), unit=unit,
+                             budget_name=budget_name, limit_source=source)
+
     def task_response(body, results: list[dict], sizes: list[int]) -> JSONResponse:
         payload = results[0] if body.inputs is None else {"results": results}
         return JSONResponse(payload, headers={BATCH_HEADER: str(max(sizes))})
@@ -172,6 +191,7 @@ def build_api(server: ModelServer) -> FastAPI:
         for item in items:
             check_chars(text=item.text)
         budgets = [min(item.max_new_tokens or config.max_new_tokens, config.max_new_tokens) for item in items]
+        check_tokens(worker, budgets, 1, "input", "max_new_tokens")
         answers = await asyncio.gather(*(worker.translate(item.text, budget) for item, budget in zip(items, budgets)))
         return task_response(body, [{"translation": text} for text, _ in answers], [size for _, size in answers])
 
@@ -211,9 +231,10 @@ def build_api(server: ModelServer) -> FastAPI:
         for prompt in prompts:
             if isinstance(prompt, str):
                 check_chars(prompt=prompt)
+        budgets = [budget_for(worker, prompt, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS) for prompt in prompts]
+        check_tokens(worker, budgets, body.n, "prompt", "max_tokens")
         requests, choice_of = [], []
-        for prompt_index, prompt in enumerate(prompts):
-            budget = budget_for(worker, prompt, body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        for prompt_index, (prompt, budget) in enumerate(zip(prompts, budgets)):
             for copy in range(body.n):
                 request = GenerationRequest(prompt, sampling(body, budget, body.stop_sequences(), body.logprobs,
                                                              copy), echo=body.echo)
@@ -241,6 +262,8 @@ def build_api(server: ModelServer) -> FastAPI:
         prompt = worker.model.render_chat(messages)
         stops = (*body.stop_sequences(), *getattr(worker.model, "chat_stop_sequences", ()))
         budget = budget_for(worker, prompt, body.token_budget(), config.max_new_tokens)
+        check_tokens(worker, [budget], body.n, None, "max_completion_tokens" if body.max_completion_tokens
+                     else "max_tokens")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         requests = []
         for copy in range(body.n):
