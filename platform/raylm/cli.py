@@ -16,6 +16,7 @@ import typer
 
 from raylm.common.logging import configure_logging
 from raylm.config import ConfigError, JobConfig
+from raylm.config.redaction import redact_text, redact_values
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, tune and serve language models on Ray.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
@@ -57,7 +58,7 @@ OverridesArgument = typer.Argument(None, help="dotted overrides, e.g. train.lr=1
 
 
 def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {redact_text(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -133,7 +134,7 @@ def train(
     from raylm.lifecycle import workflow
 
     summary = _run(workflow.train, job, resume)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(json.dumps(redact_values(summary), indent=2, default=str))
 
 
 @app.command()
@@ -151,7 +152,7 @@ def finetune(
     from raylm.lifecycle import workflow
 
     summary = _run(workflow.train, job, resume)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(json.dumps(redact_values(summary), indent=2, default=str))
 
 
 @app.command()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from raylm.common import storage
+from raylm.config.redaction import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def get_model_version(tracking_uri: str, uri: str):
         return client.get_model_version(name, version)
     except MlflowException as err:
         what = f"alias {alias!r}" if alias is not None else f"version {version}"
-        raise RegistryError(f"{uri}: registered model {name!r} has no {what} at {tracking_uri} "
+        raise RegistryError(f"{uri}: registered model {name!r} has no {what} at {redact_uri(tracking_uri)} "
                             f"({err.error_code})") from None
 
 

@@ -24,6 +24,7 @@ from raylm.checks import check_job
 from raylm.common import cluster, storage, tracking
 from raylm.common.ray_session import ensure_ray
 from raylm.config import ConfigError, JobConfig
+from raylm.config.redaction import redact_uri, redact_values
 from raylm.data import prepare
 from raylm.data.encoder_rows import prepare_encoder_data
 from raylm.data.pipeline import prepare_data
@@ -111,7 +112,7 @@ def train(job: JobConfig, resume: str | None = None) -> dict[str, Any]:
             run_id = tracking.start_run(tracking_uri, job.tracking.experiment, job.run_id, job.public_dict(), tags=tags)
             record["mlflow_run_id"] = run_id
             runs.write_record(job.run_uri, record)
-        logger.info(f"MLflow run {run_id} at {tracking_uri}")
+        logger.info(f"MLflow run {run_id} at {redact_uri(tracking_uri)}")
     try:
         logger.info(f"training {job.model.describe()} on {job.train.num_workers} workers "
                     f"({job.train.parallel}, {job.train.precision}) for {job.train.max_steps} steps")
@@ -256,5 +257,5 @@ def demo(job: JobConfig) -> Path | str:
         if value is not None:
             logger.info(f"{key} = {value:.4f}")
     location = storage.join(job.run_uri, "summary.json")
-    storage.write_text(location, json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    storage.write_text(location, json.dumps(redact_values(summary), indent=2, ensure_ascii=False, default=str))
     return location if storage.is_remote(location) else Path(location)

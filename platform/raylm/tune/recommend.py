@@ -20,6 +20,7 @@ import yaml
 
 from raylm.checks import validate_job
 from raylm.config import ConfigError, JobConfig, ModelConfig
+from raylm.config.redaction import redact_uri
 from raylm.models.shapes import model_shape, non_embedding_parameters
 from raylm.tune.scaling import FitError, ScalingFit, compute_optimal, predict_loss
 from raylm.tune.records import RESULTS_FILE
@@ -43,7 +44,7 @@ def load_results(reference: str, tracking_uri: str | None = None) -> dict[str, A
                                                     tracking_uri=tracking_uri)
     except (MlflowException, OSError):
         raise ConfigError(f"recommend: {reference} is neither a sweep folder nor an MLflow sweep run with "
-                          f"{RESULTS_FILE} at {tracking_uri}") from None
+                          f"{RESULTS_FILE} at {redact_uri(tracking_uri)}") from None
     return json.loads(Path(local).read_text())
 
 
