@@ -286,6 +286,11 @@ def submit(
     no_wait: bool = typer.Option(False, "--no-wait", help="print the submission id and return"),
     env: Optional[List[str]] = typer.Option(None, "--env", help="KEY=value for the job's environment (repeatable)"),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="more paths to leave out of the upload"),
+    include: Optional[List[str]] = typer.Option(
+        None, "--include", help="upload this path although it may hold secrets (.env, *.pem, *.key) or is over "
+                                "--max-file-mib (repeatable)"),
+    max_file_mib: float = typer.Option(50.0, "--max-file-mib", min=0.0,
+                                       help="leave out files bigger than this (MiB), unless --include names them"),
     submission_id: Optional[str] = typer.Option(None, "--submission-id", help="default: chosen by Ray"),
 ) -> None:
     """Submit a job with this folder's raylm: `raylm submit -- python jobs/train.py --config jobs/configs/demo.yaml`.
@@ -296,7 +301,8 @@ def submit(
 
     def run() -> int:
         return submission.submit(list(entrypoint or []), address, working_dir, submission.parse_env(env or []),
-                                 list(exclude or []), submission_id, wait=not no_wait)
+                                 list(exclude or []), submission_id, wait=not no_wait, include=list(include or []),
+                                 max_file_mib=max_file_mib)
 
     raise typer.Exit(_submission(run))
 
