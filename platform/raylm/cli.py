@@ -82,6 +82,26 @@ def _user_errors():
     return (ConfigError, DataError, FileNotFoundError, CorruptCheckpointError, RegistryError, ModelLoadError)
 
 
+def _check_model_reference(job: JobConfig, model: Optional[str]) -> None:
+    """A missing model folder, a malformed registry URI or a registry URI whose local store does not exist:
+    one line before the heavy layers load, and before MLflow would create an empty store to look in."""
+    from raylm.common.tracking import RegistryError, check_registry_reference
+
+    if model is None:
+        return
+    try:
+        if model.startswith("models:/"):
+            tracking_uri = job.resolved_tracking_uri()
+            if tracking_uri:
+                check_registry_reference(tracking_uri, model)
+        elif "://" not in model and not Path(model).is_dir():
+            _fail(f"model folder not found: {model}")
+    except ConfigError as err:
+        _fail(str(err), 2)
+    except RegistryError as err:
+        _fail(str(err))
+
+
 def _run(fn, *args):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Again, now that the command's layers are imported: Ray Data sets its loggers' levels on import.
@@ -193,6 +213,7 @@ def evaluate(
 
     if baseline is not None and baseline not in BASELINES:
         _fail(f"--baseline must be one of {', '.join(BASELINES)}, not {baseline!r}", 2)
+    _check_model_reference(job, model)
     from raylm.lifecycle.evaluate import evaluate_reference
 
     report = _run(evaluate_reference, job, model, split, output, baseline)
@@ -216,6 +237,7 @@ def promote(
     job = _load(config, overrides)
     if force and not (reason or "").strip():
         _fail("--force needs --reason '...' (it is recorded with the promotion)", 2)
+    _check_model_reference(job, model)
     from raylm.lifecycle.promotion import PromotionRefused, promote as run_gate
 
     def run():
