@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import typer
 
+from raylm.common import interrupts
 from raylm.common.logging import configure_logging
 from raylm.config import ConfigError, JobConfig
 from raylm.config.redaction import redact_text, redact_values
@@ -112,7 +113,9 @@ def _run(fn, *args):
         _fail(str(err), 2)
     except _user_errors() as err:
         _fail(str(err))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if interrupts.was_terminated(err):
+            _fail(interrupts.MESSAGE, interrupts.EXIT_CODE)
         _fail("interrupted", 130)
 
 

@@ -156,8 +156,13 @@ def finish_run(tracking_uri: str, run_id: str, model_dir: Path, metrics: dict[st
     return registry_uri
 
 
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """End a run that did not finish: ``FAILED``, or ``KILLED`` when it was stopped (SIGTERM, Ctrl-C)."""
+    mlflow_client(tracking_uri).set_terminated(run_id, status=status)
+
+
 def fail_run(tracking_uri: str, run_id: str) -> None:
-    mlflow_client(tracking_uri).set_terminated(run_id, status="FAILED")
+    end_run(tracking_uri, run_id, "FAILED")
 
 
 class RegistryError(ValueError):
