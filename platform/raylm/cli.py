@@ -84,23 +84,11 @@ def _user_errors():
 
 
 def _check_model_reference(job: JobConfig, model: Optional[str]) -> None:
-    """A missing model folder, a malformed registry URI or a registry URI whose local store does not exist:
-    one line before the heavy layers load, and before MLflow would create an empty store to look in."""
-    from raylm.common.tracking import RegistryError, check_registry_reference
+    """One line for a model that cannot resolve, before the heavy layers load (and MLflow opens a store)."""
+    from raylm.common.tracking import check_model_reference
 
-    if model is None:
-        return
-    try:
-        if model.startswith("models:/"):
-            tracking_uri = job.resolved_tracking_uri()
-            if tracking_uri:
-                check_registry_reference(tracking_uri, model)
-        elif "://" not in model and not Path(model).is_dir():
-            _fail(f"model folder not found: {model}")
-    except ConfigError as err:
-        _fail(str(err), 2)
-    except RegistryError as err:
-        _fail(str(err))
+    if model is not None:
+        _run(lambda: check_model_reference(model, job.resolved_tracking_uri()))
 
 
 def _run(fn, *args):

@@ -218,6 +218,15 @@ def check_registry_reference(tracking_uri: str, uri: str) -> None:
                             "there); set tracking.tracking_uri or $MLFLOW_TRACKING_URI to the store that holds it")
 
 
+def check_model_reference(model: str, tracking_uri: str | None) -> None:
+    """:func:`check_registry_reference` for a registry URI; a missing local model folder is a FileNotFoundError."""
+    if model.startswith("models:/"):
+        if tracking_uri:
+            check_registry_reference(tracking_uri, model)
+    elif not storage.is_remote(model) and not Path(model).is_dir():
+        raise FileNotFoundError(f"model folder not found: {model}")
+
+
 def get_model_version(tracking_uri: str, uri: str):
     """The MLflow ``ModelVersion`` a ``models:/name/version`` or ``models:/name@alias`` URI names."""
     from mlflow.exceptions import MlflowException
