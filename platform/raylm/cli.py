@@ -14,8 +14,10 @@ from typing import List, Optional
 
 import typer
 
+from raylm.common import interrupts
 from raylm.common.logging import configure_logging
 from raylm.config import ConfigError, JobConfig
+from raylm.config.redaction import redact_text, redact_values
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, tune and serve language models on Ray.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
@@ -57,7 +59,7 @@ OverridesArgument = typer.Argument(None, help="dotted overrides, e.g. train.lr=1
 
 
 def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {redact_text(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -81,6 +83,14 @@ def _user_errors():
     return (ConfigError, DataError, FileNotFoundError, CorruptCheckpointError, RegistryError, ModelLoadError)
 
 
+def _check_model_reference(job: JobConfig, model: Optional[str]) -> None:
+    """One line for a model that cannot resolve, before the heavy layers load (and MLflow opens a store)."""
+    from raylm.common.tracking import check_model_reference
+
+    if model is not None:
+        _run(lambda: check_model_reference(model, job.resolved_tracking_uri()))
+
+
 def _run(fn, *args):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Again, now that the command's layers are imported: Ray Data sets its loggers' levels on import.
@@ -91,7 +101,9 @@ def _run(fn, *args):
         _fail(str(err), 2)
     except _user_errors() as err:
         _fail(str(err))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if interrupts.was_terminated(err):
+            _fail(interrupts.MESSAGE, interrupts.EXIT_CODE)
         _fail("interrupted", 130)
 
 
@@ -133,7 +145,7 @@ def train(
     from raylm.lifecycle import workflow
 
     summary = _run(workflow.train, job, resume)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(json.dumps(redact_values(summary), indent=2, default=str))
 
 
 @app.command()
@@ -151,7 +163,7 @@ def finetune(
     from raylm.lifecycle import workflow
 
     summary = _run(workflow.train, job, resume)
-    typer.echo(json.dumps(summary, indent=2, default=str))
+    typer.echo(json.dumps(redact_values(summary), indent=2, default=str))
 
 
 @app.command()
@@ -192,6 +204,7 @@ def evaluate(
 
     if baseline is not None and baseline not in BASELINES:
         _fail(f"--baseline must be one of {', '.join(BASELINES)}, not {baseline!r}", 2)
+    _check_model_reference(job, model)
     from raylm.lifecycle.evaluate import evaluate_reference
 
     report = _run(evaluate_reference, job, model, split, output, baseline)
@@ -215,6 +228,7 @@ def promote(
     job = _load(config, overrides)
     if force and not (reason or "").strip():
         _fail("--force needs --reason '...' (it is recorded with the promotion)", 2)
+    _check_model_reference(job, model)
     from raylm.lifecycle.promotion import PromotionRefused, promote as run_gate
 
     def run():
@@ -285,6 +299,11 @@ def submit(
     no_wait: bool = typer.Option(False, "--no-wait", help="print the submission id and return"),
     env: Optional[List[str]] = typer.Option(None, "--env", help="KEY=value for the job's environment (repeatable)"),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="more paths to leave out of the upload"),
+    include: Optional[List[str]] = typer.Option(
+        None, "--include", help="upload this path although it may hold secrets (.env, *.pem, *.key) or is over "
+                                "--max-file-mib (repeatable)"),
+    max_file_mib: float = typer.Option(50.0, "--max-file-mib", min=0.0,
+                                       help="leave out files bigger than this (MiB), unless --include names them"),
     submission_id: Optional[str] = typer.Option(None, "--submission-id", help="default: chosen by Ray"),
 ) -> None:
     """Submit a job with this folder's raylm: `raylm submit -- python jobs/train.py --config jobs/configs/demo.yaml`.
@@ -295,7 +314,8 @@ def submit(
 
     def run() -> int:
         return submission.submit(list(entrypoint or []), address, working_dir, submission.parse_env(env or []),
-                                 list(exclude or []), submission_id, wait=not no_wait)
+                                 list(exclude or []), submission_id, wait=not no_wait, include=list(include or []),
+                                 max_file_mib=max_file_mib)
 
     raise typer.Exit(_submission(run))
 

@@ -1,10 +1,18 @@
 """``raylm submit`` and ``raylm jobs list | logs | stop``: Ray Jobs on a cluster.
 
 A submission packs the working folder (with :data:`raylm.common.cluster.UPLOAD_EXCLUDES`
-left out: ``.git``, ``.venv``, ``runs``, ``mlruns``, caches, weights), adds the
+left out: ``.git``, ``.venv``, ``runs``, ``mlruns``, caches, weights; and, unless
+``--include`` names them, files that may hold secrets (:data:`SENSITIVE_PATTERNS`)
+and files over ``--max-file-mib``, each named in the output), adds the
 folder's ``platform/raylm`` as a ``py_modules`` entry so that the driver and
 every worker import the submitted code rather than an installed copy, prints
 the submission id, streams the logs and exits with the job's status.
+
+A job's command and environment are part of its metadata, which the Jobs API,
+the dashboard and ``raylm jobs list`` show to anyone who can reach them: a
+submission whose command or ``--env`` holds a secret (a credential in a URI, a
+``serve.api_key=...``-like pair) is refused, and what ``jobs list`` prints is
+redacted for jobs submitted some other way.
 
 The authentication token is found the way Ray finds it: ``$RAY_AUTH_TOKEN``,
 then the file ``$RAY_AUTH_TOKEN_PATH``, then ``~/.ray/auth_token``. A cluster
@@ -14,8 +22,10 @@ that wants a token nobody gave gets one line that says where to put it.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -26,9 +36,15 @@ from typing import Any, Callable, Optional
 from raylm.common.cluster import UPLOAD_EXCLUDES
 from raylm.common.logging import WORKER_SETUP_HOOK
 from raylm.common.ray_session import worker_env_vars
+from raylm.config.redaction import MASK, is_secret_name, redact_text
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
+# Files that may hold secrets; left out of an upload unless --include names them.
+SENSITIVE_PATTERNS = (".env", ".env.*", "*.pem", "*.key")
+DEFAULT_MAX_FILE_MIB = 50
+SECRET_HELP = ("put secrets on the cluster's nodes instead: an environment variable set there or a file they "
+               "mount (cluster.yaml), e.g. MLFLOW_TRACKING_URI for a tracking URI with credentials")
 TOKEN_HELP = ("set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding the token, or put it in "
               "~/.ray/auth_token (on the cluster, `ray get-auth-token` prints it)")
 
@@ -122,17 +138,91 @@ def _call(client_action: Callable[[], Any], url: str) -> Any:
         raise SubmissionError(str(err).splitlines()[0] if str(err) else repr(err)) from None
 
 
+def _matches(relative: str, patterns: list[str] | tuple[str, ...]) -> bool:
+    """Whether ``relative`` (a POSIX path under the working folder) or a folder above it matches a pattern.
+
+    Gitignore-like: a pattern without ``/`` matches a name at any depth, one with ``/`` (or a leading
+    ``/``) a path from the top. Ray applies the real excludes; this finds what they will leave out.
+    """
+    parts = relative.split("/")
+    for depth in range(1, len(parts) + 1):
+        path, name = "/".join(parts[:depth]), parts[depth - 1]
+        for pattern in patterns:
+            stripped = pattern.strip("/")
+            if not stripped:
+                continue
+            anchored = pattern.startswith("/") or "/" in stripped
+            if fnmatch.fnmatchcase(path if anchored else name, stripped):
+                return True
+    return False
+
+
+def _anchored(relative: str) -> str:
+    """An exclude pattern naming exactly the file ``relative`` from the top of the working folder."""
+    return "/" + re.sub(r"([\\*?\[\]])", r"\\\1", relative)
+
+
+@dataclass
+class UploadPlan:
+    """What a submission uploads: Ray's ``excludes`` and the files left out beyond the usual ones, with why."""
+
+    excludes: list[str]
+    left_out: list[str]
+
+
+def plan_upload(folder: str | Path, excludes: list[str] | None = None, include: list[str] | None = None,
+                max_file_mib: float = DEFAULT_MAX_FILE_MIB) -> UploadPlan:
+    """The excludes of the working folder's upload; names the files that may hold secrets or are too big.
+
+    Files matching :data:`SENSITIVE_PATTERNS` (``.env``, keys, certificates) and files
+    over ``max_file_mib`` are left out unless a pattern in ``include`` names them (or a
+    folder above them); what :data:`UPLOAD_EXCLUDES` and ``excludes`` leave out anyway
+    is not searched.
+    """
+    root = Path(folder)
+    skipped = [*UPLOAD_EXCLUDES, *(excludes or [])]
+    include = list(include or [])
+    limit = max_file_mib * 2**20
+    negations, too_big, left_out = [], [], []
+    for directory, subfolders, files in os.walk(root):
+        here = Path(directory).relative_to(root).as_posix()
+        prefix = "" if here == "." else here + "/"
+        subfolders[:] = sorted(name for name in subfolders if not _matches(prefix + name, skipped))
+        for name in sorted(files):
+            relative = prefix + name
+            if _matches(relative, skipped):
+                continue
+            sensitive = _matches(relative, SENSITIVE_PATTERNS)
+            if _matches(relative, include):
+                if sensitive:
+                    negations.append("!" + _anchored(relative))
+                continue
+            if sensitive:
+                left_out.append(f"{relative} (may hold secrets)")
+                continue
+            try:
+                size = os.path.getsize(Path(directory) / name)
+            except OSError:
+                continue
+            if size > limit:
+                too_big.append(_anchored(relative))
+                left_out.append(f"{relative} ({size / 2**20:.0f} MiB > {max_file_mib:g} MiB)")
+    return UploadPlan([*UPLOAD_EXCLUDES, *SENSITIVE_PATTERNS, *negations, *(excludes or []), *too_big], left_out)
+
+
 def build_runtime_env(working_dir: str | Path, env_vars: dict[str, str] | None = None,
-                      excludes: list[str] | None = None) -> dict[str, Any]:
+                      excludes: list[str] | None = None, plan: UploadPlan | None = None) -> dict[str, Any]:
     """The runtime env of a submission: the working folder (with excludes) and its raylm as a py_module.
 
     ``py_modules`` puts the submitted ``platform/raylm`` ahead of any installed
-    raylm on the driver and on every worker.
+    raylm on the driver and on every worker. ``plan`` (:func:`plan_upload`) gives
+    the excludes; without one, the folder is planned with the defaults.
     """
     folder = Path(working_dir).resolve()
     if not folder.is_dir():
         raise SubmissionError(f"working folder not found: {folder}")
-    runtime_env: dict[str, Any] = {"working_dir": str(folder), "excludes": [*UPLOAD_EXCLUDES, *(excludes or [])]}
+    plan = plan or plan_upload(folder, excludes)
+    runtime_env: dict[str, Any] = {"working_dir": str(folder), "excludes": plan.excludes}
     package = folder / "platform" / "raylm"
     if (package / "__init__.py").is_file():
         runtime_env["py_modules"] = [str(package)]
@@ -141,6 +231,30 @@ def build_runtime_env(working_dir: str | Path, env_vars: dict[str, str] | None =
     runtime_env["env_vars"] = {**worker_env_vars(), "PYTHONUNBUFFERED": "1", **(env_vars or {})}
     runtime_env["worker_process_setup_hook"] = WORKER_SETUP_HOOK
     return runtime_env
+
+
+def check_no_secrets(entrypoint: list[str], env_vars: dict[str, str] | None = None) -> None:
+    """Refuse a job whose command or environment holds a secret: both are kept in the job's metadata."""
+    for index, argument in enumerate(entrypoint):
+        two_words = (argument.startswith("--") and "=" not in argument and is_secret_name(argument)
+                     and index + 1 < len(entrypoint))
+        if redact_text(argument) != argument or two_words:
+            shown = f"{argument} {MASK}" if two_words else redact_text(argument)
+            raise SubmissionError(f"the job's command holds a secret ({shown}); Ray keeps a job's command in its "
+                                  f"metadata, which `raylm jobs list` and the dashboard show; {SECRET_HELP}")
+    for key, value in (env_vars or {}).items():
+        if is_secret_name(key) or redact_text(value) != value:
+            raise SubmissionError(f"--env {key}={MASK} is a secret; Ray keeps a job's environment in its metadata, "
+                                  f"which the dashboard and the Jobs API show; {SECRET_HELP}")
+
+
+def describe_left_out(plan: UploadPlan, shown: int = 8) -> str | None:
+    """One line naming the files the upload leaves out beyond the usual ones, or None."""
+    if not plan.left_out:
+        return None
+    more = f" and {len(plan.left_out) - shown} more" if len(plan.left_out) > shown else ""
+    return (f"left out of the upload: {', '.join(plan.left_out[:shown])}{more} "
+            "(--include PATH sends one anyway)")
 
 
 def parse_env(pairs: list[str]) -> dict[str, str]:
@@ -156,19 +270,28 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
 
 def submit(entrypoint: list[str], address: str | None = None, working_dir: str | Path = ".",
            env_vars: dict[str, str] | None = None, excludes: list[str] | None = None,
-           submission_id: str | None = None, wait: bool = True, out=None) -> int:
+           submission_id: str | None = None, wait: bool = True, out=None, include: list[str] | None = None,
+           max_file_mib: float = DEFAULT_MAX_FILE_MIB) -> int:
     """Submit ``entrypoint`` as a Ray job; stream its logs and return its exit code (0 when it SUCCEEDED).
 
     Without ``wait`` it returns 0 once the job is accepted. The submission id is
-    printed first, on a line of its own.
+    printed first, on a line of its own, after a line naming the files left out
+    of the upload (:func:`plan_upload`; ``include`` and ``max_file_mib`` change that).
     """
     out = out or sys.stdout
     if not entrypoint:
         raise SubmissionError("give the job's command after --, e.g. raylm submit -- python jobs/train.py "
                               "--config jobs/configs/smoke.yaml")
+    check_no_secrets(entrypoint, env_vars)
+    if not Path(working_dir).is_dir():
+        raise SubmissionError(f"working folder not found: {Path(working_dir).resolve()}")
+    plan = plan_upload(Path(working_dir).resolve(), excludes, include, max_file_mib)
     client = connect(address)
     url = resolve_address(address)
-    runtime_env = build_runtime_env(working_dir, env_vars, excludes)
+    runtime_env = build_runtime_env(working_dir, env_vars, excludes, plan)
+    note = describe_left_out(plan)
+    if note:
+        print(note, file=out, flush=True)
     job_id = _call(lambda: client.submit_job(entrypoint=shlex.join(entrypoint), runtime_env=runtime_env,
                                              submission_id=submission_id), url)
     print(f"submitted {job_id}", file=out, flush=True)
@@ -224,14 +347,19 @@ def wait_for_job(client, job_id: str, timeout_s: float | None = None) -> str:
         time.sleep(0.5)
 
 
+def job_row(job) -> dict[str, Any]:
+    """What ``raylm jobs list`` shows of a job (``JobDetails``), redacted: a job submitted some other way
+    (``ray job submit``) may carry a secret in its command or its message."""
+    return {"submission_id": job.submission_id or job.job_id, "status": str(job.status.value),
+            "entrypoint": redact_text(job.entrypoint or ""), "start_time": job.start_time, "end_time": job.end_time,
+            "message": redact_text(job.message) if job.message else job.message}
+
+
 def list_jobs(address: str | None = None) -> list[dict[str, Any]]:
-    """Every job the cluster knows, newest first, as plain dicts."""
+    """Every job the cluster knows, newest first, as plain dicts (:func:`job_row`)."""
     client = connect(address)
     url = resolve_address(address)
-    jobs = _call(client.list_jobs, url)
-    rows = [{"submission_id": job.submission_id or job.job_id, "status": str(job.status.value),
-             "entrypoint": job.entrypoint, "start_time": job.start_time, "end_time": job.end_time,
-             "message": job.message} for job in jobs]
+    rows = [job_row(job) for job in _call(client.list_jobs, url)]
     return sorted(rows, key=lambda row: row["start_time"] or 0, reverse=True)
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.conftest import REPO_ROOT
@@ -51,3 +52,39 @@ def test_serve_missing_model_fails_cleanly(tmp_path):
     result = _raylm("serve", "--model", str(tmp_path / "nope"), timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: model folder not found: {tmp_path / 'nope'}"
+
+
+def test_read_only_commands_with_missing_inputs_leave_an_empty_folder_empty(tmp_path):
+    """Each command, run in an empty folder, fails with one line: no store created (MLflow would make
+    runs/mlflow.db to look in it), no library INFO lines, no traceback."""
+    commands = {
+        "recommend": ["tune", "recommend", "--sweep", "/no/such/sweep", "--flops", "1e18"],
+        "recommend_run_id": ["tune", "recommend", "--sweep", "0123456789abcdef", "--flops", "1e18"],
+        "eval_folder": ["eval", "--model", "/no/such/model"],
+        "eval_registry": ["eval", "--model", "models:/nope/1"],
+        "promote": ["promote", "models:/nope/3", "--alias", "production"],
+        "jobs_logs": ["jobs", "logs", "raysubmit_nope", "--address", "http://127.0.0.1:9"],
+    }
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "platform"), "RAY_USAGE_STATS_ENABLED": "0"}
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "RAY_API_SERVER_ADDRESS"):
+        env.pop(name, None)
+
+    def run(name):
+        folder = tmp_path / name
+        folder.mkdir()
+        return subprocess.run([sys.executable, "-m", "raylm.cli", *commands[name]], capture_output=True, text=True,
+                              cwd=folder, env=env, timeout=300)
+
+    with ThreadPoolExecutor(len(commands)) as pool:
+        results = dict(zip(commands, pool.map(run, commands)))
+    for name, result in results.items():
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, (name, output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, output)
+        assert "Traceback" not in output and "INFO" not in output, (name, output)
+        assert list((tmp_path / name).rglob("*")) == [], name
+    missing_store = "no MLflow tracking store at sqlite:///"
+    assert missing_store in results["eval_registry"].stderr and missing_store in results["promote"].stderr
+    assert "there is no tracking store at sqlite:///" in results["recommend"].stderr
+    assert results["eval_folder"].stderr.strip() == "error: model folder not found: /no/such/model"

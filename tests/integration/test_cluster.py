@@ -254,6 +254,25 @@ def test_unknown_key_job_fails_and_jobs_commands_show_it(cluster, submitted):
     assert sum(status == "SUCCEEDED" for status in statuses.values()) >= 2
 
 
+def test_jobs_logs_of_a_missing_job_is_one_line_and_jobs_list_masks_secrets(cluster, tmp_path):
+    address = cluster.ray.dashboard_url
+    missing = cluster.raylm("jobs", "logs", "raysubmit_nope", "--address", address, cwd=tmp_path, timeout=120)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    lines = missing.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "raysubmit_nope" in lines[0], missing.stderr
+    assert list(tmp_path.rglob("*")) == []
+    # A job submitted some other way (`ray job submit`, the Jobs API) may carry a secret in its command.
+    job_id = cluster.jobs_client().submit_job(
+        entrypoint="echo tracking.tracking_uri=https://u:list-secret@h:5000 serve.api_key=list-secret")
+    table = cluster.raylm("jobs", "list", "--address", address, timeout=120)
+    listed = cluster.raylm("jobs", "list", "--json", "--address", address, timeout=120)
+    assert table.returncode == 0 and listed.returncode == 0, table.stderr + listed.stderr
+    assert "list-secret" not in table.stdout + listed.stdout
+    row = next(row for row in json.loads(listed.stdout) if row["submission_id"] == job_id)
+    assert row["entrypoint"] == "echo tracking.tracking_uri=https://u:***@h:5000 serve.api_key=***"
+    assert any(line.startswith(job_id) and line.endswith(row["entrypoint"]) for line in table.stdout.splitlines())
+
+
 def test_missing_or_wrong_token_is_one_clear_line(cluster, tmp_path):
     address = cluster.ray.dashboard_url
     # Ray itself refuses a request without the token.

@@ -8,14 +8,16 @@ long, must beat it on dev perplexity by the paired bootstrap and takes the
 alias. ``raylm promote`` then refuses to move the alias back to the weaker
 version and moves it only with ``--force --reason``. Ray Serve loads
 ``models:/<name>@production`` and answers over HTTP with that version. Lineage
-tags are on every version, and the API key given to the runs appears nowhere:
-not in run parameters, run tags, version tags, the model card or the run's
-config copy.
+tags are on every version, and neither the API key given to the runs nor the
+token in their tracking URI (``http://user:token@host``, which the server
+ignores) appears anywhere: not in run parameters, run tags, version tags, the
+model card, the run's files or the driver's log lines.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from tests.conftest import SERVE_PORT
 
 MODEL = "served-by-alias"
 SECRET = "s3cret-api-key-do-not-log"
+URI_TOKEN = "uri-t0ken-do-not-log"
 TINY = [
     "data.tasks=[lm, translate]", "data.demo_num_train=150", "data.demo_num_dev=40", "data.seq_len=64",
     "data.vocab_size=400", "model.size=debug", "train.num_workers=1", "train.micro_batch_size=8",
@@ -52,13 +55,34 @@ def runs(ray_session, server, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("server-runs")
     parent = mlflow.tracking.MlflowClient(server).create_run(
         mlflow.tracking.MlflowClient(server).create_experiment("server-test-parent")).info.run_id
+    credentialed = server.replace("http://", f"http://raylm:{URI_TOKEN}@")
+    lines = _LogLines()
+    raylm_logger = logging.getLogger("raylm")
+    level = raylm_logger.level
+    raylm_logger.addHandler(lines)
+    raylm_logger.setLevel(logging.INFO)
     summaries = []
-    for name, steps in (("short", 8), ("long", 40)):
-        job = load_config(None, TINY + [f"workdir={workdir}", f"run_name={name}", f"train.max_steps={steps}",
-                                        f"train.eval_every={steps // 2}", f"tracking.tracking_uri={server}",
-                                        f"tracking.parent_run_id={parent}"])
-        summaries.append(workflow.train(job))
-    return summaries, parent, workdir
+    try:
+        for name, steps in (("short", 8), ("long", 40)):
+            job = load_config(None, TINY + [f"workdir={workdir}", f"run_name={name}", f"train.max_steps={steps}",
+                                            f"train.eval_every={steps // 2}", f"tracking.tracking_uri={credentialed}",
+                                            f"tracking.parent_run_id={parent}"])
+            summaries.append(workflow.train(job))
+    finally:
+        raylm_logger.removeHandler(lines)
+        raylm_logger.setLevel(level)
+    return summaries, parent, workdir, lines.messages
+
+
+class _LogLines(logging.Handler):
+    """The driver's raylm log lines, as formatted messages."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def _client(server):
@@ -72,7 +96,7 @@ def _holder(server) -> str:
 
 
 def test_train_registers_and_the_gate_promotes_the_better_run(server, runs):
-    (short, long), _, _ = runs
+    (short, long), _, _, _ = runs
     assert short["registry_uri"] == f"models:/{MODEL}/1" and long["registry_uri"] == f"models:/{MODEL}/2"
     assert short["promotion"]["outcome"] == "promoted" and short["promotion"]["holder"] is None
     decision = long["promotion"]
@@ -84,7 +108,7 @@ def test_train_registers_and_the_gate_promotes_the_better_run(server, runs):
 
 
 def test_lineage_on_every_registered_version(server, runs):
-    summaries, parent, _ = runs
+    summaries, parent, _, _ = runs
     for number, summary in enumerate(summaries, start=1):
         version = _client(server).get_model_version(MODEL, str(number))
         tags = version.tags
@@ -103,27 +127,35 @@ def test_lineage_on_every_registered_version(server, runs):
     assert summaries[0]["eval"]["fingerprint"] == summaries[1]["eval"]["fingerprint"]
 
 
-def test_no_secret_in_params_tags_cards_or_config_copies(server, runs, tmp_path):
+def test_no_secret_in_params_tags_cards_config_copies_or_log_lines(server, runs, tmp_path):
     import mlflow
 
-    summaries, _, workdir = runs
+    summaries, _, workdir, log_lines = runs
     client = _client(server)
+    masked_uri = server.replace("http://", "http://raylm:***@")
     for number, summary in enumerate(summaries, start=1):
         run = client.get_run(summary["mlflow_run_id"])
         assert run.data.params and "serve.port" in run.data.params
         assert not any(key.startswith("serve.api_key") for key in run.data.params)
+        assert run.data.params["tracking.tracking_uri"] == masked_uri
         for mapping in (run.data.params, run.data.tags, client.get_model_version(MODEL, str(number)).tags):
-            assert SECRET not in json.dumps(mapping)
+            assert SECRET not in json.dumps(mapping) and URI_TOKEN not in json.dumps(mapping)
         folder = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version(MODEL, str(number)).source,
                                                      dst_path=str(tmp_path / str(number)), tracking_uri=server)
         for path in Path(folder).rglob("*"):
-            if path.is_file() and path.suffix in (".json", ".yaml", ".txt", ".jinja"):
-                assert SECRET not in path.read_text(errors="ignore"), path
+            if path.is_file():
+                content = path.read_bytes()
+                assert SECRET.encode() not in content and URI_TOKEN.encode() not in content, path
         card = json.loads((Path(folder) / "raylm.json").read_text())
         assert "api_key" not in card["config"]["serve"]
+        assert card["config"]["tracking"]["tracking_uri"] == masked_uri
+    # Every file of the runs (config.yaml, run.json, model folders, Ray Train's results and checkpoints).
     for path in Path(workdir).rglob("*"):
-        if path.is_file() and path.suffix in (".json", ".yaml", ".jsonl"):
-            assert SECRET not in path.read_text(errors="ignore"), path
+        if path.is_file():
+            content = path.read_bytes()
+            assert SECRET.encode() not in content and URI_TOKEN.encode() not in content, path
+    assert f"MLflow run {summaries[0]['mlflow_run_id']} at {masked_uri}" in log_lines
+    assert not [line for line in log_lines if URI_TOKEN in line or SECRET in line]
 
 
 def test_promote_refuses_the_weaker_version_and_force_records_why(server, runs):

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,12 +25,16 @@ SMOKE = ["--config", "jobs/configs/smoke.yaml", "run_name=killtest", "train.max_
          "eval.max_examples_per_task=5", "train.num_workers=1"]
 
 
-def _raylm(*args, timeout=900):
+def _env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "platform"), "RAY_USAGE_STATS_ENABLED": "0"}
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
+    return env
+
+
+def _raylm(*args, timeout=900):
     return subprocess.run([sys.executable, "-m", "raylm.cli", *args], capture_output=True, text=True,
-                          cwd=REPO_ROOT, env=env, timeout=timeout)
+                          cwd=REPO_ROOT, env=_env(), timeout=timeout)
 
 
 def _summary(result) -> dict:
@@ -104,3 +110,40 @@ def test_resuming_a_finished_run_trains_and_registers_nothing(two_runs):
     assert _state(workdir) == before
     run_ids, versions = before
     assert len(run_ids) == 2 and versions == [1, 2]
+
+
+def test_sigterm_mid_run_marks_the_run_and_its_mlflow_run_killed(tmp_path):
+    """`kill`, `ray job stop` or a scheduler stops a training run: its record and MLflow run say so."""
+    workdir = tmp_path / "runs"
+    out, err = (tmp_path / "stdout").open("w+"), (tmp_path / "stderr").open("w+")
+    process = subprocess.Popen([sys.executable, "-m", "raylm.cli", "train", *SMOKE, "run_name=sigterm",
+                                "train.max_steps=5000", "train.log_every=1", f"workdir={workdir}"],
+                               stdout=out, stderr=err, text=True, cwd=REPO_ROOT, env=_env())
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and process.poll() is None:  # mid-run: a worker has logged a step
+            if "[raylm] step=" in (tmp_path / "stdout").read_text():
+                break
+            time.sleep(0.5)
+        assert process.poll() is None, (tmp_path / "stdout").read_text()[-3000:] + (tmp_path / "stderr").read_text()
+        (run_dir,) = [path.parent for path in workdir.glob("sigterm-*/run.json")]
+        record = json.loads((run_dir / "run.json").read_text())
+        assert record["status"] == "running" and record["mlflow_run_id"]
+        process.send_signal(signal.SIGTERM)
+        stopped = time.time()
+        returncode = process.wait(timeout=90)
+        assert time.time() - stopped < 60
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert returncode == 143, stdout[-3000:] + stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "error: stopped by SIGTERM"
+    # No traceback from this process (Ray's actors, prefixed "(Name pid=...)", report their own troubles).
+    assert not [line for line in stderr.splitlines() if "Traceback" in line and " pid=" not in line], stderr[-3000:]
+    assert f"[raylm] warning: run {run_dir.name} killed (stopped by SIGTERM); continue it with --resume" in stdout
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "killed" and record["trained_steps"] == 0 and record["registered"] == []
+    run = _mlflow(workdir).get_run(record["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.info.end_time
+    assert not _mlflow(workdir).search_model_versions("name='raylm-smoke'")

@@ -56,3 +56,18 @@ def test_unknown_references_fail_with_one_clear_line(store, reference, fragment)
     with pytest.raises(tracking.RegistryError, match=fragment) as caught:
         tracking.resolve_model_path(reference, uri)
     assert "\n" not in str(caught.value)
+
+
+def test_a_store_that_is_not_there_is_not_created_to_look_in(store, tmp_path):
+    uri, _ = store
+    assert tracking.store_exists(uri)
+    for missing in (f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}", f"file://{tmp_path / 'mlruns'}",
+                    str(tmp_path / "mlruns")):
+        assert not tracking.store_exists(missing)
+        with pytest.raises(tracking.RegistryError, match="no MLflow tracking store at") as caught:
+            tracking.resolve_model_path("models:/m/1", missing)
+        assert "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []
+    assert tracking.local_store_path("sqlite:///runs/mlflow.db").as_posix() == "runs/mlflow.db"
+    for server in ("http://127.0.0.1:5000", "postgresql://u:p@db/mlflow", "databricks", "sqlite:///:memory:"):
+        assert tracking.local_store_path(server) is None and tracking.store_exists(server)

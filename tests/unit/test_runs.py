@@ -96,3 +96,29 @@ def test_api_key_is_secret_everywhere(tmp_path, monkeypatch):
     assert _job(tmp_path).serve.api_key_value() == "from-env"
     with pytest.raises(ConfigError, match="redaction mask"):
         _job(tmp_path, "serve.api_key='**********'")
+
+
+def test_sigterm_raises_inside_the_block_and_the_previous_handler_comes_back():
+    import os
+    import signal
+
+    from raylm.common import interrupts
+
+    def previous(signum, frame):  # stands in for the handler ray.init installs
+        raise AssertionError("the displaced handler ran")
+
+    original = signal.signal(signal.SIGTERM, previous)
+    try:
+        with pytest.raises(interrupts.Terminated, match="stopped by SIGTERM") as caught:
+            with interrupts.sigterm_raises() as renew:
+                signal.signal(signal.SIGTERM, signal.default_int_handler)  # what ray.init would do
+                renew()
+                os.kill(os.getpid(), signal.SIGTERM)
+        # Ray re-raises an interrupt that arrives while it waits as a plain KeyboardInterrupt: still SIGTERM's.
+        assert interrupts.was_terminated(caught.value) and interrupts.was_terminated(KeyboardInterrupt())
+        assert interrupts.ended_status(caught.value) == ("killed", "KILLED")
+        assert interrupts.ended_status(ValueError("bad")) == ("failed", "FAILED")
+        # After the block: the handler installed inside it (ray.init's), not ours and not the one before.
+        assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, original)

@@ -2,6 +2,7 @@
 checks a driver runs before workers start. The real cluster is in tests/integration/test_cluster.py."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +55,89 @@ def test_submission_runtime_env_ships_the_working_trees_raylm(tmp_path):
     assert submission.parse_env(["A=1", "B=x=y"]) == {"A": "1", "B": "x=y"}
     with pytest.raises(submission.SubmissionError, match="KEY=value"):
         submission.parse_env(["novalue"])
+
+
+def _packed(folder: Path, excludes: list[str], zips: Path) -> set[str]:
+    """The files Ray's own packer (what `ray job submit` and `raylm submit` upload) puts in the zip."""
+    import tempfile
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    zips.mkdir(exist_ok=True)
+    target = Path(tempfile.mkdtemp(dir=zips)) / "package.zip"
+    create_package(str(folder), target, include_gitignore=True, excludes=excludes)
+    with zipfile.ZipFile(target) as archive:
+        return {name for name in archive.namelist() if not name.endswith("/")}
+
+
+def test_upload_leaves_out_secrets_and_big_files_unless_included(tmp_path):
+    folder = tmp_path / "repo"
+    files = {"jobs/train.py": 10, ".env": 10, "conf/.env.local": 10, "certs/ca.pem": 10, "certs/server.key": 10,
+             "keep/client.pem": 10, "data/big.bin": 3 * 2**20, "data/wanted.bin": 3 * 2**20, "data/small.bin": 10,
+             ".git/config.pem": 10, "notes/big.bin": 3 * 2**20, "platform/raylm/__init__.py": 10,
+             "platform/raylm/leaked.pem": 10, "odd [name]*.bin": 3 * 2**20}
+    for name, size in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x" * size)
+    plan = submission.plan_upload(folder, excludes=["notes/"], include=["keep/client.pem", "data/wanted.bin"],
+                                  max_file_mib=1)
+    # What is left out beyond the usual excludes (.git, notes/ as asked) is named, with why.
+    assert plan.left_out == [".env (may hold secrets)", "odd [name]*.bin (3 MiB > 1 MiB)",
+                             "certs/ca.pem (may hold secrets)", "certs/server.key (may hold secrets)",
+                             "conf/.env.local (may hold secrets)", "data/big.bin (3 MiB > 1 MiB)",
+                             "platform/raylm/leaked.pem (may hold secrets)"]
+    env = submission.build_runtime_env(folder, plan=plan)
+    zips = tmp_path / "zips"
+    assert _packed(folder, env["excludes"], zips) == {"jobs/train.py", "keep/client.pem", "data/wanted.bin",
+                                                      "data/small.bin", "platform/raylm/__init__.py"}
+    # The same excludes apply to the raylm package shipped as a py_module.
+    assert _packed(folder / "platform" / "raylm", env["excludes"], zips) == {"__init__.py"}
+    line = submission.describe_left_out(plan, shown=2)
+    assert line == ("left out of the upload: .env (may hold secrets), odd [name]*.bin (3 MiB > 1 MiB) and 5 more "
+                    "(--include PATH sends one anyway)")
+    assert submission.describe_left_out(submission.plan_upload(folder / "jobs")) is None
+    # Without a plan, the defaults: secrets out, nothing here is over 50 MiB.
+    default = submission.build_runtime_env(folder)
+    assert _packed(folder, default["excludes"], zips) == {"jobs/train.py", "data/big.bin", "data/wanted.bin",
+                                                          "data/small.bin", "notes/big.bin", "odd [name]*.bin",
+                                                          "platform/raylm/__init__.py"}
+
+
+def test_secrets_on_the_job_command_line_or_in_its_environment_are_refused():
+    refused = [
+        ["python", "jobs/train.py", "tracking.tracking_uri=postgresql://u:pg-secret@db/mlflow"],
+        ["python", "jobs/deploy.py", "serve.api_key=pg-secret"],
+        ["python", "jobs/x.py", "--api-key", "pg-secret"],
+        ["python", "jobs/x.py", "--token=pg-secret"],
+    ]
+    for entrypoint in refused:
+        with pytest.raises(submission.SubmissionError, match="the job's command holds a secret") as err:
+            submission.check_no_secrets(entrypoint)
+        assert "pg-secret" not in str(err.value) and "\n" not in str(err.value)
+    for env in ({"HF_TOKEN": "pg-secret"}, {"MLFLOW_TRACKING_URI": "https://u:pg-secret@mlflow:5000"}):
+        with pytest.raises(submission.SubmissionError, match=r"--env \w+=\*\*\* is a secret") as err:
+            submission.check_no_secrets(["python", "jobs/train.py"], env)
+        assert "pg-secret" not in str(err.value)
+    submission.check_no_secrets(["python", "jobs/train.py", "--config", "jobs/configs/smoke.yaml", "train.lr=1e-3",
+                                 "tracking.tracking_uri=http://head:5000", "eval.max_new_tokens=8"],
+                                {"MLFLOW_TRACKING_URI": "http://head:5000", "TOKENIZERS_PARALLELISM": "false",
+                                 "RAY_AUTH_TOKEN_PATH": "/etc/ray/token"})
+
+
+def test_jobs_list_redacts_jobs_submitted_some_other_way():
+    from ray.job_submission import JobDetails, JobStatus, JobType
+
+    job = JobDetails(type=JobType.SUBMISSION, job_id="02000000", submission_id="raysubmit_abc", status=JobStatus.FAILED,
+                     entrypoint="python jobs/train.py tracking.tracking_uri=https://u:pg-secret@h:5000 "
+                                "serve.api_key=pg-secret train.lr=1e-3",
+                     message="Job failed: cannot reach https://u:pg-secret@h:5000/api?token=pg-secret&page=2")
+    row = submission.job_row(job)
+    assert "pg-secret" not in json.dumps(row)
+    assert row["entrypoint"] == ("python jobs/train.py tracking.tracking_uri=https://u:***@h:5000 serve.api_key=*** "
+                                 "train.lr=1e-3")
+    assert row["message"] == "Job failed: cannot reach https://u:***@h:5000/api?token=***&page=2"
+    assert row["submission_id"] == "raysubmit_abc" and row["status"] == "FAILED"
 
 
 def test_driver_adds_only_what_the_submitted_job_lacks(monkeypatch):
@@ -135,6 +219,14 @@ def test_finetune_deploy_and_submit_refuse_bad_input_with_one_line(tmp_path):
     assert deploy.returncode == 2 and deploy.stderr.strip().startswith("error: deploy: no cluster to deploy to")
     nothing = _cli("submit", "--address", "http://127.0.0.1:9")
     assert nothing.returncode == 1 and nothing.stderr.strip().startswith("error: give the job's command after --")
+    secret = _cli("submit", "--address", "http://127.0.0.1:9", "--", "python", "jobs/train.py",
+                  "tracking.tracking_uri=https://raylm:pg-secret@mlflow:5000")
+    assert secret.returncode == 1 and "pg-secret" not in secret.stdout + secret.stderr
+    assert secret.stderr.strip().splitlines() == [
+        "error: the job's command holds a secret (tracking.tracking_uri=https://raylm:***@mlflow:5000); Ray keeps a "
+        "job's command in its metadata, which `raylm jobs list` and the dashboard show; put secrets on the cluster's "
+        "nodes instead: an environment variable set there or a file they mount (cluster.yaml), e.g. "
+        "MLFLOW_TRACKING_URI for a tracking URI with credentials"]
     unreachable = _cli("jobs", "list", "--address", "http://127.0.0.1:9", RAY_AUTH_TOKEN="t")
     assert unreachable.returncode == 1 and "Traceback" not in unreachable.stderr
     assert unreachable.stderr.strip() == ("error: cannot reach the Ray Jobs API at http://127.0.0.1:9: is the cluster "

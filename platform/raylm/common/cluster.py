@@ -28,6 +28,7 @@ from raylm.common import storage
 from raylm.compat.ray import job_config_env_var
 from raylm.common.fingerprints import fingerprint_folder
 from raylm.config import ConfigError, JobConfig
+from raylm.config.redaction import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +157,9 @@ def check_tracking(job: JobConfig, spans_nodes: bool) -> None:
             "tracking.enabled=false")
     if spans_nodes and is_local_tracking_uri(uri):
         raise ConfigError(
-            f"config error: tracking.tracking_uri: {uri} is a local MLflow store, but the training workers run on "
-            "several nodes; give an MLflow server (tracking.tracking_uri=http://host:5000 or $MLFLOW_TRACKING_URI)")
+            f"config error: tracking.tracking_uri: {redact_uri(uri)} is a local MLflow store, but the training workers "
+            "run on several nodes; give an MLflow server (tracking.tracking_uri=http://host:5000 or "
+            "$MLFLOW_TRACKING_URI)")
 
 
 def check_local_inputs(job: JobConfig) -> None:

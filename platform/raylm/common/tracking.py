@@ -11,8 +11,10 @@ import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import urlsplit
 
 from raylm.common import storage
+from raylm.config.redaction import redact_uri
 
 logger = logging.getLogger(__name__)
 
@@ -154,8 +156,13 @@ def finish_run(tracking_uri: str, run_id: str, model_dir: Path, metrics: dict[st
     return registry_uri
 
 
+def end_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """End a run that did not finish: ``FAILED``, or ``KILLED`` when it was stopped (SIGTERM, Ctrl-C)."""
+    mlflow_client(tracking_uri).set_terminated(run_id, status=status)
+
+
 def fail_run(tracking_uri: str, run_id: str) -> None:
-    mlflow_client(tracking_uri).set_terminated(run_id, status="FAILED")
+    end_run(tracking_uri, run_id, "FAILED")
 
 
 class RegistryError(ValueError):
@@ -181,10 +188,50 @@ def parse_registry_uri(uri: str) -> tuple[str, str | None, str | None]:
     raise RegistryError(f"registry URI must look like {REGISTRY_URI_FORMS}: {uri}")
 
 
+def local_store_path(tracking_uri: str) -> Path | None:
+    """The file or folder of a local MLflow store (``sqlite:///...``, ``file:...``, a path); None for a server."""
+    if tracking_uri.startswith("sqlite:"):
+        path = tracking_uri[len("sqlite:"):].split("?", 1)[0]
+        path = path[3:] if path.startswith("///") else path.lstrip("/")
+        return None if not path or path == ":memory:" else Path(path)
+    if tracking_uri.startswith("file:"):
+        return Path(urlsplit(tracking_uri).path)
+    if "://" in tracking_uri or tracking_uri.startswith("databricks"):
+        return None
+    return Path(tracking_uri)
+
+
+def store_exists(tracking_uri: str) -> bool:
+    """False for a local store that is not there: a read would make MLflow create it (an empty database) first."""
+    path = local_store_path(tracking_uri)
+    return path is None or path.exists()
+
+
+def check_registry_reference(tracking_uri: str, uri: str) -> None:
+    """Fail on a malformed registry URI, or one whose local store does not exist, before MLflow opens anything.
+
+    Light (no MLflow import): the CLI calls it before loading the layers that resolve the version.
+    """
+    parse_registry_uri(uri)
+    if not store_exists(tracking_uri):
+        raise RegistryError(f"{uri}: no MLflow tracking store at {redact_uri(tracking_uri)} (nothing was tracked "
+                            "there); set tracking.tracking_uri or $MLFLOW_TRACKING_URI to the store that holds it")
+
+
+def check_model_reference(model: str, tracking_uri: str | None) -> None:
+    """:func:`check_registry_reference` for a registry URI; a missing local model folder is a FileNotFoundError."""
+    if model.startswith("models:/"):
+        if tracking_uri:
+            check_registry_reference(tracking_uri, model)
+    elif not storage.is_remote(model) and not Path(model).is_dir():
+        raise FileNotFoundError(f"model folder not found: {model}")
+
+
 def get_model_version(tracking_uri: str, uri: str):
     """The MLflow ``ModelVersion`` a ``models:/name/version`` or ``models:/name@alias`` URI names."""
     from mlflow.exceptions import MlflowException
 
+    check_registry_reference(tracking_uri, uri)
     name, version, alias = parse_registry_uri(uri)
     client = mlflow_client(tracking_uri)
     try:
@@ -193,7 +240,7 @@ def get_model_version(tracking_uri: str, uri: str):
         return client.get_model_version(name, version)
     except MlflowException as err:
         what = f"alias {alias!r}" if alias is not None else f"version {version}"
-        raise RegistryError(f"{uri}: registered model {name!r} has no {what} at {tracking_uri} "
+        raise RegistryError(f"{uri}: registered model {name!r} has no {what} at {redact_uri(tracking_uri)} "
                             f"({err.error_code})") from None
 
 

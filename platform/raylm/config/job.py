@@ -13,6 +13,7 @@ from raylm.config.base import StrictModel
 from raylm.config.data import DataConfig
 from raylm.config.errors import ConfigError
 from raylm.config.locations import is_remote, join
+from raylm.config.redaction import redact_values
 from raylm.config.eval import EvalConfig
 from raylm.config.model import ModelConfig
 from raylm.config.serve import ServeConfig
@@ -73,7 +74,7 @@ class JobConfig(StrictModel):
         (:func:`raylm.common.cluster.check_tracking` turns that into a config error when tracking is on).
         """
         if self.tracking.tracking_uri:
-            return self.tracking.tracking_uri
+            return self.tracking.connection_uri()
         if os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"]
         if self.storage_is_remote:
@@ -81,7 +82,11 @@ class JobConfig(StrictModel):
         return f"sqlite:///{Path(self.workdir).resolve() / 'mlflow.db'}"
 
     def public_dict(self) -> dict[str, Any]:
-        """The config as plain data without its secrets: what may go to MLflow, model cards and logs."""
+        """The config as plain data without its secrets: what may go to MLflow, model cards and logs.
+
+        ``SecretStr`` fields are left out and credentials in URIs (a tracking URI's password) are masked
+        (:mod:`raylm.config.redaction`); connections use the config itself, never this dump.
+        """
         return public_dump(self)
 
     def to_yaml(self) -> str:
@@ -89,7 +94,8 @@ class JobConfig(StrictModel):
 
 
 def public_dump(model: BaseModel) -> dict[str, Any]:
-    """``model_dump(mode="json")`` with every ``SecretStr`` field left out (set or not), at any depth."""
+    """``model_dump(mode="json")`` with every ``SecretStr`` field left out (set or not), at any depth, and the
+    credentials in every URI it holds masked."""
     dumped = model.model_dump(mode="json")
 
     def is_secret(field) -> bool:  # SecretStr or Optional[SecretStr]: left out even when unset
@@ -105,4 +111,4 @@ def public_dump(model: BaseModel) -> dict[str, Any]:
                 strip(value, out[name])
 
     strip(model, dumped)
-    return dumped
+    return redact_values(dumped)

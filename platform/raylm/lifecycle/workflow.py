@@ -21,8 +21,10 @@ from ray import serve
 
 from raylm.checks import check_job
 from raylm.common import cluster, storage, tracking
+from raylm.common.interrupts import MESSAGE as SIGTERM_MESSAGE, ended_status, sigterm_raises, was_terminated
 from raylm.common.ray_session import ensure_ray
 from raylm.config import ConfigError, JobConfig
+from raylm.config.redaction import redact_uri, redact_values
 from raylm.data import prepare
 from raylm.data.encoder_rows import prepare_encoder_data
 from raylm.data.execution import quiet_progress
@@ -69,18 +71,35 @@ def train(job: JobConfig, resume: str | None = None) -> dict[str, Any]:
     A fresh run gets a new id and folder (:mod:`raylm.lifecycle.runs`); ``resume`` (a run
     id or folder) continues that run instead, after checking that its config
     still matches. The MLflow run of a resumed run is the one it started with,
-    and a model version is registered at most once per trained step.
+    and a model version is registered at most once per trained step. A run that
+    stops early is recorded as ``failed`` (an error) or ``killed`` (SIGTERM, which
+    raises :class:`raylm.common.interrupts.Terminated` here, or Ctrl-C), in
+    ``run.json`` and in its MLflow run (FAILED or KILLED), before the error goes on.
     """
     check_inputs(job)
     record = runs.begin_run(job, resume)
     logger.info(("resuming run " if resume else "run ") + f"{job.run_id} in {job.run_uri}")
-    try:
-        ensure_ray(job)
-        cluster.check_storage_and_tracking(job)
-    except BaseException:
-        record["status"] = "failed"
-        runs.write_record(job.run_uri, record)
-        raise
+    opened: dict[str, str] = {}  # the MLflow run this attempt started or reopened: it ends with the run
+    with sigterm_raises() as renew_sigterm:
+        try:
+            ensure_ray(job)
+            renew_sigterm()  # ray.init installs SIGTERM handlers of its own
+            cluster.check_storage_and_tracking(job)
+            return _train_stages(job, record, opened)
+        except BaseException as error:
+            status, mlflow_status = ended_status(error)
+            record["status"] = status
+            runs.write_record(job.run_uri, record)
+            if opened:
+                tracking.end_run(opened["tracking_uri"], opened["run_id"], mlflow_status)
+            if status == "killed":
+                how = SIGTERM_MESSAGE if was_terminated(error) else "interrupted"
+                logger.warning(f"run {job.run_id} killed ({how}); continue it with --resume {job.run_id}")
+            raise
+
+
+def _train_stages(job: JobConfig, record: dict[str, Any], opened: dict[str, str]) -> dict[str, Any]:
+    """:func:`train` once its run has a record and Ray is up; ``opened`` receives the MLflow run it opens."""
     started = time.time()
     storage.write_text(storage.join(job.run_uri, "config.yaml"), job.to_yaml())
     # Files that are assembled here first: in the run folder itself, or in a scratch folder
@@ -103,47 +122,42 @@ def train(job: JobConfig, resume: str | None = None) -> dict[str, Any]:
     if job.tracking.enabled:
         if run_id:
             tracking.reopen_run(tracking_uri, run_id)
+            opened.update(tracking_uri=tracking_uri, run_id=run_id)
         else:
             tags = {"raylm.run_id": job.run_id, "raylm.config_hash": record["config_hash"]}
             if job.tracking.parent_run_id:
                 tags["mlflow.parentRunId"] = job.tracking.parent_run_id
             run_id = tracking.start_run(tracking_uri, job.tracking.experiment, job.run_id, job.public_dict(), tags=tags)
             record["mlflow_run_id"] = run_id
+            opened.update(tracking_uri=tracking_uri, run_id=run_id)
             runs.write_record(job.run_uri, record)
-        logger.info(f"MLflow run {run_id} at {tracking_uri}")
-    try:
-        logger.info(f"training {job.model.describe()} on {job.train.num_workers} workers "
-                    f"({job.train.parallel}, {job.train.precision}) for {job.train.max_steps} steps")
-        result = run_training(job, data.train, data.dev, data.tokenizer, mlflow_run_id=run_id,
-                              seq_len=data.stats.get("max_length"))
-        logger.info(f"training done: loss {result.metrics.get('loss', float('nan')):.4f}, "
-                    f"eval loss {result.metrics.get('eval_loss', float('nan')):.4f}")
-        parent_run_id = parent_run_of(tracking_uri, run_id) if run_id else None
-        model_dir, card = export_run_model(job, result, data, record, local_run / "model", run_id, parent_run_id)
-        trained_steps = card["trained_steps"]
-        record["trained_steps"] = trained_steps
-        runs.write_record(job.run_uri, record)
-        logger.info("evaluating on the dev split")
-        report = evaluate_exported(job, model_dir, data.dev_examples, card)
-        metrics = report.flat_metrics()
-        # The dev loss of the exported checkpoint (train.export), and the last one's.
-        metrics["eval_loss"] = card["export"].get("eval_loss")
-        metrics["last_eval_loss"] = card["export"].get("last_eval_loss")
-        metrics["eval_perplexity"] = result.metrics.get("eval_perplexity")
-        card["eval_metrics"].update({key: metrics[key] for key in ("eval_loss", "last_eval_loss", "eval_perplexity")})
-        write_card(model_dir, card)
-        if job.storage_is_remote:
-            storage.upload_folder(model_dir, runs.model_uri(job))
-        registry_uri, promotion = register_run(job, record, run_id, model_dir, card, metrics, result.history,
-                                               local_run)
-        record["status"] = "finished"
-        runs.write_record(job.run_uri, record)
-    except BaseException:
-        record["status"] = "failed"
-        runs.write_record(job.run_uri, record)
-        if run_id:
-            tracking.fail_run(tracking_uri, run_id)
-        raise
+        logger.info(f"MLflow run {run_id} at {redact_uri(tracking_uri)}")
+    logger.info(f"training {job.model.describe()} on {job.train.num_workers} workers "
+                f"({job.train.parallel}, {job.train.precision}) for {job.train.max_steps} steps")
+    result = run_training(job, data.train, data.dev, data.tokenizer, mlflow_run_id=run_id,
+                          seq_len=data.stats.get("max_length"))
+    logger.info(f"training done: loss {result.metrics.get('loss', float('nan')):.4f}, "
+                f"eval loss {result.metrics.get('eval_loss', float('nan')):.4f}")
+    parent_run_id = parent_run_of(tracking_uri, run_id) if run_id else None
+    model_dir, card = export_run_model(job, result, data, record, local_run / "model", run_id, parent_run_id)
+    trained_steps = card["trained_steps"]
+    record["trained_steps"] = trained_steps
+    runs.write_record(job.run_uri, record)
+    logger.info("evaluating on the dev split")
+    report = evaluate_exported(job, model_dir, data.dev_examples, card)
+    metrics = report.flat_metrics()
+    # The dev loss of the exported checkpoint (train.export), and the last one's.
+    metrics["eval_loss"] = card["export"].get("eval_loss")
+    metrics["last_eval_loss"] = card["export"].get("last_eval_loss")
+    metrics["eval_perplexity"] = result.metrics.get("eval_perplexity")
+    card["eval_metrics"].update({key: metrics[key] for key in ("eval_loss", "last_eval_loss", "eval_perplexity")})
+    write_card(model_dir, card)
+    if job.storage_is_remote:
+        storage.upload_folder(model_dir, runs.model_uri(job))
+    registry_uri, promotion = register_run(job, record, run_id, model_dir, card, metrics, result.history,
+                                           local_run)
+    record["status"] = "finished"
+    runs.write_record(job.run_uri, record)
     return {
         "run_id": job.run_id,
         "run_name": job.run_name,
@@ -255,5 +269,5 @@ def demo(job: JobConfig) -> Path | str:
         if value is not None:
             logger.info(f"{key} = {value:.4f}")
     location = storage.join(job.run_uri, "summary.json")
-    storage.write_text(location, json.dumps(summary, indent=2, ensure_ascii=False, default=str))
+    storage.write_text(location, json.dumps(redact_values(summary), indent=2, ensure_ascii=False, default=str))
     return location if storage.is_remote(location) else Path(location)

@@ -19,7 +19,9 @@ from typing import Any
 import yaml
 
 from raylm.checks import validate_job
+from raylm.common.tracking import store_exists
 from raylm.config import ConfigError, JobConfig, ModelConfig
+from raylm.config.redaction import redact_uri
 from raylm.models.shapes import model_shape, non_embedding_parameters
 from raylm.tune.scaling import FitError, ScalingFit, compute_optimal, predict_loss
 from raylm.tune.records import RESULTS_FILE
@@ -33,8 +35,11 @@ def load_results(reference: str, tracking_uri: str | None = None) -> dict[str, A
         return json.loads((folder / RESULTS_FILE).read_text())
     if folder.exists():
         raise ConfigError(f"recommend: {reference} has no {RESULTS_FILE}; is it a finished sweep folder?")
-    if tracking_uri is None:
-        raise ConfigError(f"recommend: {reference} is neither a sweep folder nor an MLflow run of the tracking store")
+    if tracking_uri is None or not store_exists(tracking_uri):
+        # Checked before MLflow opens the store: a read would create an empty one.
+        where = f" (there is no tracking store at {redact_uri(tracking_uri)})" if tracking_uri else ""
+        raise ConfigError(f"recommend: {reference} is neither a sweep folder nor an MLflow run of the tracking "
+                          f"store{where}")
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -43,7 +48,7 @@ def load_results(reference: str, tracking_uri: str | None = None) -> dict[str, A
                                                     tracking_uri=tracking_uri)
     except (MlflowException, OSError):
         raise ConfigError(f"recommend: {reference} is neither a sweep folder nor an MLflow sweep run with "
-                          f"{RESULTS_FILE} at {tracking_uri}") from None
+                          f"{RESULTS_FILE} at {redact_uri(tracking_uri)}") from None
     return json.loads(Path(local).read_text())
 
 

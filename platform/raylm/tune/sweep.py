@@ -39,6 +39,7 @@ from raylm.common.ray_session import ensure_ray
 from raylm.common.run_ids import new_run_id
 from raylm.checks import validate_job
 from raylm.config import ConfigError, JobConfig
+from raylm.config.redaction import redact_uri
 from raylm.data.execution import quiet_progress
 from raylm.data.pipeline import prepare_data
 from raylm.data.plan import check_sources
@@ -204,7 +205,7 @@ def run_sweep(job: JobConfig | None, resume: str | None = None) -> dict[str, Any
             record["parent_run_id"] = tracking.start_run(
                 tracking_uri, job.tracking.experiment, record["sweep_id"], job.public_dict(),
                 tags={"raylm.sweep_id": record["sweep_id"], "raylm.kind": "sweep"})
-        logger.info(f"MLflow parent run {record['parent_run_id']} at {tracking_uri}")
+        logger.info(f"MLflow parent run {record['parent_run_id']} at {redact_uri(tracking_uri)}")
     write_json(sweep_dir / SWEEP_RECORD, record)
     concurrency = default_concurrency(job)
     sweep = {"sweep_id": record["sweep_id"], "sweep_dir": str(sweep_dir), "base": job.public_dict(),
