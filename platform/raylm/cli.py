@@ -177,6 +177,7 @@ def deploy(
     model_path = model or job.serve.model_path
     if not model_path:
         _fail("give --model or serve.model_path", 2)
+    _run(job.serve.check_exposure, job.serve.host)  # fail closed before Ray starts (the key file is read too)
     from raylm.lifecycle import workflow
 
     url = _run(workflow.deploy, job, model_path)
@@ -257,6 +258,7 @@ def serve(
     for reference in filter(None, [model_path, *job.serve.models.values()]):
         if not reference.startswith("models:/") and not Path(reference).is_dir():
             _fail(f"model folder not found: {reference}")
+    _run(job.serve.check_exposure, job.serve.host)  # fail closed before Ray starts (the key file is read too)
     from raylm.lifecycle import workflow
 
     _run(workflow.serve_model, job, model_path)

@@ -264,8 +264,9 @@ class LocalRayCluster:
         kill_group(process, sig=signal.SIGKILL)
         return sorted(members)
 
-    def stop(self) -> None:
-        kill_groups([*self.nodes, *([self.head] if self.head is not None else [])], grace_s=20)
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM every node's process group, SIGKILL what is left after ``grace_s``; remove the temp dirs."""
+        kill_groups([*self.nodes, *([self.head] if self.head is not None else [])], grace_s=grace_s)
         import shutil
 
         for folder in [self.temp_dir, *self.node_temp_dirs]:

@@ -56,6 +56,10 @@ def test_image_install_auth_dashboard_and_bucket(name):
     assert any("pip install" in command and "~/raylm" in command for command in config["setup_commands"])
     # Token authentication on every node, with the token file mounted where Ray looks for it.
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    # Serve's API key file on every node, where serve/config_gpu.yaml (0.0.0.0) names it.
+    assert config["file_mounts"]["~/.raylm/api_key"] == "~/.raylm/api_key"
+    gpu_app = yaml.safe_load((REPO_ROOT / "serve" / "config_gpu.yaml").read_text())["applications"][0]
+    assert gpu_app["args"]["api_key_file"] == "~/.raylm/api_key"
     starts = {"head": config["head_start_ray_commands"], "worker": config["worker_start_ray_commands"]}
     for role, commands in starts.items():
         ray_start = [command for command in commands if "ray start" in command]

@@ -156,6 +156,24 @@ def test_haproxy_stats_and_exporter_move_to_loopback_ray_2_60(tmp_path, monkeypa
         assert re.search(rf'"{key}",\s*"?{default}"?\s*\)', constants), f"{key} (default {default}) changed"
 
 
+def test_running_serve_http_host_ray_2_60():
+    from ray.serve._private.client import ServeControllerClient
+    from ray.serve.context import _get_global_client
+
+    # What running_serve_http_host calls, with the keyword it passes; unit tests start no Ray, so the
+    # controller client itself is checked for the property it reads (test_serve_deploy_auth.py asks a real one).
+    assert "raise_if_no_controller_running" in __import__("inspect").signature(_get_global_client).parameters, \
+        "raylm.compat: ray.serve.context._get_global_client(raise_if_no_controller_running=) is gone (Ray 2.60)"
+    assert isinstance(getattr(ServeControllerClient, "http_config", None), property), \
+        "raylm.compat: ServeControllerClient.http_config is gone (written for Ray 2.60)"
+    # Without a Ray connection it answers "no Serve running" and starts nothing.
+    import ray
+
+    assert not ray.is_initialized()
+    assert _contract(ray_compat.running_serve_http_host) == (False, None)
+    assert not ray.is_initialized()
+
+
 # --------------------------------------------------------------------------- sacrebleu 2.6
 
 

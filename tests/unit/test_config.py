@@ -122,6 +122,29 @@ def test_cli_bad_config_exits_2_with_one_line_before_ray(override, expected):
     assert "Traceback" not in result.stderr
 
 
+def test_cli_refuses_a_secret_override_and_serving_beyond_loopback_without_a_key(tmp_path):
+    env_without_key = {key: value for key, value in __import__("os").environ.items()
+                       if key not in ("RAYLM_API_KEY", "RAYLM_API_KEY_FILE")}
+    refused = subprocess.run([sys.executable, "-m", "raylm.cli", "train", "--config", "jobs/configs/demo.yaml",
+                              "serve.api_key=sk-on-the-command-line"], capture_output=True, text=True, cwd=REPO_ROOT,
+                             env={**env_without_key, "PYTHONPATH": str(REPO_ROOT / "platform")}, timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == (
+        "error: config error: serve.api_key is not taken on the command line (shell history, process lists and job "
+        "records keep it): set $RAYLM_API_KEY in the environment, or name a file that holds the key in "
+        "serve.api_key_file")
+    open_to_all = subprocess.run([sys.executable, "-m", "raylm.cli", "serve", "--model", str(tmp_path),
+                                  "serve.host=0.0.0.0", "serve.port=7190"], capture_output=True, text=True,
+                                 cwd=tmp_path, env={**env_without_key, "PYTHONPATH": str(REPO_ROOT / "platform")},
+                                 timeout=120)
+    assert open_to_all.returncode == 2 and "Traceback" not in open_to_all.stderr
+    assert open_to_all.stderr.strip() == (
+        "error: config error: Serve listens on 0.0.0.0, not a loopback address, and serve has no API key: name a "
+        "file that holds one in serve.api_key_file (or set $RAYLM_API_KEY where the app is built), or set "
+        "serve.allow_unauthenticated: true to serve without one")
+    assert sorted(path.name for path in tmp_path.iterdir()) == []  # refused before Ray started: no runs/, no logs
+
+
 def test_cli_missing_config_file():
     result = _cli("train", "--config", "no/such.yaml")
     assert result.returncode == 2

@@ -86,16 +86,17 @@ def test_unknown_run_is_a_clear_error(tmp_path):
 
 
 def test_api_key_is_secret_everywhere(tmp_path, monkeypatch):
-    job = _job(tmp_path, "serve.api_key=sk-very-secret")
+    monkeypatch.setenv("RAYLM_API_KEY", "sk-very-secret")
+    job = _job(tmp_path)
     assert job.serve.api_key_value() == "sk-very-secret"
     assert "sk-very-secret" not in job.to_yaml() and "sk-very-secret" not in repr(job)
     assert "api_key" not in job.public_dict()["serve"]
     runs.begin_run(job)
     assert "sk-very-secret" not in (job.run_dir / runs.RECORD_FILE).read_text()
-    monkeypatch.setenv("RAYLM_API_KEY", "from-env")
-    assert _job(tmp_path).serve.api_key_value() == "from-env"
+    config_file = tmp_path / "masked.yaml"
+    config_file.write_text("serve:\n  api_key: '**********'\n")
     with pytest.raises(ConfigError, match="redaction mask"):
-        _job(tmp_path, "serve.api_key='**********'")
+        load_config(config_file, [*BASE, f"workdir={tmp_path}"])
 
 
 def test_sigterm_raises_inside_the_block_and_the_previous_handler_comes_back():

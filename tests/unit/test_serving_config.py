@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from raylm.config import ConfigError, ServeConfig, load_config
+from raylm.config import ConfigError, ServeConfig, load_config, validate_config
 from tests.conftest import REPO_ROOT
 
 
@@ -62,13 +62,28 @@ def test_deployment_options_carry_replicas_autoscaling_queue_and_resources():
                                             "downscale_delay_s": 30}
 
 
+@pytest.fixture
+def key_home(tmp_path, monkeypatch):
+    """A home folder of its own, no key in the environment: ``~/.raylm/api_key`` is whatever the test writes."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAYLM_API_KEY", raising=False)
+    monkeypatch.delenv("RAYLM_API_KEY_FILE", raising=False)
+    return tmp_path
+
+
+def _write_key(home, text="k3y-from-file\n"):
+    (home / ".raylm").mkdir(exist_ok=True)
+    (home / ".raylm" / "api_key").write_text(text)
+    return home / ".raylm" / "api_key"
+
+
 @pytest.mark.parametrize("path", sorted((REPO_ROOT / "serve").glob("*.yaml")), ids=lambda p: p.name)
-def test_serve_files_build_the_app_with_their_settings(path, monkeypatch):
+def test_serve_files_build_the_app_with_their_settings(path, key_home):
     from ray.serve.config import AutoscalingConfig
 
     from raylm.serving.app import app_builder
 
-    monkeypatch.delenv("RAYLM_API_KEY", raising=False)
+    _write_key(key_home)  # where cluster.yaml mounts it: config_gpu.yaml names it
     application = yaml.safe_load(path.read_text())["applications"][0]
     assert application["import_path"] == "raylm.serving.app:app_builder"
     built = app_builder(application["args"])
@@ -83,6 +98,26 @@ def test_serve_files_build_the_app_with_their_settings(path, monkeypatch):
     assert deployment.ray_actor_options["num_gpus"] == gpus
 
 
+@pytest.mark.parametrize("path", sorted((REPO_ROOT / "serve").glob("*.yaml")), ids=lambda p: p.name)
+def test_serve_files_that_listen_beyond_loopback_need_their_key_file(path, key_home):
+    from raylm.config import is_loopback
+
+    loaded = yaml.safe_load(path.read_text())
+    host = loaded["http_options"]["host"]
+    args = {key: value for key, value in loaded["applications"][0]["args"].items() if key != "tracking_uri"}
+    config = validate_config({"serve": args}).serve
+    if is_loopback(host):
+        config.check_exposure(host)
+        return
+    assert config.api_key_file == "~/.raylm/api_key"  # as cluster.yaml mounts it, "~" expanded on each node
+    with pytest.raises(ConfigError, match=r"^config error: serve.api_key_file: cannot read ~/.raylm/api_key "
+                                          r"on this node \(No such file or directory\)$"):
+        config.check_exposure(host)
+    _write_key(key_home)
+    config.check_exposure(host)
+    assert config.api_key_value() == "k3y-from-file"
+
+
 def test_app_builder_rejects_bad_args(monkeypatch):
     from raylm.serving.app import app_builder
 
@@ -91,6 +126,109 @@ def test_app_builder_rejects_bad_args(monkeypatch):
         app_builder({"model_path": "x", "max_batch_sise": 4})
     with pytest.raises(ConfigError, match="need model_path"):
         app_builder({})
+
+
+def test_api_key_file_is_read_where_the_key_is_needed(key_home):
+    key_file = _write_key(key_home, "  s3cret-in-a-file \n")
+    job = load_config(None, ["serve.api_key_file=~/.raylm/api_key"])
+    assert job.serve.api_key_file == "~/.raylm/api_key"  # kept as written: each node expands "~" itself
+    assert job.serve.api_key_value() == "s3cret-in-a-file"
+    dumped = json.dumps(job.public_dict())
+    assert "s3cret" not in dumped and "s3cret" not in job.to_yaml() and "~/.raylm/api_key" in dumped
+    # A replica validates the dump it is given and reads the file again, on its own node.
+    assert ServeConfig.model_validate(job.serve.model_dump()).api_key_value() == "s3cret-in-a-file"
+    key_file.write_text("rotated\n")
+    assert job.serve.api_key_value() == "rotated"
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (None, "cannot read ~/.raylm/api_key on this node (No such file or directory)"),
+    ("", "~/.raylm/api_key is empty"),
+    (" \n\n", "~/.raylm/api_key is empty"),
+    ("one\ntwo\n", "~/.raylm/api_key holds more than one line; it must hold the key alone"),
+    ("folder", "cannot read ~/.raylm/api_key on this node (Is a directory)"),
+])
+def test_an_unusable_key_file_is_one_config_error(key_home, content, fragment):
+    if content == "folder":
+        (key_home / ".raylm" / "api_key").mkdir(parents=True)
+    elif content is not None:
+        _write_key(key_home, content)
+    config = load_config(None, ["serve.api_key_file=~/.raylm/api_key"]).serve  # loading does not read it
+    for check in (config.api_key_value, lambda: config.check_exposure("127.0.0.1")):
+        with pytest.raises(ConfigError) as info:
+            check()
+        assert str(info.value) == f"config error: serve.api_key_file: {fragment}" and "two" not in str(info.value)
+
+
+def test_one_key_source(key_home, monkeypatch, tmp_path):
+    config_file = tmp_path / "both.yaml"
+    config_file.write_text("serve:\n  api_key: k1\n  api_key_file: ~/.raylm/api_key\n")
+    with pytest.raises(ConfigError, match=r"^config error: serve: api_key and api_key_file are both given: "
+                                          r"keep one \(on a cluster, the key file\)$"):
+        load_config(config_file)
+    key_file = _write_key(key_home, "from-file")
+    monkeypatch.setenv("RAYLM_API_KEY_FILE", str(key_file))
+    assert load_config().serve.api_key_value() == "from-file"
+    monkeypatch.setenv("RAYLM_API_KEY", "from-env")
+    with pytest.raises(ConfigError, match=r"\$RAYLM_API_KEY and \$RAYLM_API_KEY_FILE are both set: keep one"):
+        load_config()
+    monkeypatch.delenv("RAYLM_API_KEY_FILE")
+    assert load_config().serve.api_key_value() == "from-env"
+    # A key file named in the config wins over the environment's key.
+    assert load_config(None, ["serve.api_key_file=~/.raylm/api_key"]).serve.api_key_value() == "from-file"
+
+
+@pytest.mark.parametrize("override", ["serve.api_key=sk-abc123", "serve.api_key='sk-abc123'", " serve.api_key =x"])
+def test_api_key_override_is_refused_with_a_hint(override, key_home):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["serve.port=9000", override])
+    message = str(info.value)
+    assert message == ("config error: serve.api_key is not taken on the command line (shell history, process lists "
+                       "and job records keep it): set $RAYLM_API_KEY in the environment, or name a file that holds "
+                       "the key in serve.api_key_file")
+    assert "sk-abc123" not in message
+    # The key file and the switch are ordinary overrides.
+    job = load_config(None, ["serve.api_key_file=/keys/k", "serve.allow_unauthenticated=true"])
+    assert job.serve.api_key_file == "/keys/k" and job.serve.allow_unauthenticated
+
+
+@pytest.mark.parametrize("host, key, allowed, refused", [
+    ("127.0.0.1", None, False, False), ("localhost", None, False, False), ("::1", None, False, False),
+    ("127.0.0.2", None, False, False), (None, None, False, False),
+    ("0.0.0.0", None, False, True), ("::", None, False, True), ("10.0.0.5", None, False, True),
+    ("serve.internal", None, False, True),
+    ("0.0.0.0", "k3y", False, False), ("0.0.0.0", None, True, False),
+])
+def test_fail_closed_beyond_loopback(host, key, allowed, refused, key_home):
+    config = ServeConfig(api_key=key, allow_unauthenticated=allowed)
+    if not refused:
+        config.check_exposure(host)
+        return
+    with pytest.raises(ConfigError) as info:
+        config.check_exposure(host)
+    assert str(info.value) == (
+        f"config error: Serve listens on {host}, not a loopback address, and serve has no API key: name a file "
+        "that holds one in serve.api_key_file (or set $RAYLM_API_KEY where the app is built), or set "
+        "serve.allow_unauthenticated: true to serve without one")
+
+
+def test_build_app_fails_closed_and_serve_shows_the_builders_line(key_home, tmp_path):
+    from ray.serve.exceptions import RayServeException
+
+    from raylm.serving.app import app_builder, build_app
+
+    with pytest.raises(ConfigError, match="Serve listens on 0.0.0.0"):
+        build_app("some/model", ServeConfig(), host="0.0.0.0")
+    assert build_app("some/model", ServeConfig(allow_unauthenticated=True), host="0.0.0.0") is not None
+    assert build_app("some/model", ServeConfig(), host="127.0.0.1") is not None
+    _write_key(key_home)
+    assert build_app("some/model", ServeConfig(api_key_file="~/.raylm/api_key"), host="0.0.0.0") is not None
+    # No Ray here: the builder takes the host a Serve started now would get (127.0.0.1).
+    assert app_builder({"model_path": "some/model"}) is not None
+    with pytest.raises(RayServeException) as info:  # Serve shows such an error's message alone
+        app_builder({"model_path": "some/model", "api_key_file": str(tmp_path / "missing")})
+    assert isinstance(info.value, ConfigError)
+    assert str(info.value).startswith("config error: serve args: api_key_file: cannot read ")
 
 
 def test_api_key_comes_from_the_environment_and_never_reaches_dumps(monkeypatch):

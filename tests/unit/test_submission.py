@@ -232,3 +232,24 @@ def test_finetune_deploy_and_submit_refuse_bad_input_with_one_line(tmp_path):
     assert unreachable.stderr.strip() == ("error: cannot reach the Ray Jobs API at http://127.0.0.1:9: is the cluster "
                                           "up (`ray up cluster.yaml`) and its dashboard forwarded (`ray dashboard "
                                           "cluster.yaml`)? Or pass --address")
+
+
+@pytest.mark.parametrize("entrypoint, env_vars, fragment", [
+    (["python", "jobs/deploy.py", "--model", "m", "serve.api_key=sk-in-entrypoint"], {},
+     "config error: serve.api_key is not taken on the command line"),
+    (["bash", "-c", "python jobs/train.py serve.api_key=sk-in-entrypoint"], {},
+     "config error: serve.api_key is not taken on the command line"),
+    (["python", "jobs/deploy.py", "--model", "m"], {"RAYLM_API_KEY": "sk-in-entrypoint"},
+     "--env RAYLM_API_KEY=... would be stored with the job"),
+])
+def test_submit_refuses_a_secret_the_job_record_would_keep(entrypoint, env_vars, fragment, monkeypatch):
+    # Refused before the cluster is contacted (nothing listens on port 9).
+    with pytest.raises(submission.SubmissionError) as info:
+        submission.submit(entrypoint, address="http://127.0.0.1:9", env_vars=env_vars)
+    assert str(info.value).startswith(fragment) and "sk-in-entrypoint" not in str(info.value)
+    assert "serve.api_key_file" in str(info.value)
+    # Other words that merely contain the name are fine (checked up to the connection, which fails).
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t")  # the client's token, from its environment (not the job's)
+    with pytest.raises(submission.SubmissionError, match="cannot reach the Ray Jobs API"):
+        submission.submit(["python", "x.py", "serve.api_key_file=/k", "--note=my.serve.api_key=x"],
+                          address="http://127.0.0.1:9")

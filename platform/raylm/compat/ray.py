@@ -10,7 +10,7 @@ raylm's layers and must stay cheap to import.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 WRITTEN_FOR = "2.60"
 
@@ -134,3 +134,26 @@ def haproxy_bind_rewrite(port: str, host: str = "127.0.0.1") -> str:
     shell variable (``$stats``): the launcher expands it inside double quotes, hence ``\\$``.
     """
     return rf"s/^([[:space:]]*bind[[:space:]]+)[^[:space:]]*:{port}([[:space:]]|\$)/\1{host}:{port}\2/"
+
+
+def running_serve_http_host() -> tuple[bool, Optional[str]]:
+    """``(True, host)`` for the Serve instance running on the Ray this process is connected to (``host`` None
+    when its HTTP proxies are off); ``(False, None)`` when this process has no Ray connection or no Serve runs.
+
+    Serve has no public API for the HTTP options of a running instance (a Serve config's
+    ``http_options`` go to the controller, not to the app builder): raylm asks the controller
+    through Serve's cached controller client, ``ray.serve.context._get_global_client``, whose
+    ``http_config`` is the controller's ``get_http_config()``. Ray is never started here.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return False, None
+    get_client = require_attribute("ray.serve.context", "_get_global_client")
+    client = get_client(raise_if_no_controller_running=False)
+    if client is None:
+        return False, None
+    try:
+        return True, client.http_config.host
+    except AttributeError:
+        raise _gone("ServeControllerClient.http_config.host") from None

@@ -1,16 +1,56 @@
-"""The serve section: the Ray Serve application's models, replicas, batching, limits and API key."""
+"""The serve section: the Ray Serve application's models, replicas, batching, limits and API key.
+
+The API key comes from ``serve.api_key_file`` (a file read on the machine that
+builds the app and on each replica's node: on a cluster, a file that
+``cluster.yaml`` mounts on every node), ``$RAYLM_API_KEY_FILE``, or
+``$RAYLM_API_KEY``; ``serve.api_key`` in a YAML file also works, but never as
+a command-line override (:mod:`raylm.config.overrides` refuses it). An app
+whose HTTP host is not a loopback address refuses to start without a key
+unless ``serve.allow_unauthenticated`` is true (:meth:`ServeConfig.check_exposure`).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from raylm.config.base import StrictModel
+from raylm.config.errors import ConfigError
 
 API_KEY_ENV = "RAYLM_API_KEY"
+API_KEY_FILE_ENV = "RAYLM_API_KEY_FILE"
 REDACTED = "**********"  # what pydantic writes for a SecretStr in JSON mode
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (127.0.0.0/8, ::1) or ``localhost``: reachable from this machine only."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost, or 0.0.0.0 / :: (every interface) above
+
+
+def read_key_file(path: str) -> str:
+    """The key in the file ``path`` (``~`` expanded on this machine), stripped; a ConfigError when the file
+    cannot be read, is empty or holds more than one line."""
+    try:
+        text = Path(os.path.expanduser(path)).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or type(err).__name__
+        raise ConfigError(f"config error: serve.api_key_file: cannot read {path} on this node ({reason})") from None
+    if not text:
+        raise ConfigError(f"config error: serve.api_key_file: {path} is empty")
+    if "\n" in text:
+        raise ConfigError(f"config error: serve.api_key_file: {path} holds more than one line; "
+                          "it must hold the key alone")
+    return text
+
 
 SERVE_TASKS: tuple[str, ...] = ("sentiment", "qa", "translate", "completions", "chat")
 
@@ -68,7 +108,14 @@ class ServeConfig(StrictModel):
     retry_after_s: float = Field(1.0, ge=0, description="the Retry-After of a 503 when the queue is full")
     graceful_shutdown_timeout_s: float = Field(30.0, gt=0, description="how long a stopping replica drains")
     api_key: Optional[SecretStr] = Field(
-        None, validate_default=True, description="if set, requests need 'Authorization: Bearer <key>'; default: $RAYLM_API_KEY")
+        None, description="if set, requests need 'Authorization: Bearer <key>'; default: $RAYLM_API_KEY "
+                          "(never a command-line override)")
+    api_key_file: Optional[str] = Field(
+        None, description="a file holding the key, read where the app is built and on each replica's node "
+                          "(~ expanded there); default: $RAYLM_API_KEY_FILE")
+    allow_unauthenticated: bool = Field(
+        False, description="serve without a key on a host that is not a loopback address (without it, "
+                           "such an app refuses to start)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413 before parsing")
     max_input_chars: int = Field(4000, ge=1)
     max_inputs_per_request: int = Field(64, ge=1, description="inputs in one task request's 'inputs' list")
@@ -118,14 +165,50 @@ class ServeConfig(StrictModel):
         return {task: self.models.get(task) or self.model_path for task in SERVE_TASKS
                 if self.models.get(task) or self.model_path}
 
+    @model_validator(mode="before")
+    @classmethod
+    def _key_source(cls, data: Any) -> Any:
+        """One source for the key: api_key or api_key_file if given, else $RAYLM_API_KEY_FILE or $RAYLM_API_KEY."""
+        if not isinstance(data, dict):
+            return data
+        key, key_file = data.get("api_key") or None, data.get("api_key_file") or None
+        if key is not None and key_file is not None:
+            raise ValueError("api_key and api_key_file are both given: keep one (on a cluster, the key file)")
+        if key is None and key_file is None:
+            key, key_file = os.environ.get(API_KEY_ENV) or None, os.environ.get(API_KEY_FILE_ENV) or None
+            if key is not None and key_file is not None:
+                raise ValueError(f"${API_KEY_ENV} and ${API_KEY_FILE_ENV} are both set: keep one")
+        return {**data, "api_key": key, "api_key_file": key_file}
+
     @field_validator("api_key", mode="before")
     @classmethod
-    def _key_from_environment(cls, value: Any) -> Any:
-        if value is None or value == "":
-            value = os.environ.get(API_KEY_ENV) or None
+    def _not_the_mask(cls, value: Any) -> Any:
         if isinstance(value, str) and value == REDACTED:
             raise ValueError("api_key is the redaction mask; give the real key or set $" + API_KEY_ENV)
         return value
 
+    @field_validator("api_key_file")
+    @classmethod
+    def _a_path(cls, value: Optional[str]) -> Optional[str]:
+        # Kept as written: "~" is expanded where the file is read (each node), not where the config was loaded.
+        if value is not None and not value.strip():
+            raise ValueError("api_key_file is blank; give the path of a file that holds the key")
+        return value.strip() if value is not None else None
+
     def api_key_value(self) -> Optional[str]:
-        return self.api_key.get_secret_value() if self.api_key is not None else None
+        """The key requests must carry: ``api_key``, or the content of ``api_key_file`` read now, on this
+        machine (a ConfigError if that file cannot be read); None without a key."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        return read_key_file(self.api_key_file) if self.api_key_file is not None else None
+
+    def check_exposure(self, host: Optional[str]) -> None:
+        """Fail closed: a ConfigError (one line) when Serve's HTTP ``host`` is not a loopback address and there is
+        no key, unless ``allow_unauthenticated``. Reads ``api_key_file`` (its errors come first). ``host`` None:
+        Serve starts no HTTP proxy."""
+        if self.api_key_value() is not None or host is None or is_loopback(host) or self.allow_unauthenticated:
+            return
+        raise ConfigError(
+            f"config error: Serve listens on {host}, not a loopback address, and serve has no API key: name a "
+            f"file that holds one in serve.api_key_file (or set ${API_KEY_ENV} where the app is built), or set "
+            "serve.allow_unauthenticated: true to serve without one")

@@ -5,6 +5,12 @@ deployment with the replica, autoscaling, queue and resource options of that
 config, so ``raylm serve``, ``serve run`` and ``serve deploy`` (through
 :func:`app_builder`) deploy the same thing. Routes: see
 :mod:`raylm.serving.routes`; batching: :mod:`raylm.serving.batching`.
+
+Fail closed: ``build_app`` refuses an app that Serve's HTTP proxies would expose
+on a non-loopback address without an API key (``serve.api_key_file``,
+``$RAYLM_API_KEY``) unless ``serve.allow_unauthenticated`` is set. For
+``serve deploy`` the host is in the Serve config's ``http_options``, which reach
+the controller, not the builder's args: the builder asks the running Serve.
 """
 
 from __future__ import annotations
@@ -18,9 +24,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ray import serve
+from ray.serve.config import HTTPOptions
+from ray.serve.exceptions import RayServeException
 
 from raylm.common.tracking import get_model_version, resolve_model_path
-from raylm.config import API_KEY_ENV, ConfigError, ServeConfig, validate_config
+from raylm.compat.ray import running_serve_http_host
+from raylm.config import ConfigError, ServeConfig, validate_config
 from raylm.inference.task_model import InferenceOptions, load_task_model, model_kind, public_model_name
 from raylm.serving.batching import BatchStats, ModelWorker
 from raylm.serving.guard import APIError
@@ -30,6 +39,19 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "raylm"
 DEPLOYMENT_NAME = "RaylmModel"
+
+
+class AppConfigError(ConfigError, RayServeException):
+    """A config error of an app built by Serve (``serve run`` / ``serve deploy``): Serve shows a
+    ``RayServeException`` from a builder as its message alone, so the app's status reads one line, not a
+    traceback; raylm's CLI still treats it as a ConfigError."""
+
+
+def serve_http_host() -> Optional[str]:
+    """The host Serve's HTTP proxies listen on: the running Serve instance's; when none runs (or this process
+    has no Ray), the host a Serve started now would get (``HTTPOptions``' default)."""
+    running, host = running_serve_http_host()
+    return host if running else HTTPOptions().host
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
@@ -122,14 +144,21 @@ def deployment_options(config: ServeConfig) -> dict[str, Any]:
     return options
 
 
-def build_app(model_path: Optional[str], serve_config: ServeConfig, tracking_uri: Optional[str] = None):
-    """The Serve application for ``model_path`` (folder or registry URI) and ``serve_config.models``."""
+def build_app(model_path: Optional[str], serve_config: ServeConfig, tracking_uri: Optional[str] = None,
+              host: Optional[str] = None):
+    """The Serve application for ``model_path`` (folder or registry URI) and ``serve_config.models``.
+
+    ``host``: where Serve's HTTP proxies listen (default: :func:`serve_http_host`). A ConfigError when that is
+    not a loopback address and there is no key (:meth:`ServeConfig.check_exposure`), or when
+    ``serve.api_key_file`` cannot be read here; each replica reads that file again on its own node.
+    """
     config = serve_config
     if model_path and model_path != config.model_path:
         config = config.model_copy(update={"model_path": model_path})
     task_models = config.task_models()
     if not task_models:
         raise ValueError("nothing to serve: give a model (model_path) or serve.models")
+    config.check_exposure(host if host is not None else serve_http_host())
     # Python mode keeps the API key a SecretStr (JSON mode would replace it by its mask).
     return RaylmServer.options(**deployment_options(config)).bind(task_models, config.model_dump(), tracking_uri)
 
@@ -137,20 +166,23 @@ def build_app(model_path: Optional[str], serve_config: ServeConfig, tracking_uri
 def app_builder(args: dict[str, Any]):
     """Entry for ``serve run`` / ``serve deploy``: ``import_path: raylm.serving.app:app_builder``.
 
-    ``args`` are ServeConfig keys (``model_path``, ``autoscaling``, ``max_batch_size``, ...) plus an
-    optional ``tracking_uri``; the API key comes from ``$RAYLM_API_KEY`` unless given.
+    ``args`` are ServeConfig keys (``model_path``, ``autoscaling``, ``max_batch_size``, ``api_key_file``, ...)
+    plus an optional ``tracking_uri``; without ``api_key_file`` the key comes from ``$RAYLM_API_KEY_FILE`` or
+    ``$RAYLM_API_KEY`` in the environment of the process that builds the app (on a cluster: Serve's, not the
+    shell that ran ``serve deploy``). The HTTP host is the running Serve's (``http_options`` of the Serve
+    config file); errors are :class:`AppConfigError`, one line in ``serve status``.
     """
     args = dict(args or {})
     tracking_uri = args.pop("tracking_uri", None)
     try:
         # Validated as the serve section of a job config: the same checks and messages as `raylm serve`.
         config = validate_config({"serve": args}).serve
+        if not config.task_models():
+            raise ConfigError("config error: serve args need model_path (a model folder or models:/name/version) "
+                              "or models")
+        return build_app(config.model_path, config, tracking_uri)
     except ConfigError as err:
-        raise ConfigError(str(err).replace("config error: serve.", "config error: serve args: ", 1)) from None
-    if not config.task_models():
-        raise ConfigError("config error: serve args need model_path (a model folder or models:/name/version) "
-                          "or models")
-    return build_app(config.model_path, config, tracking_uri)
+        raise AppConfigError(str(err).replace("config error: serve.", "config error: serve args: ", 1)) from None
 
 
 def check_model_references(config: ServeConfig, tracking_uri: Optional[str] = None) -> None:
@@ -199,9 +231,7 @@ def serve_until_stopped(model_path: Optional[str], serve_config: ServeConfig,
         received.append(signum)
         stop.set()
 
-    if serve_config.host not in ("127.0.0.1", "localhost", "::1") and serve_config.api_key is None:
-        logger.warning("serving on %s without an API key: anyone who can reach the port can use the models "
-                       "(set serve.api_key or $%s)", serve_config.host, API_KEY_ENV)
+    serve_config.check_exposure(serve_config.host)  # before Serve starts; build_app checks the running Serve's
     previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         url = start_serving(model_path, serve_config, tracking_uri)
