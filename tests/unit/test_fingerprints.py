@@ -26,3 +26,16 @@ def test_folder_fingerprint_sees_names_and_contents(tmp_path):
     third = fingerprints.fingerprint_folder(tmp_path)
     assert len({first, second, third}) == 3
     assert fingerprints.file_digest(tmp_path / "b.py") == fingerprints.file_digest(tmp_path / "b.py")
+
+
+def test_content_hash_sees_names_bytes_and_subfolders(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"\x00\x01")
+    first = fingerprints.content_hash(tmp_path)
+    assert first == fingerprints.content_hash(tmp_path) and len(first) == len("sha256:") + 64
+    (tmp_path / "a.bin").write_bytes(b"\x00\x02")
+    second = fingerprints.content_hash(tmp_path)
+    (tmp_path / "a.bin").rename(tmp_path / "b.bin")
+    third = fingerprints.content_hash(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.json").write_text("{}")
+    assert len({first, second, third, fingerprints.content_hash(tmp_path)}) == 4

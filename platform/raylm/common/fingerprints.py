@@ -53,15 +53,33 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def fingerprint_folder(root: str | os.PathLike, pattern: str = "*.py", length: int = DEFAULT_LENGTH) -> str:
-    """The fingerprint of the relative paths and contents of the files under ``root`` matching ``pattern``."""
-    root = Path(root)
+def _folder_digest(root: Path, pattern: str):
+    """SHA-256 over each matching file's relative path and bytes, in sorted path order, streamed."""
     digest = hashlib.sha256()
     for path in sorted(root.rglob(pattern)):
         if "__pycache__" in path.parts or not path.is_file():
             continue
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:length]
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest
+
+
+def fingerprint_folder(root: str | os.PathLike, pattern: str = "*.py", length: int = DEFAULT_LENGTH) -> str:
+    """The fingerprint of the relative paths and contents of the files under ``root`` matching ``pattern``."""
+    return _folder_digest(Path(root), pattern).hexdigest()[:length]
+
+
+def content_hash(root: str | os.PathLike) -> str:
+    """``sha256:<64 hex digits>`` over every file of a folder (relative path and bytes, sorted by path).
+
+    The integrity check of a registered model: recorded when a model folder is
+    registered, recomputed when a registry reference is loaded. Full length, not
+    a fingerprint's prefix: this one has to resist someone choosing the bytes.
+    """
+    return "sha256:" + _folder_digest(Path(root), "*").hexdigest()
 
 
 def unit_interval(*parts: Any) -> float:

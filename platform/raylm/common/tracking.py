@@ -14,9 +14,13 @@ from typing import Any, Iterable
 from urllib.parse import urlsplit
 
 from raylm.common import storage
+from raylm.common.fingerprints import content_hash
 from raylm.config.redaction import redact_uri
 
 logger = logging.getLogger(__name__)
+
+# The tag (on a registered model version and on its run) that holds the model folder's content hash.
+CONTENT_HASH_TAG = "raylm.content_hash"
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -128,13 +132,16 @@ def plot_loss_curve(history: Iterable[dict[str, Any]], path: Path) -> Path | Non
 
 def finish_run(tracking_uri: str, run_id: str, model_dir: Path, metrics: dict[str, float],
                model_name: str | None, extra_artifacts: Iterable[Path] = (),
-               version_tags: dict[str, str] | None = None) -> str | None:
+               version_tags: dict[str, str] | None = None, folder_hash: str | None = None) -> str | None:
     """Log final metrics and artifacts, register the model; returns the registry URI or None.
 
-    ``version_tags`` (lineage, :mod:`raylm.lifecycle.lineage`) go onto the new model version and the run.
+    ``version_tags`` (lineage, :mod:`raylm.lifecycle.lineage`) go onto the new model version and the run,
+    with the model folder's content hash (``folder_hash`` when the caller computed it just before, else
+    computed here) as ``raylm.content_hash``: :func:`resolve_model_path` refuses files that no longer match.
     """
     client = mlflow_client(tracking_uri)
-    for key, value in (version_tags or {}).items():
+    version_tags = {**(version_tags or {}), CONTENT_HASH_TAG: folder_hash or content_hash(model_dir)}
+    for key, value in version_tags.items():
         client.set_tag(run_id, key, value)
     log_metrics(tracking_uri, run_id, {key: value for key, value in metrics.items() if isinstance(value, (int, float))})
     client.log_artifacts(run_id, str(model_dir), artifact_path="model")
@@ -167,6 +174,10 @@ def fail_run(tracking_uri: str, run_id: str) -> None:
 
 class RegistryError(ValueError):
     """A registry reference a user gave does not resolve (unknown model, version or alias); one line."""
+
+
+class ModelIntegrityError(RegistryError):
+    """A registered version's files no longer hash to what was recorded at registration; one line."""
 
 
 REGISTRY_URI_FORMS = "models:/<name>/<version> or models:/<name>@<alias>"
@@ -244,20 +255,38 @@ def get_model_version(tracking_uri: str, uri: str):
                             f"({err.error_code})") from None
 
 
+def verify_registered_folder(version, folder: Path, uri: str) -> None:
+    """Refuse ``folder`` (the downloaded files of model ``version``) unless it hashes to the recorded hash.
+
+    A version registered before hashes were recorded has no tag: it loads, with a warning.
+    """
+    expected = version.tags.get(CONTENT_HASH_TAG)
+    found = content_hash(folder)
+    if expected is None:
+        logger.warning(f"{uri}: version {version.version} of {version.name!r} was registered without a content "
+                       "hash; loading its files unverified")
+    elif found != expected:
+        raise ModelIntegrityError(
+            f"{uri}: refusing to load version {version.version} of {version.name!r}: its files hash to {found}, "
+            f"not {expected} as recorded at registration (the weights changed after registration)")
+
+
 def resolve_model_path(model_path: str, tracking_uri: str | None = None, destination: str | None = None) -> Path:
     """Turn a model folder, ``models:/name/version`` or ``models:/name@alias`` into a local folder.
 
-    A registry URI is resolved at call time (an alias names whichever version holds it now) and
-    the version's model folder is downloaded from the tracking server's artifact store.
+    A registry URI is resolved at call time (an alias names whichever version holds it now), the
+    version's model folder is downloaded from the tracking server's artifact store and checked
+    against the content hash recorded at registration (:class:`ModelIntegrityError` on a mismatch).
     """
     if model_path.startswith("models:/"):
         import mlflow
 
         tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         version = get_model_version(tracking_uri, model_path)
-        local = mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=destination,
-                                                    tracking_uri=tracking_uri)
-        return Path(local)
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=destination,
+                                                         tracking_uri=tracking_uri))
+        verify_registered_folder(version, local, model_path)
+        return local
     if storage.is_remote(model_path):
         # A model folder in an object store, e.g. a run's <workdir>/<run id>/model in S3.
         target = Path(destination) if destination else storage.local_scratch("raylm-model-") / "model"

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from raylm.common import tracking
+from raylm.common.fingerprints import content_hash
 from raylm.config import JobConfig
 from raylm.lifecycle import runs
 from raylm.lifecycle.lineage import lineage_tags
@@ -45,7 +46,8 @@ def register_run(job: JobConfig, record: dict[str, Any], mlflow_run_id: Optional
     The registry URI is the new version's, or the one this step of the run was
     registered as before (a resumed run that trained no further step); the
     promotion is the gate's decision when a new version was registered and
-    ``tracking.promote_alias`` is set. ``record`` (``run.json``) gets the new version.
+    ``tracking.promote_alias`` is set. ``record`` (``run.json``) gets the new version and the content
+    hash of the model folder as registered (also a tag on the version and the run).
     """
     trained_steps = card["trained_steps"]
     registry_uri = runs.registered_at(record, trained_steps)
@@ -56,13 +58,15 @@ def register_run(job: JobConfig, record: dict[str, Any], mlflow_run_id: Optional
         return registry_uri, None
     curve = tracking.plot_loss_curve(history, scratch / "loss_curve.png")
     model_name = job.tracking.model_name if job.tracking.register_model and not registry_uri else None
+    folder_hash = content_hash(model_dir)
     new_uri = tracking.finish_run(
         job.resolved_tracking_uri(), mlflow_run_id, model_dir, {k: v for k, v in metrics.items() if v is not None},
         model_name, extra_artifacts=[curve] if curve else [], version_tags=lineage_tags(card["lineage"]),
+        folder_hash=folder_hash,
     )
     if not new_uri:
         return registry_uri, None
-    record["registered"].append({"uri": new_uri, "step": trained_steps})
+    record["registered"].append({"uri": new_uri, "step": trained_steps, "content_hash": folder_hash})
     logger.info(f"registered {new_uri}")
     promotion = promote_after_training(job, new_uri) if job.tracking.promote_alias else None
     return new_uri, promotion

@@ -35,7 +35,7 @@ from raylm.lifecycle.evaluate import evaluate_exported, evaluate_reference
 from raylm.lifecycle.export import export_run_model, write_card
 from raylm.lifecycle.lineage import parent_run_of
 from raylm.lifecycle.register import register_run
-from raylm.serving.app import serve_until_stopped, start_serving
+from raylm.serving.app import serve_until_stopped, start_serving, verify_registered_models
 from raylm.serving.ingress import ingress_env, set_ingress_env
 from raylm.train.driver import run_training
 
@@ -207,6 +207,7 @@ def deploy(job: JobConfig, model_path: str) -> str:
     if not os.environ.get("RAY_ADDRESS"):
         raise ConfigError("deploy: no cluster to deploy to ($RAY_ADDRESS is not set; a submitted job has it); "
                           "`raylm serve` serves from this process instead")
+    verify_registered_models(job.serve.model_copy(update={"model_path": model_path}), job.resolved_tracking_uri())
     ensure_ray(job)
     url = start_serving(model_path, job.serve, tracking_uri=job.resolved_tracking_uri())
     logger.info(f"deployed {model_path} at {url} on every node's Serve proxy")
@@ -234,7 +235,12 @@ def query_endpoints(base_url: str, requests_by_task: dict[str, dict] = DEMO_REQU
 
 
 def serve_model(job: JobConfig, model_path: str | None) -> None:
-    """Serve ``model_path`` (or ``serve.models``) on a Ray started for it until SIGTERM or Ctrl-C (``raylm serve``)."""
+    """Serve ``model_path`` (or ``serve.models``) on a Ray started for it until SIGTERM or Ctrl-C (``raylm serve``).
+
+    Registry models are checked against their content hash before Ray starts.
+    """
+    config = job.serve.model_copy(update={"model_path": model_path}) if model_path else job.serve
+    verify_registered_models(config, job.resolved_tracking_uri())
     ensure_ray(job, extra_env=serving_env(job))
     try:
         serve_until_stopped(model_path, job.serve, job.resolved_tracking_uri())

@@ -16,7 +16,9 @@ the controller, not the builder's args: the builder asks the running Serve.
 from __future__ import annotations
 
 import logging
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -195,6 +197,23 @@ def check_model_references(config: ServeConfig, tracking_uri: Optional[str] = No
             raise FileNotFoundError(f"model folder not found: {reference}")
         else:
             model_kind(reference)
+
+
+def verify_registered_models(config: ServeConfig, tracking_uri: Optional[str] = None) -> None:
+    """Download each registry model ``config`` serves and check it against its recorded content hash.
+
+    Called before Ray starts (``raylm serve``, ``raylm deploy``), so that weights changed after
+    registration end the command with one line (:class:`~raylm.common.tracking.ModelIntegrityError`)
+    instead of a replica that fails to start; every replica checks what it loads again.
+    """
+    for reference in dict.fromkeys(config.task_models().values()):
+        if not reference.startswith("models:/"):
+            continue
+        scratch = tempfile.mkdtemp(prefix="raylm-verify-")
+        try:
+            model_kind(resolve_model_path(reference, tracking_uri, scratch))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def start_serving(model_path: Optional[str], serve_config: ServeConfig, tracking_uri: Optional[str] = None,
