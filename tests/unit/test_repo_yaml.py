@@ -6,6 +6,7 @@ A new YAML file of another kind fails here until a check for it is added.
 """
 
 import copy
+import re
 import subprocess
 
 import pytest
@@ -28,6 +29,8 @@ def _kind(path: str) -> str:
         return "serve"
     if path.split("/")[-1].startswith("cluster") and "/" not in path:
         return "cluster"
+    if path.startswith("deploy/iam/gcp-") and path.endswith("-role.yaml"):
+        return "gcp-role"
     return "unknown"
 
 
@@ -49,6 +52,9 @@ def test_yaml_file_is_valid_for_its_reader(path):
         job = load_job(REPO_ROOT / path)
         if job.tune.space:  # raylm tune checks its sweep: every trial must be a valid job config
             validate_sweep(job)
+    elif kind == "gcp-role":  # `gcloud iam roles create --file`: a custom role's fields
+        assert set(loaded) == {"title", "description", "stage", "includedPermissions"}, path
+        assert all(re.fullmatch(r"[a-z]+\.[a-zA-Z]+\.[a-zA-Z]+", item) for item in loaded["includedPermissions"])
     elif kind == "serve":
         from ray.serve.schema import ServeDeploySchema
 
