@@ -24,6 +24,7 @@ import pytest
 import requests
 from typer.testing import CliRunner
 
+from raylm.common.fingerprints import content_hash
 from raylm.config import load_config
 from tests.conftest import SERVE_PORT
 
@@ -126,6 +127,11 @@ def test_lineage_on_every_registered_version(server, runs):
         assert low < summary["metrics"]["lm_perplexity"] < high
         assert tags["raylm.metric.lm_perplexity"].endswith("(95% CI)")
         assert int(tags["raylm.exported_step"]) == summary["export"]["step"]
+        # The content hash of the model folder as registered: on the version, its run and in run.json.
+        assert tags["raylm.content_hash"] == content_hash(summary["model_dir"])
+        assert _client(server).get_run(version.run_id).data.tags["raylm.content_hash"] == tags["raylm.content_hash"]
+        record = json.loads((Path(summary["run_dir"]) / "run.json").read_text())
+        assert [entry["content_hash"] for entry in record["registered"]] == [tags["raylm.content_hash"]]
     # Both runs scored the same dev rows: the precondition of a fair comparison.
     assert summaries[0]["eval"]["fingerprint"] == summaries[1]["eval"]["fingerprint"]
 
