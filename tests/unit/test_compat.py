@@ -162,16 +162,20 @@ def test_running_serve_http_host_ray_2_60():
 
     # What running_serve_http_host calls, with the keyword it passes; unit tests start no Ray, so the
     # controller client itself is checked for the property it reads (test_serve_deploy_auth.py asks a real one).
-    assert "raise_if_no_controller_running" in __import__("inspect").signature(_get_global_client).parameters, \
+    assert "raise_if_no_controller_running" in inspect.signature(_get_global_client).parameters, \
         "raylm.compat: ray.serve.context._get_global_client(raise_if_no_controller_running=) is gone (Ray 2.60)"
     assert isinstance(getattr(ServeControllerClient, "http_config", None), property), \
         "raylm.compat: ServeControllerClient.http_config is gone (written for Ray 2.60)"
-    # Without a Ray connection it answers "no Serve running" and starts nothing.
-    import ray
+    # Without a Ray connection it answers "no Serve running" and starts nothing. In a fresh process: in the
+    # full suite this one is already connected to the integration tests' Ray.
+    import subprocess
+    import sys
 
-    assert not ray.is_initialized()
-    assert _contract(ray_compat.running_serve_http_host) == (False, None)
-    assert not ray.is_initialized()
+    probe = ("import ray\nfrom raylm.compat.ray import running_serve_http_host\n"
+             "print(running_serve_http_host(), ray.is_initialized())")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "(False, None) False", result.stdout + result.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- sacrebleu 2.6
