@@ -20,8 +20,10 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 # Serve keeps the HTTP port of whoever starts it first in a Ray session: every in-process Serve test uses this
 # one, so that Serve (controller, proxy, ingress) starts once per run and each module deploys and deletes
 # only its own applications.
-SERVE_PORT = 8210
-MLFLOW_SERVER_PORT = 8460
+# RAYLM_TEST_PORT_OFFSET moves both, for two test runs side by side on one machine.
+_PORT_OFFSET = int(os.environ.get("RAYLM_TEST_PORT_OFFSET", "0"))
+SERVE_PORT = 8210 + _PORT_OFFSET
+MLFLOW_SERVER_PORT = 8460 + _PORT_OFFSET
 
 
 @pytest.fixture(scope="session")
