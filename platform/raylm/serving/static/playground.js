@@ -235,7 +235,7 @@
     const path = route === "chat" ? "v1/chat/completions" : "v1/completions";
     const metrics = () => {
       const tokens = usage ? usage.completion_tokens + " tokens (prompt " + usage.prompt_tokens + ")"
-        : pieces + " pieces";
+        : pieces + (pieces === 1 ? " piece" : " pieces");
       return ["latency " + Math.round(performance.now() - started) + " ms",
         firstToken === null ? null : "first token " + Math.round(firstToken) + " ms", tokens,
         response ? batchSize(response) : null];
