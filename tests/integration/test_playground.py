@@ -50,7 +50,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def app(ray_session, tiny_model_dir):
+def app(browser, ray_session, tiny_model_dir):  # browser first: without Chromium, skip before Ray starts
     from ray import serve
 
     from raylm.serving.app import APP_NAME, start_serving
