@@ -116,6 +116,10 @@ class ServeConfig(StrictModel):
     allow_unauthenticated: bool = Field(
         False, description="serve without a key on a host that is not a loopback address (without it, "
                            "such an app refuses to start)")
+    playground: Optional[bool] = Field(
+        None, description="serve the try-it page at GET /playground (the page needs no key; every call it makes "
+                          "does). Default: true for `raylm serve` on a loopback host, false otherwise "
+                          "(serve run, serve deploy, raylm deploy, any other host)")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies get 413 before parsing")
     max_input_chars: int = Field(4000, ge=1)
     max_inputs_per_request: int = Field(64, ge=1, description="inputs in one task request's 'inputs' list")
@@ -201,6 +205,13 @@ class ServeConfig(StrictModel):
         if self.api_key is not None:
             return self.api_key.get_secret_value()
         return read_key_file(self.api_key_file) if self.api_key_file is not None else None
+
+    def playground_enabled(self, host: Optional[str], local_server: bool = False) -> bool:
+        """Whether the app serves ``GET /playground``: ``playground`` when set; else true only for an app that
+        ``raylm serve`` runs in its own process (``local_server``) on a loopback ``host``."""
+        if self.playground is not None:
+            return self.playground
+        return local_server and host is not None and is_loopback(host)
 
     def check_exposure(self, host: Optional[str]) -> None:
         """Fail closed: a ConfigError (one line) when Serve's HTTP ``host`` is not a loopback address and there is

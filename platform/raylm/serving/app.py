@@ -147,12 +147,14 @@ def deployment_options(config: ServeConfig) -> dict[str, Any]:
 
 
 def build_app(model_path: Optional[str], serve_config: ServeConfig, tracking_uri: Optional[str] = None,
-              host: Optional[str] = None):
+              host: Optional[str] = None, local_server: bool = False):
     """The Serve application for ``model_path`` (folder or registry URI) and ``serve_config.models``.
 
     ``host``: where Serve's HTTP proxies listen (default: :func:`serve_http_host`). A ConfigError when that is
     not a loopback address and there is no key (:meth:`ServeConfig.check_exposure`), or when
     ``serve.api_key_file`` cannot be read here; each replica reads that file again on its own node.
+    ``local_server``: the app is ``raylm serve``'s own, which serves ``/playground`` by default on loopback
+    (:meth:`ServeConfig.playground_enabled`); the replicas get the resolved value.
     """
     config = serve_config
     if model_path and model_path != config.model_path:
@@ -160,7 +162,9 @@ def build_app(model_path: Optional[str], serve_config: ServeConfig, tracking_uri
     task_models = config.task_models()
     if not task_models:
         raise ValueError("nothing to serve: give a model (model_path) or serve.models")
-    config.check_exposure(host if host is not None else serve_http_host())
+    host = host if host is not None else serve_http_host()
+    config.check_exposure(host)
+    config = config.model_copy(update={"playground": config.playground_enabled(host, local_server)})
     # Python mode keeps the API key a SecretStr (JSON mode would replace it by its mask).
     return RaylmServer.options(**deployment_options(config)).bind(task_models, config.model_dump(), tracking_uri)
 
@@ -217,12 +221,13 @@ def verify_registered_models(config: ServeConfig, tracking_uri: Optional[str] = 
 
 
 def start_serving(model_path: Optional[str], serve_config: ServeConfig, tracking_uri: Optional[str] = None,
-                  blocking: bool = False) -> str:
-    """Start Serve on ``serve_config.host:port`` and deploy the app; returns the base URL."""
+                  blocking: bool = False, local_server: bool = False) -> str:
+    """Start Serve on ``serve_config.host:port`` and deploy the app; returns the base URL. ``local_server``:
+    see :func:`build_app` (``raylm serve``)."""
     config = serve_config.model_copy(update={"model_path": model_path}) if model_path else serve_config
     check_model_references(config, tracking_uri)
     serve.start(http_options={"host": serve_config.host, "port": serve_config.port})
-    serve.run(build_app(model_path, serve_config, tracking_uri), name=APP_NAME,
+    serve.run(build_app(model_path, serve_config, tracking_uri, local_server=local_server), name=APP_NAME,
               route_prefix=serve_config.route_prefix, blocking=blocking)
     return f"http://{serve_config.host}:{serve_config.port}{serve_config.route_prefix.rstrip('/')}"
 
@@ -253,9 +258,11 @@ def serve_until_stopped(model_path: Optional[str], serve_config: ServeConfig,
     serve_config.check_exposure(serve_config.host)  # before Serve starts; build_app checks the running Serve's
     previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
-        url = start_serving(model_path, serve_config, tracking_uri)
+        url = start_serving(model_path, serve_config, tracking_uri, local_server=True)
         if not stop.is_set():
             logger.info("serving %s at %s (Ctrl-C or SIGTERM to stop)", model_path or "serve.models", url)
+            if serve_config.playground_enabled(serve_config.host, local_server=True):
+                logger.info("playground: %s/playground", url)
         while not stop.wait(0.5):
             pass
         name = signal.Signals(received[0]).name

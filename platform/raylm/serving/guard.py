@@ -90,21 +90,23 @@ async def send_json(send: Callable[[dict], Awaitable[None]], status: int, body: 
 
 
 class GuardMiddleware:
-    """ASGI middleware: API key check (all paths but /healthz), then the request-body size limit.
+    """ASGI middleware: API key check (all paths but ``open_paths``: /healthz, and the playground's page when
+    it is served), then the request-body size limit.
 
     Each replica builds its app with its own key and limit; no key means no check.
     """
 
-    def __init__(self, app, api_key: Optional[str], max_body_bytes: int):
+    def __init__(self, app, api_key: Optional[str], max_body_bytes: int, open_paths: Sequence[str] = OPEN_PATHS):
         self.app = app
         self.api_key = api_key
         self.max_body_bytes = max_body_bytes
+        self.open_paths = tuple(open_paths)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = route_path(scope)
-        if self.api_key and path not in OPEN_PATHS and not self._authorized(scope):
+        if self.api_key and path not in self.open_paths and not self._authorized(scope):
             return await send_json(send, 401, error_body(
                 path, 401, "missing or wrong API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"),
                 headers=[(b"www-authenticate", b"Bearer")])

@@ -3,6 +3,7 @@
 Task routes (``{"error": "..."}`` errors):
   POST /v1/sentiment, /v1/qa, /v1/translate (one input, or ``{"inputs": [...]}``)
   GET  /healthz (no API key; model ids, kinds and tasks, batch statistics; no file paths)
+  GET  /playground (no API key; with ``serve.playground``): a page that calls the routes here
 OpenAI routes (``{"error": {"message", "type", "param", "code"}}`` errors):
   POST /v1/completions, /v1/chat/completions (``stream: true`` as server-sent events), GET /v1/models
 
@@ -29,6 +30,7 @@ from raylm.config import ServeConfig
 from raylm.inference.task_model import GenerationRequest, InputError, SamplingParams, UnsupportedTaskError
 from raylm.serving.batching import ModelWorker
 from raylm.serving.guard import (
+    OPEN_PATHS,
     APIError,
     GuardMiddleware,
     check_request_tokens,
@@ -36,6 +38,7 @@ from raylm.serving.guard import (
     is_openai_path,
     route_path,
 )
+from raylm.serving.playground import PLAYGROUND_PATHS, add_playground
 from raylm.serving.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -281,8 +284,12 @@ def build_api(server: ModelServer) -> FastAPI:
         return JSONResponse(reply.body(choices, _usage([r for r, _ in results], body.n)),
                             headers={BATCH_HEADER: str(max(size for _, size in results))})
 
-    # With a key set, the guard asks for it on every path but /healthz: /docs and /openapi.json included.
-    api.add_middleware(GuardMiddleware, api_key=config.api_key_value(), max_body_bytes=config.max_body_bytes)
+    if config.playground:
+        add_playground(api)
+    # With a key set, the guard asks for it on every path but /healthz (and the playground's files, which hold
+    # no data): /docs and /openapi.json included.
+    api.add_middleware(GuardMiddleware, api_key=config.api_key_value(), max_body_bytes=config.max_body_bytes,
+                       open_paths=OPEN_PATHS + (PLAYGROUND_PATHS if config.playground else ()))
     return api
 
 
