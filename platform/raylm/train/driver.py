@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,12 @@ from raylm.train.checkpoint import BEST_CHECKPOINT, CorruptCheckpointError, STAT
 from raylm.train.loop import train_loop_per_worker
 
 MODEL_FILES = ("config.json", "generation_config.json")
+# Ray Train V2's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default) and
+# takes one report per worker per poll, and a worker blocks until its previous report was taken: every
+# evaluation and checkpoint after the first, and the end of training, waited up to 2 s for the next poll.
+# raylm polls every 0.5 s unless the variable is set (it reaches the controller and the workers).
+HEALTH_CHECK_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+DEFAULT_HEALTH_CHECK_INTERVAL_S = "0.5"
 
 
 @dataclass
@@ -159,6 +166,7 @@ def fit_trainer(job: JobConfig, trainer) -> TrainingResult:
     """
     from ray.train import Checkpoint
 
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL_ENV, DEFAULT_HEALTH_CHECK_INTERVAL_S)  # read by fit()
     result = trainer.fit()
     if result.error is not None:
         raise result.error

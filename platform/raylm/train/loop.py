@@ -13,7 +13,7 @@ Every evaluation and every checkpoint leaves the workers through
 tokens and model FLOPs seen so far, the step. That is what the driver, Ray
 Tune's schedulers (ASHA) and its callbacks see. The per-``log_every`` metrics
 do not go through it: Ray Train V2's controller takes one report per
-health-check poll (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default) and a
+health-check poll (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``: 2 s in Ray, 0.5 s as raylm sets it) and a
 worker blocks until its previous report was taken, so reporting every few
 steps would stall training; rank 0 writes those to MLflow directly.
 """

@@ -29,9 +29,6 @@ from raylm.train.driver import build_trainer, fit_trainer
 from raylm.tune.records import TRIAL_RECORD, read_json, write_json
 from raylm.tune.space import validate_trial
 
-# Ray Train V2's controller takes one worker report per health-check poll (2 s by default): with
-# tiny trials evaluating every few seconds that poll, not training, would set the pace.
-SWEEP_HEALTH_CHECK_INTERVAL_S = "0.5"
 
 def trial_job(sweep: dict[str, Any], params: dict[str, Any], trial_id: str) -> JobConfig:
     """The job config of trial ``trial_id``: the sweep's base config with ``params``, in the sweep's folder."""
@@ -90,8 +87,8 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any], data: dict[str, Any
         record["mlflow_run_id"] = start_child_run(sweep, job, trial_id, params)
     write_json(record_path, record)
 
-    # Read by Ray Train when it starts the controller, and propagated to it and its workers.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", SWEEP_HEALTH_CHECK_INTERVAL_S)
+    # Read by Ray Train when it starts the controller, and propagated to it and its workers (as is the
+    # health-check interval fit_trainer sets).
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(sweep["trial_start_timeout_s"])
     trainer = build_trainer(job, data["train"], data["dev"], data["tokenizer"],
                             mlflow_run_id=record["mlflow_run_id"],
