@@ -235,7 +235,17 @@ def build_runtime_env(working_dir: str | Path, env_vars: dict[str, str] | None =
 
 
 def check_no_secrets(entrypoint: list[str], env_vars: dict[str, str] | None = None) -> None:
-    """Refuse a job whose command or environment holds a secret: both are kept in the job's metadata."""
+    """Refuse, before anything is sent, a job whose command or environment holds a secret: Ray keeps both in
+    the job's metadata and shows them to whoever lists jobs. raylm's own secret keys (``serve.api_key=``,
+    ``$RAYLM_API_KEY``) get their specific hint; any other secret the generic one."""
+    try:
+        refuse_secret_overrides(entrypoint)
+    except ConfigError as err:
+        raise SubmissionError(str(err)) from None
+    if API_KEY_ENV in (env_vars or {}):
+        raise SubmissionError(f"--env {API_KEY_ENV}=... would be stored with the job and shown by `ray job list`: "
+                              "put the key in a file on the nodes (cluster.yaml mounts ~/.raylm/api_key) and name "
+                              "it in serve.api_key_file")
     for index, argument in enumerate(entrypoint):
         two_words = (argument.startswith("--") and "=" not in argument and is_secret_name(argument)
                      and index + 1 < len(entrypoint))
@@ -269,19 +279,6 @@ def parse_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
-def refuse_secrets(entrypoint: list[str], env_vars: dict[str, str]) -> None:
-    """Refuse, before anything is sent, a secret that Ray would store with the job and show to whoever lists
-    jobs: a ``serve.api_key=`` override in the entrypoint, ``$RAYLM_API_KEY`` in the job's environment."""
-    try:
-        refuse_secret_overrides(entrypoint)
-    except ConfigError as err:
-        raise SubmissionError(str(err)) from None
-    if API_KEY_ENV in env_vars:
-        raise SubmissionError(f"--env {API_KEY_ENV}=... would be stored with the job and shown by `ray job list`: "
-                              "put the key in a file on the nodes (cluster.yaml mounts ~/.raylm/api_key) and name "
-                              "it in serve.api_key_file")
-
-
 def submit(entrypoint: list[str], address: str | None = None, working_dir: str | Path = ".",
            env_vars: dict[str, str] | None = None, excludes: list[str] | None = None,
            submission_id: str | None = None, wait: bool = True, out=None, include: list[str] | None = None,
@@ -296,7 +293,6 @@ def submit(entrypoint: list[str], address: str | None = None, working_dir: str |
     if not entrypoint:
         raise SubmissionError("give the job's command after --, e.g. raylm submit -- python jobs/train.py "
                               "--config jobs/configs/smoke.yaml")
-    refuse_secrets(entrypoint, env_vars or {})  # the API key's own hint first, then any other secret
     check_no_secrets(entrypoint, env_vars)
     if not Path(working_dir).is_dir():
         raise SubmissionError(f"working folder not found: {Path(working_dir).resolve()}")

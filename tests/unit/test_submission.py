@@ -107,7 +107,6 @@ def test_upload_leaves_out_secrets_and_big_files_unless_included(tmp_path):
 def test_secrets_on_the_job_command_line_or_in_its_environment_are_refused():
     refused = [
         ["python", "jobs/train.py", "tracking.tracking_uri=postgresql://u:pg-secret@db/mlflow"],
-        ["python", "jobs/deploy.py", "serve.api_key=pg-secret"],
         ["python", "jobs/x.py", "--api-key", "pg-secret"],
         ["python", "jobs/x.py", "--token=pg-secret"],
     ]
@@ -115,6 +114,13 @@ def test_secrets_on_the_job_command_line_or_in_its_environment_are_refused():
         with pytest.raises(submission.SubmissionError, match="the job's command holds a secret") as err:
             submission.check_no_secrets(entrypoint)
         assert "pg-secret" not in str(err.value) and "\n" not in str(err.value)
+    # raylm's own secret keys: the hint that says where the key goes instead.
+    with pytest.raises(submission.SubmissionError, match="serve.api_key is not taken on the command line") as err:
+        submission.check_no_secrets(["python", "jobs/deploy.py", "serve.api_key=pg-secret"])
+    assert "pg-secret" not in str(err.value) and "serve.api_key_file" in str(err.value)
+    with pytest.raises(submission.SubmissionError, match="RAYLM_API_KEY=... would be stored with the job") as err:
+        submission.check_no_secrets(["python", "jobs/deploy.py"], {"RAYLM_API_KEY": "pg-secret"})
+    assert "pg-secret" not in str(err.value)
     for env in ({"HF_TOKEN": "pg-secret"}, {"MLFLOW_TRACKING_URI": "https://u:pg-secret@mlflow:5000"}):
         with pytest.raises(submission.SubmissionError, match=r"--env \w+=\*\*\* is a secret") as err:
             submission.check_no_secrets(["python", "jobs/train.py"], env)
