@@ -1,5 +1,5 @@
 """Shared fixtures, each started once per test run: a local Ray, an MLflow server, Serve's HTTP port, a tiny
-model folder, and the paths to the shared data.
+model folder, two tiny runs trained against the MLflow server, and the paths to the shared data.
 
 Modules that need a Ray of their own (the CLI's subprocesses, the two-node cluster) start it themselves.
 """
@@ -80,3 +80,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def server_runs(ray_session, mlflow_server, tmp_path_factory):
+    """A short and a long tiny GPT-2 run, trained and registered against the run's MLflow server, once per
+    test run (tests/server_runs.py); the registry-server and train-pipeline tests both read them."""
+    from tests.server_runs import train_server_runs
+
+    return train_server_runs(mlflow_server, tmp_path_factory.mktemp("server-runs"))
