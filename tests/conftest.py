@@ -1,5 +1,5 @@
 """Shared fixtures, each started once per test run: a local Ray, an MLflow server, Serve's HTTP port, a tiny
-model folder, and the paths to the shared data.
+model folder, two tiny runs trained against the MLflow server, and the paths to the shared data.
 
 Modules that need a Ray of their own (the CLI's subprocesses, the two-node cluster) start it themselves.
 """
@@ -14,6 +14,11 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+# Ray Train V2's controller takes one worker report per health-check poll (2 s by default) and a worker
+# blocks until its previous report was taken; a run also ends only at the next poll. The tests' runs are
+# tiny and report at every evaluation and checkpoint, so that poll, not training, set their pace (as in
+# raylm's tune trials, which use the same 0.5 s). Read from the driver's environment when a trainer fits.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -75,3 +80,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def server_runs(ray_session, mlflow_server, tmp_path_factory):
+    """A short and a long tiny GPT-2 run, trained and registered against the run's MLflow server, once per
+    test run (tests/server_runs.py); the registry-server and train-pipeline tests both read them."""
+    from tests.server_runs import train_server_runs
+
+    return train_server_runs(mlflow_server, tmp_path_factory.mktemp("server-runs"))

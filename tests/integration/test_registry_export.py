@@ -2,7 +2,7 @@
 
 A debug GPT-2 trained hard (high learning rate, no warmup) on 10 translation
 pairs memorises them, and its dev loss, measured every 4 steps, turns upward
-well before the end. The best evaluation falls between checkpoints (only the
+well before the end (lowest at step 8, then rising: +0.3 by step 24). The best evaluation falls between checkpoints (only the
 last step writes a regular checkpoint), so this also checks that the loop keeps
 a best copy at an evaluation that is not a checkpoint step.
 """
@@ -18,10 +18,11 @@ from safetensors.torch import load_file
 
 from raylm.config import load_config
 
+MAX_STEPS = 24
 OVERFIT = [
     "data.tasks=[translate]", "data.demo_num_train=10", "data.demo_num_dev=40", "data.seq_len=64",
     "data.vocab_size=400", "model.size=debug", "train.num_workers=1", "train.micro_batch_size=4",
-    "train.max_steps=48", "train.warmup_steps=0", "train.lr=1e-2", "train.min_lr_ratio=1.0",
+    f"train.max_steps={MAX_STEPS}", "train.warmup_steps=0", "train.lr=1e-2", "train.min_lr_ratio=1.0",
     "train.weight_decay=0", "train.log_every=4", "train.eval_every=4", "train.eval_batches=4",
     "tracking.enabled=false",
 ]
@@ -47,10 +48,10 @@ def _weights(folder):
 def test_dev_loss_turns_upward_before_the_end(trained):
     *_, result = trained
     evals = [(row["step"], row["eval_loss"]) for row in result.history if row.get("eval_loss") is not None]
-    assert [step for step, _ in evals] == list(range(4, 49, 4))
+    assert [step for step, _ in evals] == list(range(4, MAX_STEPS + 1, 4))
     best_step, best_loss = min(evals, key=lambda item: item[1])
     # The premise of the export tests below: the last evaluation is clearly not the best.
-    assert best_step < 48 and evals[-1][1] > best_loss + 0.05, evals
+    assert best_step < MAX_STEPS and evals[-1][1] > best_loss + 0.05, evals
 
 
 def test_export_best_takes_the_best_evaluation(trained, tmp_path):
@@ -63,11 +64,11 @@ def test_export_best_takes_the_best_evaluation(trained, tmp_path):
     export = card["export"]
     assert export["policy"] == "best" and export["source"] == "best_checkpoint"
     assert export["step"] == best_step and export["eval_loss"] == pytest.approx(evals[best_step])
-    assert export["last_step"] == 48 and export["last_eval_loss"] == pytest.approx(evals[48])
+    assert export["last_step"] == MAX_STEPS and export["last_eval_loss"] == pytest.approx(evals[MAX_STEPS])
     assert export["eval_loss"] < export["last_eval_loss"]
     assert export["train_loss"] is not None and export["last_train_loss"] < export["train_loss"]
     saved = json.loads((model_dir / "raylm.json").read_text())
-    assert saved["export"] == export and saved["trained_steps"] == 48 and saved["exported_step"] == best_step
+    assert saved["export"] == export and saved["trained_steps"] == MAX_STEPS and saved["exported_step"] == best_step
     assert saved["lineage"]["exported_step"] == best_step
     # The folder holds the best checkpoint's weights, which differ from the last one's.
     exported, last = _weights(model_dir), _weights(result.checkpoint_dir)
@@ -98,7 +99,7 @@ def test_export_last_takes_the_last_checkpoint(trained, tmp_path):
     last_job = job.model_copy(deep=True)
     last_job.train.export = "last"
     model_dir, card = export_run_model(last_job, result, data, record, tmp_path / "last")
-    assert card["export"]["step"] == card["export"]["last_step"] == 48
+    assert card["export"]["step"] == card["export"]["last_step"] == MAX_STEPS
     assert card["export"]["source"] == "last_checkpoint"
     exported, last = _weights(model_dir), _weights(result.checkpoint_dir)
     assert all(torch.equal(exported[name], last[name]) for name in last)

@@ -2,11 +2,12 @@
 
 ``mlflow server`` runs as its own process (SQLite backend, local artifact store
 served over HTTP, 127.0.0.1). Two tiny GPT-2 runs train through
-``workflow.train`` with ``tracking.promote_alias``: the first becomes the
+``workflow.train`` with ``tracking.promote_alias`` (once per test run, shared
+with test_train_pipeline.py: tests/server_runs.py): the first becomes the
 holder of ``@production`` (there was none); the second, trained five times as
-long, must beat it on dev perplexity by the paired bootstrap and takes the
-alias. ``raylm promote`` then refuses to move the alias back to the weaker
-version and moves it only with ``--force --reason``. Ray Serve loads
+long on two workers, must beat it on dev perplexity by the paired bootstrap
+and takes the alias. ``raylm promote`` then refuses to move the alias back to
+the weaker version and moves it only with ``--force --reason``. Ray Serve loads
 ``models:/<name>@production`` and answers over HTTP with that version. Lineage
 tags are on every version, and neither the API key given to the runs nor the
 token in their tracking URI (``http://user:token@host``, which the server
@@ -17,7 +18,6 @@ model card, the run's files or the driver's log lines.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -25,19 +25,8 @@ import requests
 from typer.testing import CliRunner
 
 from raylm.common.fingerprints import content_hash
-from raylm.config import load_config
 from tests.conftest import SERVE_PORT
-
-MODEL = "served-by-alias"
-SECRET = "s3cret-api-key-do-not-log"
-URI_TOKEN = "uri-t0ken-do-not-log"
-TINY = [
-    "data.tasks=[lm, translate]", "data.demo_num_train=150", "data.demo_num_dev=40", "data.seq_len=64",
-    "data.vocab_size=400", "model.size=debug", "train.num_workers=1", "train.micro_batch_size=8",
-    "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=10", "eval.max_examples_per_task=40",
-    "eval.max_new_tokens=8", "eval.bootstrap_samples=500", "eval.promotion_metrics=[lm_perplexity]",
-    f"tracking.model_name={MODEL}", "tracking.promote_alias=production", "tracking.experiment=server-test",
-]
+from tests.server_runs import MODEL, SECRET, URI_TOKEN
 
 
 @pytest.fixture(scope="module")
@@ -47,46 +36,9 @@ def server(mlflow_server):
 
 
 @pytest.fixture(scope="module")
-def runs(ray_session, server, tmp_path_factory):
-    import mlflow
-
-    from raylm.lifecycle import workflow
-
-    workdir = tmp_path_factory.mktemp("server-runs")
-    parent = mlflow.tracking.MlflowClient(server).create_run(
-        mlflow.tracking.MlflowClient(server).create_experiment("server-test-parent")).info.run_id
-    credentialed = server.replace("http://", f"http://raylm:{URI_TOKEN}@")
-    lines = _LogLines()
-    raylm_logger = logging.getLogger("raylm")
-    level = raylm_logger.level
-    raylm_logger.addHandler(lines)
-    raylm_logger.setLevel(logging.INFO)
-    summaries = []
-    try:
-        for name, steps in (("short", 8), ("long", 40)):
-            with pytest.MonkeyPatch.context() as patch:  # the key reaches the config from the environment
-                patch.setenv("RAYLM_API_KEY", SECRET)
-                job = load_config(None, TINY + [f"workdir={workdir}", f"run_name={name}",
-                                                f"train.max_steps={steps}", f"train.eval_every={steps // 2}",
-                                                f"tracking.tracking_uri={credentialed}",
-                                                f"tracking.parent_run_id={parent}"])
-            assert job.serve.api_key_value() == SECRET
-            summaries.append(workflow.train(job))
-    finally:
-        raylm_logger.removeHandler(lines)
-        raylm_logger.setLevel(level)
-    return summaries, parent, workdir, lines.messages
-
-
-class _LogLines(logging.Handler):
-    """The driver's raylm log lines, as formatted messages."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+def runs(server_runs):
+    """The short and the long run (conftest ``server_runs``: tests/server_runs.py), trained against ``server``."""
+    return server_runs.summaries, server_runs.parent_run_id, server_runs.workdir, server_runs.log_lines
 
 
 def _client(server):

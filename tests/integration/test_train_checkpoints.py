@@ -10,11 +10,12 @@ dozen steps), so they do not depend on the demo data.
   kill run twice; because the shards, the data position, the optimiser and the
   RNG all resume exactly (sharded weights and optimiser state restored from
   the gathered checkpoint), the second attempt logs the same losses (rel 1e-5).
-- A 2-worker FSDP2 run, whose latest checkpoint is then corrupted, is started
-  again under the same run name with 1 worker (same global batch through
-  gradient accumulation): it skips the corrupt checkpoint, loads the previous
-  one (saved by 2 FSDP workers) and continues at the same step and learning
-  rate.
+  It evaluates at every checkpoint and keeps the best one apart.
+- That run's latest checkpoint is then corrupted, and the run is started again
+  under the same run name with 1 worker (same global batch through gradient
+  accumulation): it skips the corrupt checkpoint, loads the previous one (saved
+  by 2 FSDP workers) and continues at the same step and learning rate. (One
+  2-worker run serves both: a worker group start costs more than its training.)
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _registered_checkpoint_step(experiment: Path) -> int | None:
 # Few checkpoints: each report after the first waits for Ray Train's controller poll (2 s).
 MAX_STEPS, CHECKPOINT_EVERY = 40, 10
 FAULT_OVERRIDES = (f"train.max_steps={MAX_STEPS}", f"train.checkpoint_every={CHECKPOINT_EVERY}", "train.max_failures=1",
-                   "train.eval_every=0", "train.parallel=fsdp")
+                   f"train.eval_every={CHECKPOINT_EVERY}", "train.parallel=fsdp")
 
 
 @pytest.fixture(scope="module")
@@ -156,11 +157,15 @@ def killed_run(ray_session, tmp_path_factory):
     logged: dict[int, list[float]] = {}
     for metric in client.get_metric_history(run_id, "loss"):
         logged.setdefault(metric.step, []).append(metric.value)
-    return job, outcome, killed, logged
+    # What Ray Train kept, read now: the one-worker run below continues in the same folder.
+    snapshot = json.loads((experiment / "checkpoint_manager_snapshot.json").read_text())
+    kept = {"snapshot_steps": [entry["metrics"]["step"] for entry in snapshot["checkpoint_results"]],
+            "folders": sorted(path.name for path in experiment.glob("checkpoint_*") if path.is_dir())}
+    return job, outcome, killed, logged, kept
 
 
 def test_sigkilled_worker_resumes_and_finishes(killed_run):
-    job, outcome, killed, _ = killed_run
+    job, outcome, killed, _, kept = killed_run
     assert killed is not None, "the run ended before a worker could be killed"
     assert "error" not in outcome, outcome.get("error")
     result = outcome["result"]
@@ -172,11 +177,8 @@ def test_sigkilled_worker_resumes_and_finishes(killed_run):
     history = {row["step"]: row for row in result.history}
     assert sorted(history) == list(range(1, MAX_STEPS + 1))
     # Retention: Ray Train keeps the last keep_checkpoints=3 and deletes older folders.
-    from raylm.train.driver import experiment_dir
-
-    snapshot = json.loads((experiment_dir(job) / "checkpoint_manager_snapshot.json").read_text())
-    assert [entry["metrics"]["step"] for entry in snapshot["checkpoint_results"]] == [20, 30, 40]
-    assert not list(experiment_dir(job).glob("checkpoint_step00000010_*"))
+    assert kept["snapshot_steps"] == [20, 30, 40]
+    assert not [name for name in kept["folders"] if name.startswith("checkpoint_step00000010_")]
     for step, row in history.items():
         assert row["resumed_from_step"] == (0 if step <= resumed else resumed)
     assert history[MAX_STEPS]["loss"] < 0.6 * history[1]["loss"]
@@ -186,7 +188,7 @@ def test_resumed_steps_repeat_the_lost_ones_exactly(killed_run):
     """Rank 0 logged each step to MLflow once per attempt. The steps between the checkpoint and
     the kill ran twice: from the same weights, optimiser state, RNG and data position, the
     second attempt must reproduce the first (rel 1e-5)."""
-    _, outcome, _, logged = killed_run
+    _, outcome, _, logged, _ = killed_run
     resumed = outcome["result"].metrics["resumed_from_step"]
     assert sorted(logged) == list(range(1, MAX_STEPS + 1))
     assert all(len(logged[step]) == 1 for step in range(1, resumed + 1))  # rank 0 only, one attempt
@@ -200,33 +202,36 @@ def test_resumed_steps_repeat_the_lost_ones_exactly(killed_run):
 # ----------------------------------------------------------------- corrupt + N -> M
 
 @pytest.fixture(scope="module")
-def fsdp_then_one_worker(ray_session, tmp_path_factory):
+def fsdp_then_one_worker(killed_run):
+    """The killed 2-worker FSDP run, its latest checkpoint corrupted, continued by 1 DDP worker."""
     from raylm.train.driver import experiment_dir
 
-    workdir = tmp_path_factory.mktemp("resize")
-    first_job = make_job(workdir, "resize", "train.parallel=fsdp", "train.max_steps=12", "train.checkpoint_every=4")
-    first = _train(first_job)
+    first_job, outcome, _, _, _ = killed_run
+    if "result" not in outcome:
+        pytest.fail(f"the 2-worker run failed: {outcome.get('error')}")
+    first = outcome["result"]
     experiment = experiment_dir(first_job)
     checkpoints = {read_state(m.parent)["step"]: m.parent for m in experiment.glob("checkpoint_*/manifest.json")}
     first_snapshot = {"checkpoints": sorted(checkpoints), "history": first.history,
-                      "best": read_state(experiment / BEST_CHECKPOINT)}
-    weights = checkpoints[12] / "model.safetensors"
+                      "best": read_state(experiment / BEST_CHECKPOINT),
+                      "niceness": read_state(checkpoints[MAX_STEPS - CHECKPOINT_EVERY])["worker_niceness"]}
+    weights = checkpoints[MAX_STEPS] / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     # The second run keeps the cluster's worker niceness (Ray's 15); the first ran at raylm's default 0.
-    second_job = make_job(workdir, "resize", "train.parallel=ddp", "train.num_workers=1", "train.global_batch_size=8",
-                          "train.max_steps=12", "train.checkpoint_every=4", "train.worker_niceness=null")
+    second_job = make_job(first_job.workdir, first_job.run_name, *FAULT_OVERRIDES, "train.parallel=ddp",
+                          "train.num_workers=1", "train.global_batch_size=8", "train.max_failures=0",
+                          "train.worker_niceness=null")
     second = _train(second_job)
-    first_snapshot["niceness"] = read_state(checkpoints[8])["worker_niceness"]
     return first_job, first_snapshot, second_job, second
 
 
 def test_fsdp_checkpoints_every_n_steps_and_keeps_best(fsdp_then_one_worker):
     first_job, snapshot, _, _ = fsdp_then_one_worker
-    assert snapshot["checkpoints"] == [4, 8, 12]
+    assert snapshot["checkpoints"] == [20, 30, 40]  # every 10 steps, the last keep_checkpoints=3
     evals = {row["step"]: row["eval_loss"] for row in snapshot["history"] if "eval_loss" in row}
-    assert sorted(evals) == [4, 8, 12]
+    assert sorted(evals) == [10, 20, 30, 40]
     assert snapshot["best"]["eval_loss"] == pytest.approx(min(evals.values()))
     assert snapshot["best"]["step"] == min(evals, key=evals.get)
 
@@ -234,19 +239,19 @@ def test_fsdp_checkpoints_every_n_steps_and_keeps_best(fsdp_then_one_worker):
 def test_one_worker_resumes_from_the_last_good_two_worker_checkpoint(fsdp_then_one_worker):
     _, snapshot, second_job, second = fsdp_then_one_worker
     assert second_job.train.grad_accum_steps == 2  # derived: same global batch of 8 on 1 worker
-    assert second.metrics["resumed_from_step"] == 8  # step 12 is corrupt; step 8 verifies
-    assert second.metrics["step"] == 12
+    assert second.metrics["resumed_from_step"] == 30  # step 40 is corrupt; step 30 verifies
+    assert second.metrics["step"] == MAX_STEPS
     first = {row["step"]: row for row in snapshot["history"]}
     after = {row["step"]: row for row in second.history}
-    assert sorted(after) == list(range(1, 13))
-    for step in range(1, 9):  # the restored history is the first run's
+    assert sorted(after) == list(range(1, MAX_STEPS + 1))
+    for step in range(1, 31):  # the restored history is the first run's
         assert after[step]["loss"] == first[step]["loss"]
-    for step in range(9, 13):  # the schedule continues where it was
+    for step in range(31, MAX_STEPS + 1):  # the schedule continues where it was
         assert after[step]["lr"] == pytest.approx(first[step]["lr"], rel=1e-12)
         # Loaded weights: the loss continues from the checkpoint's level, not from scratch.
         # (The rows in each global batch differ between 2 and 1 workers, hence the tolerance.)
         assert after[step]["loss"] == pytest.approx(first[step]["loss"], rel=0.05)
-    assert after[9]["loss"] < 0.9 * first[1]["loss"]
+    assert after[31]["loss"] < 0.9 * first[1]["loss"]
 
 
 def test_training_workers_run_at_the_configured_niceness(fsdp_then_one_worker):
@@ -265,7 +270,7 @@ def test_final_checkpoint_verifies_and_exports(fsdp_then_one_worker, tmp_path):
     _, _, _, second = fsdp_then_one_worker
     verify_checkpoint(second.checkpoint_dir)
     assert read_state(second.checkpoint_dir)["world_size"] == 1
-    assert len(read_history(second.checkpoint_dir)) == 12
+    assert len(read_history(second.checkpoint_dir)) == MAX_STEPS
 
     class Tokenizer(SyntheticTokenizer):
         def save_pretrained(self, folder):

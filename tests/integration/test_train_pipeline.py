@@ -1,28 +1,22 @@
-"""A real 2-worker DDP run on local Ray: data -> train -> export -> eval -> MLflow."""
+"""A real 2-worker DDP run on local Ray: data -> train -> export -> eval -> MLflow.
+
+The run is the long one of tests/server_runs.py (conftest ``server_runs``),
+trained once per test run against the run's MLflow server and also checked by
+test_registry_server.py: 2 workers, 40 steps, logged every 5, evaluated and
+checkpointed every 20, on the four demo tasks.
+"""
 
 import json
 from pathlib import Path
 
 import pytest
 
-from raylm.config import load_config
-
-SMOKE_OVERRIDES = [
-    "data.demo_num_train=300", "data.demo_num_dev=40", "data.seq_len=64", "data.vocab_size=400",
-    "model.size=debug", "train.num_workers=2", "train.micro_batch_size=8", "train.max_steps=40",
-    "train.warmup_steps=4", "train.lr=3e-3", "train.log_every=5", "train.eval_every=20",
-    "train.checkpoint_every=20", "eval.max_examples_per_task=16", "eval.max_new_tokens=8",
-]
+from tests.server_runs import MODEL
 
 
 @pytest.fixture(scope="module")
-def trained(ray_session, tmp_path_factory):
-    from raylm.lifecycle import workflow
-
-    workdir = tmp_path_factory.mktemp("train")
-    job = load_config(None, SMOKE_OVERRIDES + [f"workdir={workdir}", "run_name=ddp2", "tracking.model_name=raylm-test"])
-    summary = workflow.train(job)
-    return job, summary
+def trained(server_runs):
+    return server_runs.jobs[1], server_runs.summaries[1]
 
 
 def test_model_folder_is_complete(trained):
@@ -78,7 +72,7 @@ def test_mlflow_run_params_and_registry(trained, tmp_path):
     assert "translation_bleu" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "model" in artifacts and "loss_curve.png" in artifacts
-    assert summary["registry_uri"].startswith("models:/raylm-test/")
+    assert summary["registry_uri"].startswith(f"models:/{MODEL}/")
     local = resolve_model_path(summary["registry_uri"], summary["tracking_uri"], str(tmp_path))
     assert (Path(local) / "model.safetensors").is_file()
 
