@@ -14,11 +14,6 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-# Ray Train V2's controller takes one worker report per health-check poll (2 s by default) and a worker
-# blocks until its previous report was taken; a run also ends only at the next poll. The tests' runs are
-# tiny and report at every evaluation and checkpoint, so that poll, not training, set their pace (as in
-# raylm's tune trials, which use the same 0.5 s). Read from the driver's environment when a trainer fits.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
