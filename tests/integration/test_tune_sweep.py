@@ -1,6 +1,5 @@
 """A real Ray Tune sweep of real Ray Train runs (tiny GPT-2s, CPU) with ASHA and MLflow, interrupted with
-SIGINT after its first trial and resumed: one sweep of two trials for the module (the fewest that show a
-finished trial, a trial ASHA stops and a resume)."""
+SIGINT after its first trial and resumed: one sweep for the module."""
 
 import json
 import logging
@@ -51,7 +50,7 @@ def _interrupt_after_first_finished_trial(workdir: Path, interrupted: threading.
 
 @pytest.fixture(scope="module")
 def asha_sweep(ray_session, tmp_path_factory):
-    """One ASHA sweep of two trials, interrupted with SIGINT once its first trial finished, then resumed.
+    """One ASHA sweep of four trials, interrupted with SIGINT once its first trial finished, then resumed.
 
     One trial at a time: an interrupted sweep resumes a trial that was in flight only when it was the only
     one (with two in flight, Tune records the second as terminated; see the closing note of issue 20)."""
@@ -59,7 +58,8 @@ def asha_sweep(ray_session, tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("sweep")
     # A learning rate 300x too small cannot keep up with 3e-3 by the first rung (8 steps): ASHA must stop it.
-    job = _sweep(workdir, "run_name=asha", "tune.max_concurrent_trials=1", "tune.space={train.lr: [3.0e-3, 1.0e-5]}")
+    job = _sweep(workdir, "run_name=asha", "tune.max_concurrent_trials=1",
+                 "tune.space={train.lr: [3.0e-3, 1.0e-5], model.hidden_size: [32, 16]}")
     raylm_logger, lines = logging.getLogger("raylm"), _Lines()
     level = raylm_logger.level
     raylm_logger.addHandler(lines)
@@ -89,7 +89,7 @@ def test_an_interrupted_sweep_says_so_and_resume_reruns_no_finished_trial(asha_s
     first = interrupted["first"]
     assert first["status"] == "interrupted" and interrupted["state"] == "interrupted"
     done_before = {row["trial_id"] for row in first["trials"] if row["status"] == "finished"}
-    assert len(done_before) == 1
+    assert 1 <= len(done_before) < 4
     assert any("raylm tune --resume" in line for line in lines)
     assert results["status"] == "finished" and {row["trial_id"] for row in results["trials"]} >= done_before
     for row in results["trials"]:
@@ -102,7 +102,7 @@ def test_an_interrupted_sweep_says_so_and_resume_reruns_no_finished_trial(asha_s
 def test_asha_stops_a_trial_early_and_the_rest_finish(asha_sweep, ray_session):
     job, results, lines, _ = asha_sweep
     trials = results["trials"]
-    assert len(trials) == 2 and results["status"] == "finished"
+    assert len(trials) == 4 and results["status"] == "finished"
     statuses = {row["trial_id"]: row["status"] for row in trials}
     assert "error" not in statuses.values(), [row["error"] for row in trials]
     stopped = [row for row in trials if row["status"] == "stopped"]
@@ -113,7 +113,7 @@ def test_asha_stops_a_trial_early_and_the_rest_finish(asha_sweep, ray_session):
     assert all(row["status"] == "stopped" for row in trials if row["params"]["train.lr"] == 1e-5), statuses
     finished = [row for row in trials if row["status"] == "finished"]
     assert finished and all(row["step"] == 16 and row["evaluations"] == 4 for row in finished)
-    assert results["total_steps"] < 2 * 16
+    assert results["total_steps"] < 4 * 16
     # Every evaluation reached Tune, with the tokens and FLOPs seen so far.
     for row in finished:
         assert [point["step"] for point in row["history"]] == [4, 8, 12, 16]
@@ -141,7 +141,7 @@ def test_sweep_folder_holds_table_plots_and_best_model(asha_sweep):
     assert (Path(results["best_model_dir"]) / "model.safetensors").is_file()
     card = json.loads((Path(results["best_model_dir"]) / "raylm.json").read_text())
     assert card["trial_id"] == results["best_trial"]
-    # Two trials, one finished: too few for the five-parameter fit, said plainly.
+    # Four trials, at most two finished: too few for the five-parameter fit, said plainly.
     assert results["fit"] is None and "needs tune.min_fit_trials=5" in results["fit_problem"]
     # Each trial trained in its own folder named by its Tune trial id.
     for row in results["trials"]:
@@ -156,12 +156,12 @@ def test_every_trial_is_a_child_mlflow_run_with_its_eval_curve(asha_sweep):
     client = MlflowClient(tracking_uri=job.resolved_tracking_uri())
     parent = client.get_run(results["parent_run_id"])
     assert parent.info.status == "FINISHED"
-    assert parent.data.metrics["num_trials"] == 2 and parent.data.tags["raylm.best_trial"] == results["best_trial"]
+    assert parent.data.metrics["num_trials"] == 4 and parent.data.tags["raylm.best_trial"] == results["best_trial"]
     artifacts = {item.path for item in client.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "results.json", "loss_vs_compute.png"} <= artifacts
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 2
+    assert len(children) == 4
     by_trial = {run.data.tags["raylm.trial_id"]: run for run in children}
     for row in results["trials"]:
         child = by_trial[row["trial_id"]]
