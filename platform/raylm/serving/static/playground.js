@@ -57,63 +57,48 @@
 
   // ------------------------------------------------------------------ task routes
 
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
   function renderSentiment(item, result) {
-    const li = document.createElement("li");
-    const label = document.createElement("strong");
-    label.textContent = result.label;
-    const meter = document.createElement("meter");
+    const li = el("li");
+    const meter = el("meter");
     meter.min = 0;
     meter.max = 1;
     meter.value = result.score;
     meter.title = "score " + result.score;
-    const score = document.createElement("span");
-    score.className = "score";
-    score.textContent = Number(result.score).toFixed(3);
-    const source = document.createElement("span");
-    source.className = "input";
-    source.textContent = item.text;
-    li.append(label, " ", meter, " ", score, " ", source);
+    li.append(el("strong", "", result.label), " ", meter, " ", el("span", "score", Number(result.score).toFixed(3)),
+              " ", el("span", "input", item.text));
     li.dataset.label = result.label;
     li.dataset.score = String(result.score);
     return li;
   }
 
   function renderAnswer(item, result) {
-    const li = document.createElement("li");
-    const question = document.createElement("div");
-    question.className = "input";
-    question.textContent = item.question;
-    const answer = document.createElement("div");
-    answer.className = "answer";
-    answer.textContent = result.answer;
+    const li = el("li");
+    const answer = el("div", "answer", result.answer);
     li.dataset.answer = result.answer;
-    const context = document.createElement("blockquote");
+    const context = el("blockquote");
     const at = result.answer ? item.context.toLowerCase().indexOf(result.answer.toLowerCase()) : -1;
     if (at >= 0) {
-      const mark = document.createElement("mark");
-      mark.textContent = item.context.slice(at, at + result.answer.length);
-      context.append(item.context.slice(0, at), mark, item.context.slice(at + result.answer.length));
+      const end = at + result.answer.length;
+      context.append(item.context.slice(0, at), el("mark", "", item.context.slice(at, end)), item.context.slice(end));
     } else {
       context.textContent = item.context;
-      answer.append(" ");
-      const note = document.createElement("em");
-      note.textContent = "(not found in the context)";
-      answer.append(note);
+      answer.append(" ", el("em", "", "(not found in the context)"));
     }
-    li.append(question, answer, context);
+    li.append(el("div", "input", item.question), answer, context);
     return li;
   }
 
   function renderTranslation(item, result) {
-    const li = document.createElement("li");
-    const source = document.createElement("div");
-    source.className = "input";
-    source.textContent = item.text;
-    const target = document.createElement("div");
-    target.className = "answer";
-    target.textContent = result.translation;
+    const li = el("li");
     li.dataset.translation = result.translation;
-    li.append(source, target);
+    li.append(el("div", "input", item.text), el("div", "answer", result.translation));
     return li;
   }
 
@@ -182,9 +167,8 @@
     const previous = select.value;
     const models = (await response.json()).data || [];
     select.replaceChildren(...models.map((model) => {
-      const option = document.createElement("option");
+      const option = el("option", "", model.id + (model.tasks ? " (" + model.tasks.join(", ") + ")" : ""));
       option.value = model.id;
-      option.textContent = model.id + (model.tasks ? " (" + model.tasks.join(", ") + ")" : "");
       return option;
     }));
     if (models.some((model) => model.id === previous)) select.value = previous;
