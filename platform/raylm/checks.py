@@ -9,6 +9,8 @@ and that each source's ``fields`` are fields of its task (:mod:`raylm.data.forma
 Entry points load configs through :func:`load_job`; code that builds a
 :class:`JobConfig` itself calls :func:`check_job` before it takes any Ray resource.
 Every problem is a :class:`ConfigError` with one line that names the field.
+:func:`check_inputs` adds the local inputs (workdir, folders, source paths): all
+of it runs without Ray, so the CLI calls it before it imports Ray and torch.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from raylm.common import cluster
 from raylm.config import ConfigError, DataConfig, EvalConfig, JobConfig, ModelConfig, load_config, validate_config
 from raylm.data.formatting import TASK_FIELDS
+from raylm.data.plan import check_sources
 from raylm.eval.metrics import METRICS
 from raylm.models.shapes import MODEL_SIZES, model_shape
 
@@ -65,6 +69,13 @@ def check_job(job: JobConfig) -> JobConfig:
     check_model(job.model)
     check_metrics(job.eval)
     return job
+
+
+def check_inputs(job: JobConfig) -> None:
+    """Fail on an invalid config, missing local inputs and unusable storage before any cluster resource is taken."""
+    check_job(job)
+    cluster.check_local_inputs(job)
+    check_sources(job)
 
 
 def validate_job(raw: dict[str, Any]) -> JobConfig:

@@ -75,7 +75,7 @@ def _load(config: Optional[Path], overrides: Optional[List[str]]) -> JobConfig:
 
 def _user_errors():
     """Map the error types users can cause to one-line messages."""
-    from raylm.data.pipeline import DataError
+    from raylm.data.errors import DataError
     from raylm.inference.task_model import ModelLoadError
     from raylm.common.tracking import RegistryError
     from raylm.train.checkpoint import CorruptCheckpointError
@@ -89,6 +89,16 @@ def _check_model_reference(job: JobConfig, model: Optional[str]) -> None:
 
     if model is not None:
         _run(lambda: check_model_reference(model, job.resolved_tracking_uri()))
+
+
+def _check_inputs(job: JobConfig, resume: Optional[str] = None) -> None:
+    """Config, local inputs and ``--resume`` checked before Ray and torch are imported: a mistake costs a second."""
+    from raylm.checks import check_inputs
+    from raylm.lifecycle.runs import check_resume
+
+    _run(check_inputs, job)
+    if resume is not None:
+        _run(check_resume, job, resume)
 
 
 def _run(fn, *args):
@@ -117,6 +127,7 @@ def config_show(config: Optional[Path] = ConfigOption, overrides: Optional[List[
 def prepare_tokenizer(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
     """Train a byte-level BPE tokenizer on a sample of data.sources (cached); prints its description as JSON."""
     job = _load(config, overrides)
+    _check_inputs(job)
     from raylm.lifecycle import workflow
 
     info = _run(workflow.prepare_tokenizer, job)
@@ -127,6 +138,7 @@ def prepare_tokenizer(config: Optional[Path] = ConfigOption, overrides: Optional
 def prepare_data(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
     """Tokenize and pack data.sources into Parquet with a manifest; prints the manifest as JSON."""
     job = _load(config, overrides)
+    _check_inputs(job)
     from raylm.lifecycle import workflow
 
     manifest = _run(workflow.prepare_dataset, job)
@@ -142,6 +154,7 @@ def train(
 ) -> None:
     """Prepare data, train with Ray Train, evaluate, and log to MLflow (a new run unless --resume)."""
     job = _load(config, overrides)
+    _check_inputs(job, resume)
     from raylm.lifecycle import workflow
 
     summary = _run(workflow.train, job, resume)
@@ -160,6 +173,7 @@ def finetune(
     if not job.model.init_from:
         _fail("config error: model.init_from: fine-tuning starts from a trained model folder; "
               "give model.init_from=<folder>", 2)
+    _check_inputs(job, resume)
     from raylm.lifecycle import workflow
 
     summary = _run(workflow.train, job, resume)
@@ -268,6 +282,7 @@ def serve(
 def demo(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
     """Run the whole pipeline on the built-in demo corpus and print the summary path last."""
     job = _load(config, overrides)
+    _check_inputs(job)
     from raylm.lifecycle import workflow
 
     path = _run(workflow.demo, job)

@@ -6,6 +6,10 @@ run saying lr=0.01 and registered the old weights as a new version. Now a rerun 
 a fresh run (new id, trained from step 0 with the new lr), resuming is explicit,
 `--resume` with another lr is one config-error line, and resuming a finished run
 trains and registers nothing.
+
+The two runs join the test session's Ray through ``RAY_ADDRESS``, as `raylm train`
+does on a cluster, instead of starting and stopping a Ray each; the SIGTERM test
+starts its own local Ray, as on a laptop.
 """
 
 from __future__ import annotations
@@ -25,16 +29,18 @@ SMOKE = ["--config", "jobs/configs/smoke.yaml", "run_name=killtest", "train.max_
          "eval.max_examples_per_task=5", "train.num_workers=1"]
 
 
-def _env() -> dict[str, str]:
+def _env(ray_address: str | None = None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "platform"), "RAY_USAGE_STATS_ENABLED": "0"}
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     return env
 
 
-def _raylm(*args, timeout=900):
+def _raylm(*args, timeout=900, ray_address: str | None = None):
     return subprocess.run([sys.executable, "-m", "raylm.cli", *args], capture_output=True, text=True,
-                          cwd=REPO_ROOT, env=_env(), timeout=timeout)
+                          cwd=REPO_ROOT, env=_env(ray_address), timeout=timeout)
 
 
 def _summary(result) -> dict:
@@ -43,10 +49,14 @@ def _summary(result) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory):
+def two_runs(ray_session, tmp_path_factory):
+    # A worker and Ray Data's tasks need free CPUs: a Serve app another module left behind would hold them.
+    free = ray_session.available_resources().get("CPU", 0)
+    assert free >= 2, f"the session's Ray has {free} free CPUs: {ray_session.available_resources()}"
+    address = ray_session.get_runtime_context().gcs_address
     workdir = tmp_path_factory.mktemp("rerun")
-    first = _summary(_raylm("train", *SMOKE, f"workdir={workdir}"))
-    second_result = _raylm("train", *SMOKE, f"workdir={workdir}", "train.lr=1e-2")
+    first = _summary(_raylm("train", *SMOKE, f"workdir={workdir}", ray_address=address))
+    second_result = _raylm("train", *SMOKE, f"workdir={workdir}", "train.lr=1e-2", ray_address=address)
     return workdir, first, _summary(second_result), second_result.stdout + second_result.stderr
 
 

@@ -123,3 +123,20 @@ def test_sigterm_raises_inside_the_block_and_the_previous_handler_comes_back():
         assert signal.getsignal(signal.SIGTERM) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGTERM, original)
+
+
+def test_check_resume_refuses_as_begin_run_does_and_writes_nothing(tmp_path):
+    job = _job(tmp_path)
+    runs.begin_run(job)
+    record = runs.read_record(job.run_dir)
+    record.update(status="finished", trained_steps=20)
+    runs.write_record(job.run_dir, record)
+    written = (job.run_dir / runs.RECORD_FILE).read_text()
+    with pytest.raises(ConfigError, match=f"the config of run {job.run_id} differs in train.lr;"):
+        runs.check_resume(_job(tmp_path, "train.lr=1e-2"), job.run_id)
+    with pytest.raises(ConfigError, match="already finished at step 20"):
+        runs.check_resume(_job(tmp_path), str(job.run_dir))
+    longer = load_config(None, [*BASE, "workdir=/nonexistent", "train.max_steps=40"])
+    runs.check_resume(longer, str(job.run_dir))
+    assert longer.run_id is None and longer.workdir == "/nonexistent"  # the caller's job is left as it is
+    assert (job.run_dir / runs.RECORD_FILE).read_text() == written

@@ -138,6 +138,22 @@ def begin_run(job: JobConfig, resume: str | None = None) -> dict[str, Any]:
                   "trained_steps": 0, "mlflow_run_id": None, "registered": []}
         write_record(job.run_uri, record)
         return record
+    run_location, record = _resumable_record(job, resume)
+    record.update(status="running", attempts=int(record.get("attempts", 1)) + 1)
+    write_record(run_location, record)
+    return record
+
+
+def check_resume(job: JobConfig, resume: str) -> None:
+    """:func:`begin_run`'s checks of ``--resume`` alone: nothing is written and ``job`` is left as it is."""
+    _resumable_record(job.model_copy(deep=True), resume)
+
+
+def _resumable_record(job: JobConfig, resume: str) -> tuple[str, dict[str, Any]]:
+    """The folder and record of the run ``resume`` names, once its config is known to match ``job``'s.
+
+    Gives ``job`` the run's workdir, id and name.
+    """
     run_location = locate_run(job, resume)
     record = read_record(run_location)
     job.workdir = storage.parent(run_location)
@@ -154,9 +170,7 @@ def begin_run(job: JobConfig, resume: str | None = None) -> dict[str, Any]:
     if record.get("status") == "finished" and trained >= job.train.max_steps:
         raise ConfigError(f"resume: run {job.run_id} already finished at step {trained}; "
                           f"raise train.max_steps above {trained} to train it further")
-    record.update(status="running", attempts=int(record.get("attempts", 1)) + 1)
-    write_record(run_location, record)
-    return record
+    return run_location, record
 
 
 def registered_at(record: dict[str, Any], step: int) -> str | None:

@@ -19,7 +19,7 @@ import ray
 import requests
 from ray import serve
 
-from raylm.checks import check_job
+from raylm.checks import check_inputs
 from raylm.common import cluster, storage, tracking
 from raylm.common.interrupts import MESSAGE as SIGTERM_MESSAGE, ended_status, sigterm_raises, was_terminated
 from raylm.common.ray_session import ensure_ray
@@ -29,7 +29,6 @@ from raylm.data import prepare
 from raylm.data.encoder_rows import prepare_encoder_data
 from raylm.data.execution import quiet_progress
 from raylm.data.pipeline import prepare_data
-from raylm.data.plan import check_sources
 from raylm.lifecycle import runs
 from raylm.lifecycle.evaluate import evaluate_exported, evaluate_reference
 from raylm.lifecycle.export import export_run_model, write_card
@@ -40,13 +39,6 @@ from raylm.serving.ingress import ingress_env, set_ingress_env
 from raylm.train.driver import run_training
 
 logger = logging.getLogger(__name__)
-
-
-def check_inputs(job: JobConfig) -> None:
-    """Fail on an invalid config, missing local inputs and unusable storage before any cluster resource is taken."""
-    check_job(job)
-    cluster.check_local_inputs(job)
-    check_sources(job)
 
 
 def serving_env(job: JobConfig) -> dict[str, str]:

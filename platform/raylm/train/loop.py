@@ -163,6 +163,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(config.threads_per_worker)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    # First: each shard's Ray Data coordinator actor then starts in its own process while this one builds the model.
+    train_shard = ray.train.get_dataset_shard("train")
+    dev_shard = ray.train.get_dataset_shard("dev")
     device = ray.train.torch.get_device()
     seq_len = int(loop_config.get("seq_len") or job.data.seq_len)
     _seed_everything(config.seed)
@@ -187,8 +190,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         tracker = WorkerTracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
 
     meter = ThroughputMeter(model_flops_per_token, device_peak_flops(config.precision, device), world)
-    train_shard = ray.train.get_dataset_shard("train")
-    dev_shard = ray.train.get_dataset_shard("dev")
     epoch, position = resume_position(state, world, config.micro_batch_size)
     pin = device.type == "cuda"
     batch_stream = iterate_micro_batches(train_shard, config.micro_batch_size, config.seed + rank, epoch, position,
