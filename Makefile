@@ -32,17 +32,21 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/raylm demo --config jobs/configs/demo.yaml
 
 # The suite CI runs: real local Ray, Serve over HTTP, MLflow server, Tune, a two-node cluster (at most
-# 15 minutes on 2 cores); --durations shows where the time goes. test-fast: unit tests only, no Ray
-# (under 90 s), for use between edits. test-all adds the `slow` tests (the default demo's dev targets,
-# torch.compile parity: about 10 minutes more).
+# 15 minutes on 2 cores); --durations shows where the time goes. It runs on TEST_WORKERS pytest-xdist
+# workers, a module per worker at a time, slowest modules first (tests/conftest.py): most of a serial run
+# waits on processes starting and stopping. test-fast: unit tests only, no Ray (under 90 s), for use between
+# edits. test-all adds the `slow` tests (the default demo's dev targets, torch.compile parity: about 10
+# minutes more).
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --no-loadscope-reorder
 test: $(VENV)/.installed-dev
-	$(PY) -m pytest tests -m "not slow" --durations=25
+	$(PY) -m pytest tests -m "not slow" $(XDIST) --durations=25
 
 test-fast: $(VENV)/.installed-dev
 	$(PY) -m pytest tests/unit -m "not slow" --durations=10
 
 test-all: $(VENV)/.installed-dev
-	$(PY) -m pytest tests --durations=25
+	$(PY) -m pytest tests $(XDIST) --durations=25
 
 clean:
 	rm -rf runs .pytest_cache
