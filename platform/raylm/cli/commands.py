@@ -1,0 +1,192 @@
+"""The run-lifecycle commands: config, prepare, train, finetune, deploy, eval, promote, serve, demo.
+
+Each defers its heavy layers (Ray, torch, MLflow) until its inputs are checked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from raylm.cli.base import (ConfigOption, OverridesArgument, app, call, check_inputs, check_model_reference,
+                            config_app, fail, load, prepare_app)
+from raylm.config.redaction import redact_values
+
+
+@config_app.command("show")
+def config_show(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
+    """Print the resolved config (defaults + YAML + overrides) as YAML."""
+    typer.echo(load(config, overrides).to_yaml(), nl=False)
+
+
+@prepare_app.command("tokenizer")
+def prepare_tokenizer(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
+    """Train a byte-level BPE tokenizer on a sample of data.sources (cached); prints its description as JSON."""
+    job = load(config, overrides)
+    check_inputs(job)
+    from raylm.lifecycle import workflow
+
+    info = call(workflow.prepare_tokenizer, job)
+    typer.echo(json.dumps(info, indent=2, default=str))
+
+
+@prepare_app.command("data")
+def prepare_data(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
+    """Tokenize and pack data.sources into Parquet with a manifest; prints the manifest as JSON."""
+    job = load(config, overrides)
+    check_inputs(job)
+    from raylm.lifecycle import workflow
+
+    manifest = call(workflow.prepare_dataset, job)
+    typer.echo(json.dumps(manifest, indent=2, default=str))
+
+
+@app.command()
+def train(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="continue this run (its id, or its folder) instead of starting a new one"),
+) -> None:
+    """Prepare data, train with Ray Train, evaluate, and log to MLflow (a new run unless --resume)."""
+    job = load(config, overrides)
+    check_inputs(job, resume)
+    from raylm.lifecycle import workflow
+
+    summary = call(workflow.train, job, resume)
+    typer.echo(json.dumps(redact_values(summary), indent=2, default=str))
+
+
+@app.command()
+def finetune(
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="continue this run (its id, or its folder) instead of starting a new one"),
+) -> None:
+    """Train starting from a trained model folder (model.init_from): the same stages as `raylm train`."""
+    job = load(config, overrides)
+    if not job.model.init_from:
+        fail("config error: model.init_from: fine-tuning starts from a trained model folder; "
+             "give model.init_from=<folder>", 2)
+    check_inputs(job, resume)
+    from raylm.lifecycle import workflow
+
+    summary = call(workflow.train, job, resume)
+    typer.echo(json.dumps(redact_values(summary), indent=2, default=str))
+
+
+@app.command()
+def deploy(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="model folder or models:/name/version"),
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+) -> None:
+    """Deploy a model on a running cluster's Ray Serve ($RAY_ADDRESS) and exit; it keeps serving there."""
+    job = load(config, overrides)
+    model_path = model or job.serve.model_path
+    if not model_path:
+        fail("give --model or serve.model_path", 2)
+    call(job.serve.check_exposure, job.serve.host)  # fail closed before Ray starts (the key file is read too)
+    from raylm.lifecycle import workflow
+
+    url = call(workflow.deploy, job, model_path)
+    typer.echo(url)
+
+
+@app.command("eval")
+def evaluate(
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="model folder, models:/name/version or models:/name@alias"),
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+    split: str = typer.Option("dev", "--split", help="dev, or test (data.test_sources; once, for the final figure)"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="also write the full report "
+                                                                         "(per-example scores) to this JSON file"),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="score a trivial baseline instead of a model: "
+                                                                   "majority, first-sentence or copy-source"),
+) -> None:
+    """Evaluate a model (or a trivial baseline) on the dev (or test) split; prints metrics, confidence
+    intervals and the eval set's fingerprint as JSON."""
+    job = load(config, overrides)
+    if (model is None) == (baseline is None):
+        fail("give --model or --baseline (one of them)", 2)
+    from raylm.eval.baselines import BASELINES
+
+    if baseline is not None and baseline not in BASELINES:
+        fail(f"--baseline must be one of {', '.join(BASELINES)}, not {baseline!r}", 2)
+    check_model_reference(job, model)
+    from raylm.lifecycle.evaluate import evaluate_reference
+
+    report = call(evaluate_reference, job, model, split, output, baseline)
+    typer.echo(json.dumps(report.summary(), indent=2))
+
+
+@app.command()
+def promote(
+    model: str = typer.Argument(..., help="the candidate: models:/name/version"),
+    alias: str = typer.Option(..., "--alias", "-a", help="the registry alias to move, e.g. production"),
+    force: bool = typer.Option(False, "--force", help="move the alias even if the gate refuses (needs --reason)"),
+    reason: Optional[str] = typer.Option(None, "--reason", help="why --force was used; recorded on the version"),
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+) -> None:
+    """Move a registry alias to a model version if it beats the current holder on the same eval set.
+
+    Paired bootstrap per metric in eval.promotion_metrics (default: each task's main metric) at
+    eval.confidence. Prints the comparison table; exits 1 when the promotion is refused.
+    """
+    job = load(config, overrides)
+    if force and not (reason or "").strip():
+        fail("--force needs --reason '...' (it is recorded with the promotion)", 2)
+    check_model_reference(job, model)
+    from raylm.lifecycle.promotion import PromotionRefused, promote as run_gate
+
+    def run():
+        try:
+            return run_gate(job.resolved_tracking_uri(), model, alias, job.eval, force=force, reason=reason)
+        except PromotionRefused as refused:
+            return refused.decision
+
+    decision = call(run)
+    typer.echo(decision.table())
+    if not decision.moved:
+        raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="model folder or models:/name/version"),
+    config: Optional[Path] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+) -> None:
+    """Serve a model on Ray Serve until SIGTERM or Ctrl-C, then drain in-flight requests and exit 0."""
+    job = load(config, overrides)
+    model_path = model or job.serve.model_path
+    if not model_path and not job.serve.models:
+        fail("give --model, serve.model_path or serve.models", 2)
+    for reference in filter(None, [model_path, *job.serve.models.values()]):
+        if not reference.startswith("models:/") and not Path(reference).is_dir():
+            fail(f"model folder not found: {reference}")
+    call(job.serve.check_exposure, job.serve.host)  # fail closed before Ray starts (the key file is read too)
+    from raylm.lifecycle import workflow
+
+    call(workflow.serve_model, job, model_path)
+
+
+@app.command()
+def demo(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
+    """Run the whole pipeline on the built-in demo corpus and print the summary path last."""
+    job = load(config, overrides)
+    check_inputs(job)
+    from raylm.lifecycle import workflow
+
+    path = call(workflow.demo, job)
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    typer.echo(str(path))
