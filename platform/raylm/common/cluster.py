@@ -27,6 +27,7 @@ import raylm
 from raylm.common import storage
 from raylm.compat.ray import job_config_env_var
 from raylm.common.fingerprints import fingerprint_folder
+from raylm.common.pretrained import locate_checkpoint
 from raylm.config import ConfigError, JobConfig
 from raylm.config.redaction import redact_uri
 
@@ -168,8 +169,13 @@ def check_local_inputs(job: JobConfig) -> None:
     if job.tracking.enabled and job.resolved_tracking_uri() is None:
         check_tracking(job, spans_nodes=False)
     for field, value in (("model.init_from", job.model.init_from), ("data.tokenizer_path", job.data.tokenizer_path)):
-        if value and "://" not in value and not Path(value).is_dir():
+        if value and "://" not in value and not Path(value).exists():
             raise FileNotFoundError(f"{field}: folder not found: {value}")
+    if job.model.init_from and "://" not in job.model.init_from:
+        try:
+            locate_checkpoint(job.model.init_from)  # a transformers folder or a .gguf file
+        except (FileNotFoundError, ValueError) as err:
+            raise FileNotFoundError(f"model.init_from: {err}") from None
 
 
 def check_storage_and_tracking(job: JobConfig) -> None:

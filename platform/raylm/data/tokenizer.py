@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Iterable
 
 from raylm.common.fingerprints import fingerprint_text
+from raylm.common.pretrained import Checkpoint, locate_checkpoint
 from raylm.data.special_tokens import ALL_SPECIAL_TOKENS, EOS_TOKEN, PAD_TOKEN, TASK_TOKENS
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int):
     """Train a byte-level BPE tokenizer on ``texts`` and return a fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -47,21 +47,26 @@ def wrap_tokenizer(tokenizer):
     return fast
 
 
-def load_tokenizer(path: str | Path):
-    """Load a local tokenizer folder (never from a hub) and make sure raylm's special tokens exist."""
+def load_tokenizer(path: str | Path, extend: bool = True):
+    """Load a local tokenizer (a folder, or a checkpoint's GGUF file; never from a hub), padding on the left.
+
+    ``extend``: add raylm's task tokens (and an EOS / pad token) where the tokenizer lacks them, as data
+    preparation does before training; the engine loads a model folder's tokenizer as it was saved.
+    """
     from transformers import AutoTokenizer
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    missing = [token for token in TASK_TOKENS.values() if token not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing})
-    if tokenizer.eos_token is None:
-        tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if not Path(path).exists():
+        raise FileNotFoundError(f"tokenizer folder not found: {path}")
+    checkpoint = locate_checkpoint(path) if Path(path).is_file() else Checkpoint(Path(path))
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.folder, **checkpoint.tokenizer_kwargs())
+    if extend:
+        missing = [token for token in TASK_TOKENS.values() if token not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        if tokenizer.eos_token is None:
+            tokenizer.add_special_tokens({"eos_token": EOS_TOKEN})
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.padding_side = "left"
     return tokenizer
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
@@ -27,6 +28,7 @@ import torch
 from raylm.data.formatting import CHAT_STOP_SEQUENCES, CHAT_TEMPLATE, SENTIMENT_LABELS, qa_prompt, \
     sentiment_prompt, translate_prompt
 from raylm.data.tokenizer import load_tokenizer
+from raylm.inference.conventions import token_conventions
 from raylm.inference.decoding import DecodeRow, sample_tokens, span_mask
 from raylm.inference.task_model import (
     TASKS,
@@ -63,12 +65,20 @@ class Engine(TaskModel):
                                  or getattr(model.config, "max_position_embeddings", 1024))
         self.vocab_size = int(model.config.vocab_size)
         self.eos_id = int(tokenizer.eos_token_id)
+        # The prompt prefix, the ids that end a row and the sampling defaults: raylm's own convention for its
+        # models, the checkpoint's tokenizer and generation_config for a pretrained one.
+        self.conventions = token_conventions(tokenizer, getattr(model, "generation_config", None))
+        self._prefix = list(self.conventions.prefix)
+        self._stop_ids = self.conventions.stop_ids
+        self.sampling_defaults = MappingProxyType(dict(self.conventions.sampling_defaults))
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
         # The Rust tokenizer directly: decoding every row at every step through the Python wrapper costs more.
         self._backend = tokenizer.backend_tokenizer
         self._special_ids = set(tokenizer.all_special_ids)
         self._token_text: dict[int, str] = {}
         self.chat_template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
+        # raylm's template marks turns with text; a checkpoint's template ends a turn with a token (a stop id).
+        self.chat_stop_sequences = CHAT_STOP_SEQUENCES if self.conventions.native else ()
         # transformers 5 renamed the key/value cache argument from past_key_values to cache.
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # Models that can compute the vocabulary projection for the last position alone.
@@ -96,7 +106,7 @@ class Engine(TaskModel):
             )
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot load the model in {path.name!r}: {str(err).splitlines()[0]}") from None
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, extend=False)  # as the folder saved it
         return cls(model, tokenizer, max_new_tokens=options.max_new_tokens, device=resolved_device)
 
     def describe(self) -> dict[str, Any]:
@@ -112,8 +122,8 @@ class Engine(TaskModel):
         return [encoding.ids for encoding in self._backend.encode_batch(list(texts), add_special_tokens=False)]
 
     def count_tokens(self, text: str) -> int:
-        """Tokens the model sees for ``text`` as a prompt (the leading end-of-text separator included)."""
-        return len(self._encode_texts([text])[0]) + 1
+        """Tokens the model sees for ``text`` as a prompt (the prompt prefix included)."""
+        return len(self._encode_texts([text])[0]) + len(self._prefix)
 
     def _decode_ids(self, ids: Sequence[int]) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=True)
@@ -127,8 +137,7 @@ class Engine(TaskModel):
     def _prompt_ids(self, prompt: str | Sequence[int], encoded: Optional[list[int]] = None) -> list[int]:
         ids = encoded if encoded is not None else (
             self._encode_texts([prompt])[0] if isinstance(prompt, str) else list(prompt))
-        # Training documents follow an end-of-text separator; a prompt starts the same way.
-        return [self.eos_id, *ids]
+        return [*self._prefix, *ids]
 
     def check_generation(self, request: GenerationRequest) -> int:
         """Validate one request before it joins a batch; returns its prompt's token count.
@@ -187,9 +196,9 @@ class Engine(TaskModel):
             if request.truncate_prompt:
                 budget = min(budget, self.max_positions // 2)
                 # Keep the end of an over-long prompt: the question and the answer cue live there.
-                keep = self.max_positions - budget - 1
-                if len(ids) > keep + 1:
-                    ids = [self.eos_id, *ids[-keep:]]
+                keep = self.max_positions - budget - len(self._prefix)
+                if len(ids) > keep + len(self._prefix):
+                    ids = [*self._prefix, *ids[len(self._prefix):][-keep:]]
             elif len(ids) + budget > self.max_positions:
                 raise InputError(f"prompt of {len(ids)} tokens plus max_tokens {budget} exceeds the model's "
                                  f"context of {self.max_positions}", param="max_tokens",
@@ -277,7 +286,7 @@ class Engine(TaskModel):
     def _advance(self, row: DecodeRow, token: int, chosen_logprobs, top_logprobs, line: int) -> StreamDelta:
         """Add ``token`` to ``row``; return the text it makes final, and finish the row if it ended."""
         new_logprobs = []
-        if token == self.eos_id:
+        if token in self._stop_ids:
             row.finish_reason = "stop"
         else:
             row.generated.append(token)
@@ -316,7 +325,7 @@ class Engine(TaskModel):
             delta.finish_reason = row.finish_reason
             delta.prompt_tokens = len(row.prompt_ids)
             delta.completion_tokens = len(row.generated) + (1 if row.finish_reason == "stop"
-                                                            and token == self.eos_id else 0)
+                                                            and token in self._stop_ids else 0)
         return delta
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
@@ -342,8 +351,6 @@ class Engine(TaskModel):
         return self.tokenizer.apply_chat_template(list(messages), chat_template=self.chat_template,
                                                   tokenize=False, add_generation_prompt=True)
 
-    chat_stop_sequences = CHAT_STOP_SEQUENCES
-
     # ----------------------------------------------------------------- scoring
 
     @torch.inference_mode()
@@ -353,11 +360,11 @@ class Engine(TaskModel):
             return []
         choice_ids = self._encode_texts([" " + choice for choice in choices])
         longest = max(len(ids) for ids in choice_ids)
-        limit = self.max_positions - longest - 1
+        limit = self.max_positions - longest - len(self._prefix)
         if longest == 1 and all(choice_ids):
             # Every choice is one token: one forward pass over each prompt alone, read at its last position
             # (the same logits as in the prompt + choice sequences below, at half the tokens for two choices).
-            prompt_rows = [[self.eos_id, *ids[-limit:]] for ids in self._encode_texts(list(prompts))]
+            prompt_rows = [[*self._prefix, *ids[-limit:]] for ids in self._encode_texts(list(prompts))]
             input_ids, attention_mask = self._left_pad(prompt_rows)
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             logits, _ = self._forward(input_ids, attention_mask, position_ids, use_cache=False, last_only=True)
@@ -366,7 +373,7 @@ class Engine(TaskModel):
             return torch.softmax(scores.cpu(), dim=-1).tolist()
         sequences, spans = [], []
         for prompt_ids in self._encode_texts(list(prompts)):
-            prompt_ids = [self.eos_id, *prompt_ids[-limit:]]
+            prompt_ids = [*self._prefix, *prompt_ids[-limit:]]
             for ids in choice_ids:
                 sequences.append([*prompt_ids, *ids])
                 spans.append(len(ids))

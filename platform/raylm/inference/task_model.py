@@ -54,7 +54,8 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal, Optional, Sequence
+from types import MappingProxyType
+from typing import Any, ClassVar, Iterator, Literal, Mapping, Optional, Sequence
 
 # The tasks a served model may answer: the three task routes and the two OpenAI-style routes.
 TASKS: tuple[str, ...] = ("sentiment", "qa", "translate", "completions", "chat")
@@ -210,6 +211,9 @@ class TaskModel(abc.ABC):
     supported_tasks: ClassVar[frozenset[str]] = frozenset()
 
     name: str = "model"
+    # temperature / top_p / top_k for generation requests that leave them out (a checkpoint's generation_config);
+    # none: OpenAI's defaults. Read only.
+    sampling_defaults: Mapping[str, Any] = MappingProxyType({})
 
     @classmethod
     @abc.abstractmethod

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from raylm.common.pretrained import locate_checkpoint
+from raylm.models.pretrained import load_pretrained
 from raylm.models.shapes import MODEL_SIZES, model_shape
 
 
@@ -73,12 +74,11 @@ def build_model(model_config, vocab_size: int, max_positions: int, special_ids: 
     special_ids = special_ids or {}
     torch.manual_seed(seed)
     if model_config.init_from:
-        folder = Path(model_config.init_from)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model.init_from: folder not found: {folder}")
-        model = auto_class.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=False, use_safetensors=True, **head_kwargs
-        )
+        try:
+            checkpoint = locate_checkpoint(model_config.init_from)
+        except (FileNotFoundError, ValueError) as err:
+            raise FileNotFoundError(f"model.init_from: {err}") from None
+        model = load_pretrained(auto_class, checkpoint, **head_kwargs)
         embeddings = model.get_input_embeddings()
         if embeddings is not None and vocab_size and vocab_size > embeddings.num_embeddings:
             model.resize_token_embeddings(vocab_size)

@@ -207,13 +207,16 @@ def build_api(server: ModelServer) -> FastAPI:
              "tasks": sorted(worker.model.supported_tasks)}
             for worker in server.distinct_workers()]}
 
-    def sampling(body, max_tokens: int, stops: tuple[str, ...], logprobs: Optional[int], seed_offset: int):
+    def sampling(worker: ModelWorker, body, max_tokens: int, stops: tuple[str, ...], logprobs: Optional[int],
+                 seed_offset: int):
+        """The request's sampling settings; those it leaves out come from the model's generation_config."""
         seed = body.seed + seed_offset if body.seed is not None else None
+        defaults = worker.model.sampling_defaults
         return SamplingParams(
             max_tokens=max_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=max(0, body.top_k or 0),
+            temperature=defaults.get("temperature", 1.0) if body.temperature is None else body.temperature,
+            top_p=defaults.get("top_p", 1.0) if body.top_p is None else body.top_p,
+            top_k=max(0, defaults.get("top_k", 0) if body.top_k is None else body.top_k),
             seed=seed, stop=stops, logprobs=logprobs)
 
     def budget_for(worker: ModelWorker, prompt, requested: Optional[int], default: int) -> int:
@@ -239,7 +242,7 @@ def build_api(server: ModelServer) -> FastAPI:
         requests, choice_of = [], []
         for prompt_index, (prompt, budget) in enumerate(zip(prompts, budgets)):
             for copy in range(body.n):
-                request = GenerationRequest(prompt, sampling(body, budget, body.stop_sequences(), body.logprobs,
+                request = GenerationRequest(prompt, sampling(worker, body, budget, body.stop_sequences(), body.logprobs,
                                                              copy), echo=body.echo)
                 worker.model.check_generation(request)
                 requests.append(request)
@@ -270,7 +273,7 @@ def build_api(server: ModelServer) -> FastAPI:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         requests = []
         for copy in range(body.n):
-            request = GenerationRequest(prompt, sampling(body, budget, stops, logprobs, copy))
+            request = GenerationRequest(prompt, sampling(worker, body, budget, stops, logprobs, copy))
             worker.model.check_generation(request)
             requests.append(request)
         reply = _Reply("chatcmpl", "chat.completion", worker.model.name)

@@ -1,0 +1,56 @@
+"""Where a pretrained checkpoint lives: a transformers folder or a GGUF file.
+
+``model.init_from`` and ``raylm convert`` accept a local transformers folder
+(``config.json`` and safetensors weights), a ``.gguf`` file, or a folder that
+holds exactly one ``.gguf`` file; never a hub id. transformers reads a GGUF
+file (with the ``gguf`` package) as the folder it lies in plus the file's name,
+dequantising its weights and building its tokenizer from the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+GGUF_SUFFIX = ".gguf"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A located checkpoint: its folder and, for GGUF, the file's name inside it."""
+
+    folder: Path
+    gguf_file: Optional[str] = None
+
+    def tokenizer_kwargs(self) -> dict[str, Any]:
+        """``AutoTokenizer.from_pretrained`` keywords: local files only, no remote code."""
+        return {"local_files_only": True, "trust_remote_code": False,
+                **({"gguf_file": self.gguf_file} if self.gguf_file else {})}
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """``from_pretrained`` keywords for the weights: safetensors only (a GGUF file is read by transformers'
+        own GGUF reader, never unpickled)."""
+        return {**self.tokenizer_kwargs(), **({} if self.gguf_file else {"use_safetensors": True})}
+
+    def describe(self) -> str:
+        return str(self.folder / self.gguf_file) if self.gguf_file else str(self.folder)
+
+
+def locate_checkpoint(source: str | Path) -> Checkpoint:
+    """The :class:`Checkpoint` at ``source``; FileNotFoundError / ValueError with one line when there is none."""
+    path = Path(source)
+    if path.is_file():
+        if path.suffix.lower() != GGUF_SUFFIX:
+            raise ValueError(f"{path}: a checkpoint is a transformers folder or a .gguf file")
+        return Checkpoint(path.parent, path.name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if (path / "config.json").is_file():
+        return Checkpoint(path)
+    ggufs = sorted(p.name for p in path.iterdir() if p.suffix.lower() == GGUF_SUFFIX)
+    if len(ggufs) == 1:
+        return Checkpoint(path, ggufs[0])
+    if ggufs:
+        raise ValueError(f"{path} holds {len(ggufs)} .gguf files ({', '.join(ggufs)}): name one")
+    raise FileNotFoundError(f"not a model folder (no config.json or .gguf file): {path}")

