@@ -154,7 +154,7 @@ class Engine(TaskModel):
             if bad:
                 raise InputError(f"prompt: token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})",
                                  param="prompt", code="invalid_token")
-            prompt_tokens = len(request.prompt) + 1
+            prompt_tokens = len(request.prompt) + len(self._prefix)
         if not request.truncate_prompt and prompt_tokens + request.params.max_tokens > self.max_positions:
             raise InputError(
                 f"this model's context is {self.max_positions} tokens; the prompt has {prompt_tokens} "
