@@ -113,6 +113,28 @@ def test_greedy_output_equals_generate_token_for_token(engine):
     assert 3 <= stopped < len(PROMPTS)  # both ends are compared: rows that stop at <|im_end|>, rows cut by the budget
 
 
+def test_tasks_reach_an_instruct_checkpoint_through_its_chat_template(engine):
+    reviews = ["a gripping, beautiful film", "a dull, lifeless film"]
+    prompts = [engine._task_prompt("sentiment", text=review) for review in reviews]
+    assert engine.instruct and all(prompt.startswith("<|im_start|>system") for prompt in prompts)
+    assert all(prompt.endswith("<|im_end|>\n<|im_start|>assistant\n") and "<|sentiment|>" not in prompt
+               for prompt in prompts)
+    # Each label's score is the model's next-token probability of the label word (either case), renormalised.
+    labels = ["negative", "positive", "Negative", "Positive"]
+    label_ids = [engine.tokenizer.convert_tokens_to_ids(label) for label in labels]
+    results = engine.classify_sentiment(reviews)
+    for prompt, result in zip(prompts, results):
+        with torch.inference_mode():
+            logits = engine.model(**engine.tokenizer(prompt, return_tensors="pt")).logits[0, -1]
+        probs = torch.softmax(logits[label_ids], dim=-1)
+        positive = float(probs[1] + probs[3])
+        expected = ("positive", positive) if positive >= 0.5 else ("negative", 1 - positive)
+        assert result["label"] == expected[0] and result["score"] == pytest.approx(expected[1], abs=1e-4)
+    context = "Anna lives in Berlin. Ben works as a baker in Hamburg."
+    (answer,) = engine.answer_questions([context], ["Where does Ben work?"])
+    assert answer and answer in context  # constrained to a span of the context
+
+
 @pytest.fixture(scope="module")
 def served(ray_session, smollm2_dir):
     from ray import serve
