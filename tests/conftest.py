@@ -16,6 +16,10 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Two workers share two cores with their Ray processes: torch in each test process (and in the CLI runs it
+    # starts) keeps to one thread, as raylm's Ray workers already do, instead of spinning against the other.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -55,11 +55,15 @@ def engine(smollm2_dir):
     return Engine.from_directory(smollm2_dir)
 
 
-def _reference(engine, prompt_text: str) -> list[int]:
-    """transformers' greedy ``generate`` on one prompt, as its tokenizer encodes it; the ids after the prompt."""
-    ids = engine.tokenizer(prompt_text, return_tensors="pt")
+def _reference(engine, prompt_texts: list[str]) -> list[list[int]]:
+    """transformers' greedy ``generate`` on the prompts (one left-padded batch), as its tokenizer encodes them;
+    each row's ids after its prompt, up to and including the end-of-turn id that stopped it."""
+    ids = engine.tokenizer(prompt_texts, return_tensors="pt", padding=True)
     out = engine.model.generate(**ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    return out[0, ids.input_ids.shape[1]:].tolist()
+    rows = []
+    for row in out[:, ids.input_ids.shape[1]:].tolist():
+        rows.append(row[:row.index(2) + 1] if 2 in row else row)  # after the stop, generate pads
+    return rows
 
 
 def test_the_package_is_located_without_importing_it():
@@ -102,8 +106,7 @@ def test_greedy_output_equals_generate_token_for_token(engine):
     results = engine.generate([GenerationRequest(text, SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0,
                                                                       logprobs=0)) for text in texts])
     stopped = 0
-    for text, result in zip(texts, results):
-        expected = _reference(engine, text)
+    for text, result, expected in zip(texts, results, _reference(engine, texts)):
         got = [entry.token_id for entry in result.logprobs]
         if result.finish_reason == "stop":
             got.append(2)  # the end-of-turn id that ended the row (not part of the text)
@@ -152,9 +155,8 @@ def test_openai_chat_ends_at_the_end_of_turn_token(served, engine):
 
     client = OpenAI(base_url=f"{served}/v1", api_key="unused", max_retries=0)
     question = "What is the capital of France?"
-    expected = engine.tokenizer.decode(_reference(engine, engine.render_chat([{"role": "user",
-                                                                                "content": question}])),
-                                       skip_special_tokens=True)
+    (reference,) = _reference(engine, [engine.render_chat([{"role": "user", "content": question}])])
+    expected = engine.tokenizer.decode(reference, skip_special_tokens=True)
     # No temperature: the checkpoint's generation_config (greedy) decides, as generate() does.
     reply = client.chat.completions.create(model="model", messages=[{"role": "user", "content": question}],
                                            max_tokens=MAX_NEW_TOKENS)

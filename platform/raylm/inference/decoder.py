@@ -17,6 +17,7 @@ from types import MappingProxyType
 from typing import Iterator, Optional, Sequence
 
 import torch
+from tokenizers import Tokenizer
 
 from raylm.data.formatting import CHAT_STOP_SEQUENCES, CHAT_TEMPLATE
 from raylm.inference.conventions import token_conventions
@@ -44,7 +45,10 @@ class Decoder:
         self.sampling_defaults = MappingProxyType(dict(self.conventions.sampling_defaults))
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
         # The Rust tokenizer directly: decoding every row at every step through the Python wrapper costs more.
-        self._backend = tokenizer.backend_tokenizer
+        # A copy: calling the wrapper with padding=True leaves padding switched on in its backend.
+        self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._backend.no_padding()
+        self._backend.no_truncation()
         self._special_ids = set(tokenizer.all_special_ids)
         self._token_text: dict[int, str] = {}
         self.chat_template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
