@@ -24,12 +24,18 @@ def test_fresh_runs_get_distinct_ids_and_folders(tmp_path):
     assert record["status"] == "running" and record["config_hash"] == runs.config_hash(first)
 
 
-def test_resume_by_id_or_folder_allows_extending_max_steps(tmp_path):
+def _finished_run(tmp_path):
+    """A run begun and recorded as finished after 20 steps."""
     job = _job(tmp_path)
     runs.begin_run(job)
     record = runs.read_record(job.run_dir)
     record.update(status="finished", trained_steps=20)
     runs.write_record(job.run_dir, record)
+    return job
+
+
+def test_resume_by_id_or_folder_allows_extending_max_steps(tmp_path):
+    job = _finished_run(tmp_path)
     by_id = _job(tmp_path, "train.max_steps=40", "train.log_every=3")
     resumed = runs.begin_run(by_id, resume=job.run_id)
     assert by_id.run_id == job.run_id and by_id.run_dir == job.run_dir and resumed["attempts"] == 2
@@ -126,11 +132,7 @@ def test_sigterm_raises_inside_the_block_and_the_previous_handler_comes_back():
 
 
 def test_check_resume_refuses_as_begin_run_does_and_writes_nothing(tmp_path):
-    job = _job(tmp_path)
-    runs.begin_run(job)
-    record = runs.read_record(job.run_dir)
-    record.update(status="finished", trained_steps=20)
-    runs.write_record(job.run_dir, record)
+    job = _finished_run(tmp_path)
     written = (job.run_dir / runs.RECORD_FILE).read_text()
     with pytest.raises(ConfigError, match=f"the config of run {job.run_id} differs in train.lr;"):
         runs.check_resume(_job(tmp_path, "train.lr=1e-2"), job.run_id)

@@ -22,66 +22,69 @@ def config_show(config: Optional[Path] = ConfigOption, overrides: Optional[List[
     typer.echo(load(config, overrides).to_yaml(), nl=False)
 
 
-@prepare_app.command("tokenizer")
-def prepare_tokenizer(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
-    """Train a byte-level BPE tokenizer on a sample of data.sources (cached); prints its description as JSON."""
+def _prepare(config: Optional[Path], overrides: Optional[List[str]], stage: str) -> None:
+    """Run the workflow's ``stage`` (prepare_tokenizer or prepare_dataset) and print what it returns as JSON."""
     job = load(config, overrides)
     check_inputs(job)
     from raylm.lifecycle import workflow
 
-    info = call(workflow.prepare_tokenizer, job)
-    typer.echo(json.dumps(info, indent=2, default=str))
+    typer.echo(json.dumps(call(getattr(workflow, stage), job), indent=2, default=str))
+
+
+@prepare_app.command("tokenizer")
+def prepare_tokenizer(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
+    """Train a byte-level BPE tokenizer on a sample of data.sources (cached); prints its description as JSON."""
+    _prepare(config, overrides, "prepare_tokenizer")
 
 
 @prepare_app.command("data")
 def prepare_data(config: Optional[Path] = ConfigOption, overrides: Optional[List[str]] = OverridesArgument) -> None:
     """Tokenize and pack data.sources into Parquet with a manifest; prints the manifest as JSON."""
-    job = load(config, overrides)
-    check_inputs(job)
+    _prepare(config, overrides, "prepare_dataset")
+
+
+ModelOption = typer.Option(None, "--model", "-m", help="model folder or models:/name/version")
+ResumeOption = typer.Option(None, "--resume", help="continue this run (its id, or its folder) instead of starting "
+                                                    "a new one")
+
+
+def _train(job, resume: Optional[str]) -> None:
+    """Check the inputs, then train (prepare, train, evaluate, register) and print the summary as JSON."""
+    check_inputs(job, resume)
     from raylm.lifecycle import workflow
 
-    manifest = call(workflow.prepare_dataset, job)
-    typer.echo(json.dumps(manifest, indent=2, default=str))
+    summary = call(workflow.train, job, resume)
+    typer.echo(json.dumps(redact_values(summary), indent=2, default=str))
 
 
 @app.command()
 def train(
     config: Optional[Path] = ConfigOption,
     overrides: Optional[List[str]] = OverridesArgument,
-    resume: Optional[str] = typer.Option(
-        None, "--resume", help="continue this run (its id, or its folder) instead of starting a new one"),
+    resume: Optional[str] = ResumeOption,
 ) -> None:
     """Prepare data, train with Ray Train, evaluate, and log to MLflow (a new run unless --resume)."""
     job = load(config, overrides)
-    check_inputs(job, resume)
-    from raylm.lifecycle import workflow
-
-    summary = call(workflow.train, job, resume)
-    typer.echo(json.dumps(redact_values(summary), indent=2, default=str))
+    _train(job, resume)
 
 
 @app.command()
 def finetune(
     config: Optional[Path] = ConfigOption,
     overrides: Optional[List[str]] = OverridesArgument,
-    resume: Optional[str] = typer.Option(
-        None, "--resume", help="continue this run (its id, or its folder) instead of starting a new one"),
+    resume: Optional[str] = ResumeOption,
 ) -> None:
     """Train starting from a trained model folder (model.init_from): the same stages as `raylm train`."""
     job = load(config, overrides)
     if not job.model.init_from:
         fail("config error: model.init_from: fine-tuning starts from a trained model folder; "
              "give model.init_from=<folder>", 2)
-    check_inputs(job, resume)
-    from raylm.lifecycle import workflow
-
-    summary = call(workflow.train, job, resume)
-    typer.echo(json.dumps(redact_values(summary), indent=2, default=str))
+    _train(job, resume)
 
 
 @app.command()
 def deploy(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="model folder or models:/name/version"),
+    model: Optional[str] = ModelOption,
     config: Optional[Path] = ConfigOption,
     overrides: Optional[List[str]] = OverridesArgument,
 ) -> None:
@@ -159,7 +162,7 @@ def promote(
 
 @app.command()
 def serve(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="model folder or models:/name/version"),
+    model: Optional[str] = ModelOption,
     config: Optional[Path] = ConfigOption,
     overrides: Optional[List[str]] = OverridesArgument,
 ) -> None:
