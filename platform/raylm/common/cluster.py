@@ -27,7 +27,7 @@ import raylm
 from raylm.common import storage
 from raylm.compat.ray import job_config_env_var
 from raylm.common.fingerprints import fingerprint_folder
-from raylm.common.pretrained import locate_checkpoint
+from raylm.common.pretrained import context_length, locate_checkpoint
 from raylm.config import ConfigError, JobConfig
 from raylm.config.redaction import redact_uri
 
@@ -173,9 +173,13 @@ def check_local_inputs(job: JobConfig) -> None:
             raise FileNotFoundError(f"{field}: folder not found: {value}")
     if job.model.init_from and "://" not in job.model.init_from:
         try:
-            locate_checkpoint(job.model.init_from)  # a transformers folder or a .gguf file
+            checkpoint = locate_checkpoint(job.model.init_from)  # a transformers folder or a .gguf file
         except (FileNotFoundError, ValueError) as err:
             raise FileNotFoundError(f"model.init_from: {err}") from None
+        context = context_length(checkpoint)
+        if context is not None and job.data.seq_len > context:
+            raise ConfigError(f"config error: data.seq_len: {job.data.seq_len} tokens exceed the context of "
+                              f"model.init_from ({context} tokens)")
 
 
 def check_storage_and_tracking(job: JobConfig) -> None:

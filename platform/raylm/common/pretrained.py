@@ -9,6 +9,7 @@ dequantising its weights and building its tokenizer from the file.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -54,3 +55,26 @@ def locate_checkpoint(source: str | Path) -> Checkpoint:
     if ggufs:
         raise ValueError(f"{path} holds {len(ggufs)} .gguf files ({', '.join(ggufs)}): name one")
     raise FileNotFoundError(f"not a model folder (no config.json or .gguf file): {path}")
+
+
+# config.json's names for the context length, by architecture family (Llama/Qwen2, GPT-2).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
+def context_length(checkpoint: Checkpoint) -> Optional[int]:
+    """The checkpoint's context length in tokens (config.json, or the GGUF file's ``<arch>.context_length``);
+    None when it does not say (or the gguf package that reads the file is not installed)."""
+    if checkpoint.gguf_file is None:
+        try:
+            config = json.loads((checkpoint.folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return next((int(config[key]) for key in CONTEXT_KEYS if isinstance(config.get(key), int)), None)
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    reader = GGUFReader(checkpoint.folder / checkpoint.gguf_file)
+    arch = reader.get_field("general.architecture")
+    field = reader.get_field(f"{arch.contents()}.context_length") if arch is not None else None
+    return int(field.contents()) if field is not None else None
