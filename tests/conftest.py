@@ -94,9 +94,9 @@ def server_runs(ray_session, mlflow_server, tmp_path_factory):
     return train_server_runs(mlflow_server, tmp_path_factory.mktemp("server-runs"))
 
 
-# `make test` runs the suite on two pytest-xdist workers (13.5 min against 22 min for one process on this
-# 2-core machine: a single process leaves a core idle while Ray, Serve, MLflow and CLI subprocesses start and
-# stop). Each module runs whole on one worker, so its module fixtures start once; the modules that read the
+# `make test TEST_WORKERS=2` runs the suite on two pytest-xdist workers (14:54 against about 24 min for one
+# process on this 2-core machine: a single process leaves a core idle while Ray, Serve, MLflow and CLI
+# subprocesses start and stop; the default stays one process until the two-node kill test is steady). Each module runs whole on one worker, so its module fixtures start once; the modules that read the
 # trained `server_runs` share a worker, so the runs (and the MLflow server) start once; and the slowest modules
 # start first, so that the two workers finish together.
 _SHARED_WORKER = {"test_registry_server": "server_runs", "test_train_pipeline": "server_runs"}
