@@ -131,6 +131,20 @@ def _decode_tokenize_pack(batch, tokenizer, seq_len: int):
 
 
 
+def _held_by_driver(dataset):
+    """Execute ``dataset`` and keep its blocks in the driver's own object store.
+
+    Materialized blocks live on the nodes whose tasks packed them. When such a node is lost mid-run, Ray
+    rebuilds them by rerunning the tasks, but only once CPUs are free: while the retried training attempt
+    holds them, its fetch of the lost block timed out (ObjectFetchTimedOutError in the two-node kill test,
+    once in six runs). Blocks put by the driver stay on its node, which the job cannot outlive anyway.
+    """
+    import ray
+    import ray.data
+
+    return ray.data.from_arrow(ray.get(dataset.to_arrow_refs()))
+
+
 @ordered_execution()
 def prepare_data(job: JobConfig) -> PreparedData:
     """Generate or read the corpus, train/load the tokenizer and build lazy packed datasets."""
@@ -142,8 +156,8 @@ def prepare_data(job: JobConfig) -> PreparedData:
     fingerprint = f"{corpus_fingerprint(job)}-{tokenizer_fingerprint(tokenizer)}"
     # The generated corpus already lives in memory and is small: tokenize it once and keep the
     # packed blocks in the object store instead of re-tokenizing on every epoch.
-    train = to_dataset(train_rows, tokenizer, job.data.seq_len).materialize()
-    dev = to_dataset(corpus["dev"], tokenizer, job.data.seq_len).materialize()
+    train = _held_by_driver(to_dataset(train_rows, tokenizer, job.data.seq_len))
+    dev = _held_by_driver(to_dataset(corpus["dev"], tokenizer, job.data.seq_len))
     stats = {"num_train_rows": len(train_rows), "num_dev_rows": len(corpus["dev"]),
              "vocab_size": len(tokenizer)}
     return PreparedData(train=train, dev=dev, dev_examples=corpus["dev"], tokenizer=tokenizer,
