@@ -73,3 +73,23 @@ def test_best_metric_must_be_one_the_task_measures():
         load_config(None, ["train.best_metric=eval_accuracy"])  # a causal LM has no dev accuracy
     with pytest.raises(ConfigError, match="config error: train.best_metric:"):
         load_config(None, ["train.best_metric=bleu"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.num_workers=3"], r"tensor_parallel \(2\) must divide num_workers \(3\)"),
+    (["train.parallel=ddp"], "tensor_parallel=2 needs parallel=fsdp"),
+    (["train.placement_strategy=STRICT_SPREAD"], "STRICT_SPREAD puts every worker on its own node"),
+    (["model.arch=gpt2"], "train.tensor_parallel: 2 needs model.arch=llama"),
+    (["model.num_kv_heads=1"], r"train.tensor_parallel: 2 does not divide model num_kv_heads \(1\)"),
+    (["model.num_heads=3", "model.hidden_size=66", "model.num_kv_heads=3"],
+     r"does not divide model num_heads \(3\)"),
+])
+def test_tensor_parallel_configs_that_cannot_work_are_one_line_errors(overrides, message):
+    from raylm.checks import load_job
+
+    base = ["model.arch=llama", "model.size=debug", "train.num_workers=4", "train.tensor_parallel=2",
+            "train.parallel=fsdp"]
+    assert load_job(None, base).train.tensor_parallel == 2
+    with pytest.raises(ConfigError, match=message) as info:
+        load_job(None, base + overrides)
+    assert "\n" not in str(info.value)

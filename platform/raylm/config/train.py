@@ -16,6 +16,11 @@ class TrainConfig(StrictModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int = Field(1, ge=1)
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    tensor_parallel: int = Field(
+        1, ge=1, description="tensor-parallel group size (Llama only): the workers form a (num_workers / N) x N "
+                             "mesh; each group of N consecutive workers shares one node and shards every block's "
+                             "weights, and FSDP2 (train.parallel=fsdp) shards over the data-parallel groups",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     micro_batch_size: int = Field(16, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
@@ -102,6 +107,16 @@ class TrainConfig(StrictModel):
                 f"({self.micro_batch_size}) x grad_accum_steps ({self.grad_accum_steps}) x "
                 f"num_workers ({self.num_workers}) = {derived}"
             )
+        if self.tensor_parallel > 1:
+            if self.num_workers % self.tensor_parallel:
+                raise ValueError(f"tensor_parallel ({self.tensor_parallel}) must divide num_workers "
+                                 f"({self.num_workers})")
+            if self.parallel != "fsdp":
+                raise ValueError(f"tensor_parallel={self.tensor_parallel} needs parallel=fsdp (DDP cannot wrap "
+                                 "tensor-parallel weights)")
+            if self.placement_strategy == "STRICT_SPREAD":
+                raise ValueError(f"tensor_parallel={self.tensor_parallel} needs its groups on one node, but "
+                                 "placement_strategy=STRICT_SPREAD puts every worker on its own node")
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
         return self

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from raylm.common import cluster, storage
-from raylm.config import JobConfig
+from raylm.config import ConfigError, JobConfig
 from raylm.data.formatting import CHAT_TEMPLATE
 from raylm.data.tokenizer import special_token_ids
 from raylm.train.checkpoint import BEST_CHECKPOINT, CorruptCheckpointError, STATE_FILE, fetch_checkpoint, \
@@ -74,6 +74,30 @@ def worker_runtime_env(config) -> dict:
     return {"env_vars": {"RAY_worker_niceness": str(config.worker_niceness)}}
 
 
+def check_tensor_parallel_placement(config) -> None:
+    """Raise :class:`ConfigError` when no node of the running Ray cluster can hold one tensor-parallel group.
+
+    A group of ``train.tensor_parallel`` workers must share a node (its collectives
+    run every layer). Only the nodes alive now are known: an autoscaling cluster
+    may add bigger ones, so the check is skipped where the cluster autoscales.
+    """
+    import ray
+
+    if config.tensor_parallel == 1 or not ray.is_initialized() \
+            or os.environ.get("RAY_ADDRESS", "local") != "local":
+        return
+    needed = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+    capacity = 0
+    for node in ray.nodes():
+        if node.get("Alive"):
+            resources = node.get("Resources", {})
+            capacity = max(capacity, min(int(resources.get(name, 0) // amount) for name, amount in needed.items()))
+    if capacity < config.tensor_parallel:
+        raise ConfigError(f"config error: train.tensor_parallel: {config.tensor_parallel} workers must share a node, "
+                          f"but no node of this cluster holds more than {capacity} "
+                          f"({', '.join(f'{name}={amount:g}' for name, amount in needed.items())} per worker)")
+
+
 def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_run_id: str | None = None,
                   seq_len: int | None = None, callbacks: list | None = None):
     """The ``TorchTrainer`` that runs ``train_loop_per_worker`` on ``job.train.num_workers`` workers.
@@ -91,6 +115,7 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
     from ray.train.torch import TorchConfig, TorchTrainer
 
     config = job.train
+    check_tensor_parallel_placement(config)
     resources = {"CPU": config.cpus_per_worker}
     if config.use_gpu:
         resources["GPU"] = 1

@@ -41,6 +41,7 @@ from raylm.train.allocator import keep_freed_memory
 from raylm.train import parallel
 from raylm.train.checkpoint import BEST_CHECKPOINT, choose_valid_checkpoint, open_checkpoint, publish_folder, read_history
 from raylm.train.metrics import ThroughputMeter, device_peak_flops
+from raylm.train.tensor_parallel import check_groups_share_nodes
 from raylm.train.trainer import LMTrainer
 
 
@@ -172,6 +173,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(job.model, loop_config["vocab_size"], seq_len, loop_config["special_ids"], seed=config.seed)
     model_flops_per_token = flops_per_token(model, seq_len)
     trainer = LMTrainer(model, config, device, task=job.model.task)
+    if trainer.mesh is not None:
+        check_groups_share_nodes(trainer.mesh, ray.get_runtime_context().get_node_id())
     state = restore_trainer(trainer, ray.train.get_checkpoint(), rank, run_storage(context))
     resumed_from_step = trainer.step
     if not state.get("rng_restored"):

@@ -38,6 +38,7 @@ from raylm.train import parallel
 from raylm.train.checkpoint import HISTORY_FILE, STATE_FILE, write_manifest
 from raylm.train.masks import packed_attention_mask
 from raylm.train.optim import build_optimizer, clip_grad_norm, lr_lambda
+from raylm.train.tensor_parallel import build_mesh, gather_rows
 
 IGNORE_INDEX = -100
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "attention_mask", "token_type_ids")
@@ -67,10 +68,13 @@ class LMTrainer:
         self.task = task or infer_task(model)
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        # Tensor parallelism: a group of tensor_parallel ranks computes on the union of its members' rows.
+        self.tensor_parallel = train_config.tensor_parallel
+        self.mesh = build_mesh(self.tensor_parallel, device) if self.tensor_parallel > 1 else None
         self.model = parallel.parallelize(
             model, train_config.parallel, device, self.precision,
             activation_checkpointing=train_config.activation_checkpointing, compile=train_config.compile,
-            fused_kernels=train_config.fused_kernels,
+            fused_kernels=train_config.fused_kernels, mesh=self.mesh,
         )
         self.fsdp = parallel.is_fsdp(self.model)
         # The transformers model: the DDP wrapper's inner module, or the (sharded) model itself.
@@ -160,7 +164,8 @@ class LMTrainer:
                 for key in ("input_ids", "attention_mask", "token_type_ids"):
                     if key in tensors and tensors[key].dim() == 2:
                         tensors[key] = tensors[key][:, first:end]
-        return {key: value.to(self.device, dtype=torch.long, non_blocking=True) for key, value in tensors.items()}
+        tensors = {key: value.to(self.device, dtype=torch.long, non_blocking=True) for key, value in tensors.items()}
+        return gather_rows(tensors, self.mesh["tp"].get_group()) if self.mesh is not None else tensors
 
     # ----------------------------------------------------------------- training
 
@@ -177,8 +182,8 @@ class LMTrainer:
         batches = [self._to_device(batch) for batch in micro_batches]
         global_targets = parallel.all_reduce_sum(
             self._from_host(torch.tensor([float(local_targets)], dtype=torch.float64)))[0].clamp(min=1.0)
-        # DDP and FSDP average gradients over workers, hence the world-size factor.
-        normaliser = (global_targets / parallel.world_size()).float()
+        # DDP and FSDP average gradients over the data-parallel ranks, hence their number as a factor.
+        normaliser = (global_targets / (parallel.world_size() // self.tensor_parallel)).float()
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         for index, batch in enumerate(batches):
             is_last = index == len(batches) - 1
@@ -205,7 +210,9 @@ class LMTrainer:
             "skipped_steps": self.skipped_steps,
         }
         if sync_metrics:
-            metrics["loss"] = float(parallel.all_reduce_sum(loss_total).item() / global_targets.item())
+            # Each rank of a tensor-parallel group computed the same group loss.
+            metrics["loss"] = float(parallel.all_reduce_sum(loss_total).item() / self.tensor_parallel
+                                    / global_targets.item())
             metrics["grad_norm"] = float(grad_norm)
         return metrics
 
@@ -226,7 +233,7 @@ class LMTrainer:
                 targets = self._targets(batch)
                 mask = targets != IGNORE_INDEX
                 totals[2] += float((logits.argmax(-1)[mask] == targets[mask]).sum())
-        totals = parallel.all_reduce_sum(totals)
+        totals = parallel.all_reduce_sum(totals) / self.tensor_parallel
         count = float(totals[1])
         loss = float(totals[0]) / count if count else float("nan")
         metrics = {"eval_loss": loss}
