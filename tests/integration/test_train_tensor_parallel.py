@@ -33,7 +33,7 @@ from raylm.config import ConfigError, ModelConfig, TrainConfig
 from raylm.models.registry import build_model
 from raylm.train.trainer import LMTrainer
 
-VOCAB, SEQ_LEN, GLOBAL_BATCH, NUM_STEPS = 96, 32, 8, 6
+VOCAB, SEQ_LEN, GLOBAL_BATCH, NUM_STEPS, SAVE_AT = 96, 32, 8, 6, 3
 
 
 def global_batch(step: int) -> dict[str, torch.Tensor]:
@@ -62,24 +62,36 @@ def make_trainer(world: int, tensor_parallel: int) -> LMTrainer:
     return LMTrainer(model, config, torch.device("cpu"))
 
 
-def train(rank: int, world: int, tensor_parallel: int) -> list[dict]:
+def train(rank: int, world: int, tensor_parallel: int, save_to: str | None = None,
+          resume_from: str | None = None) -> list[dict]:
+    """Steps [0, NUM_STEPS) (from the checkpoint's step when resuming), saving after SAVE_AT steps if asked."""
     trainer = make_trainer(world, tensor_parallel)
-    return [trainer.train_step([local_rows(step, rank, world)]) for step in range(NUM_STEPS)]
+    if resume_from:
+        trainer.load_checkpoint(Path(resume_from))
+    steps = []
+    for step in range(trainer.step, NUM_STEPS):
+        steps.append(trainer.train_step([local_rows(step, rank, world)]))
+        if save_to and trainer.step == SAVE_AT:
+            trainer.save_checkpoint(Path(save_to), {})
+    return steps
 
 
-def _worker(rank: int, world: int, tensor_parallel: int, folder: str) -> None:
+def _worker(rank: int, world: int, tensor_parallel: int, folder: str, save_to: str | None,
+            resume_from: str | None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
     try:
-        steps = train(rank, world, tensor_parallel)
+        steps = train(rank, world, tensor_parallel, save_to, resume_from)
         Path(folder, f"rank{rank}.json").write_text(json.dumps(steps))
     finally:
         dist.destroy_process_group()
 
 
-def spawn(world: int, tensor_parallel: int, folder: Path) -> list[list[dict]]:
+def spawn(folder: Path, world: int, tensor_parallel: int, save_to: Path | None = None,
+          resume_from: Path | None = None) -> list[list[dict]]:
     folder.mkdir(parents=True)
-    mp.spawn(_worker, args=(world, tensor_parallel, str(folder)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, tensor_parallel, str(folder), save_to and str(save_to),
+                            resume_from and str(resume_from)), nprocs=world, join=True)
     return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
@@ -87,6 +99,21 @@ def spawn(world: int, tensor_parallel: int, folder: Path) -> list[list[dict]]:
 def reference():
     torch.set_num_threads(1)
     return train(0, 1, 1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each layout's steps per rank: tp=2 (2 processes) and dp=2 x tp=2 (4), each saving a sharded checkpoint
+    after SAVE_AT steps; then the 4-process checkpoint resumed on 2 FSDP processes and on 1 process, and the
+    2-process one on 4 FSDP processes (no tensor parallelism)."""
+    root = tmp_path_factory.mktemp("tp")
+    results = {"tp2": spawn(root / "tp2", 2, 2, save_to=root / "checkpoint_tp2"),
+               "dp2xtp2": spawn(root / "dp2xtp2", 4, 2, save_to=root / "checkpoint_dp2xtp2")}
+    results["4to2"] = spawn(root / "4to2", 2, 1, resume_from=root / "checkpoint_dp2xtp2")
+    results["2to4"] = spawn(root / "2to4", 4, 1, resume_from=root / "checkpoint_tp2")
+    results["4to1"] = [train(0, 1, 1, resume_from=str(root / "checkpoint_dp2xtp2"))]
+    results["checkpoint"] = root / "checkpoint_dp2xtp2"
+    return results
 
 
 def _assert_close(steps, reference_steps):
@@ -100,10 +127,29 @@ def test_reference_learns(reference):
     assert reference[-1]["loss"] < 0.95 * reference[0]["loss"]
 
 
-@pytest.mark.parametrize("world", [2, 4], ids=["tp2", "dp2xtp2"])
-def test_tensor_parallel_follows_one_process(reference, tmp_path, world):
-    for rank_steps in spawn(world, 2, tmp_path / f"world{world}"):  # every rank reports the global figures
+@pytest.mark.parametrize("layout", ["tp2", "dp2xtp2"])
+def test_tensor_parallel_follows_one_process(reference, runs, layout):
+    for rank_steps in runs[layout]:  # every rank reports the global figures
         _assert_close(rank_steps, reference)
+
+
+@pytest.mark.parametrize("resume", ["4to2", "2to4", "4to1"])
+def test_sharded_checkpoint_resumes_on_another_worker_count_and_layout(reference, runs, resume):
+    """Weights, AdamW moments and schedule resharded: the resumed steps are the uninterrupted run's."""
+    for rank_steps in runs[resume]:
+        assert len(rank_steps) == NUM_STEPS - SAVE_AT
+        _assert_close(rank_steps, reference[SAVE_AT:])
+
+
+def test_each_rank_wrote_its_own_part(runs):
+    from raylm.train.checkpoint import verify_checkpoint
+
+    folder = runs["checkpoint"]
+    verify_checkpoint(folder)
+    parts = sorted(path.name for path in (folder / "dcp").glob("*.distcp"))
+    assert parts == [f"__{rank}_0.distcp" for rank in range(4)]
+    manifest = json.loads((folder / "manifest.json").read_text())["files"]
+    assert all(f"dcp/{name}" in manifest for name in parts)
 
 
 # ----------------------------------------------------------------- through Ray Train

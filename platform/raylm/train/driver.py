@@ -15,6 +15,7 @@ from raylm.data.formatting import CHAT_TEMPLATE
 from raylm.data.tokenizer import special_token_ids
 from raylm.train.checkpoint import BEST_CHECKPOINT, CorruptCheckpointError, STATE_FILE, fetch_checkpoint, \
     local_valid_checkpoint, read_history, read_state, verify_checkpoint
+from raylm.train.dcp import export_weights, is_sharded_checkpoint
 from raylm.train.loop import train_loop_per_worker
 
 MODEL_FILES = ("config.json", "generation_config.json")
@@ -250,7 +251,11 @@ def choose_export(job: JobConfig, result: TrainingResult) -> tuple[Path, dict[st
 
 def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[str, Any],
                  trained_steps: int | None = None) -> Path:
-    """Copy weights and config from a checkpoint, add the tokenizer and ``raylm.json``.
+    """Write a checkpoint's full weights and config as a model folder, add the tokenizer and ``raylm.json``.
+
+    The weights of a sharded checkpoint are assembled here, once, in this one
+    process (:func:`raylm.train.dcp.export_weights`); an older checkpoint's
+    safetensors are copied.
 
     ``trained_steps`` (default: the checkpoint's step) is how far the run trained,
     which differs from the exported step when an earlier checkpoint is exported.
@@ -258,6 +263,8 @@ def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[st
     if model_dir.exists():
         shutil.rmtree(model_dir)
     model_dir.mkdir(parents=True)
+    if is_sharded_checkpoint(checkpoint_dir):
+        export_weights(checkpoint_dir, model_dir)
     for path in Path(checkpoint_dir).iterdir():
         if path.suffix == ".safetensors" or path.name in MODEL_FILES or path.name.endswith(".safetensors.index.json"):
             shutil.copy2(path, model_dir / path.name)

@@ -95,6 +95,18 @@ def restore_trainer(trainer: LMTrainer, checkpoint, rank: int, storage=None) -> 
     return state
 
 
+def publish_best(directory: str, storage, rank: int) -> None:
+    """Every rank's part of a checkpoint into the run's best copy; rank 0 clears it first and adds the manifest last."""
+    destination = os.path.join(storage.path, BEST_CHECKPOINT)
+    if rank == 0:
+        publish_folder(directory, destination, storage.filesystem, files=False, manifest=False)
+    parallel.barrier()
+    publish_folder(directory, destination, storage.filesystem, replace=False, manifest=False)
+    parallel.barrier()
+    if rank == 0:
+        publish_folder(directory, destination, storage.filesystem, replace=False, files=False)
+
+
 def resume_position(state: dict[str, Any], world_size: int, micro_batch_size: int) -> tuple[int, int]:
     """(epoch, micro-batches to skip in it) for this worker after a restore.
 
@@ -270,14 +282,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                  "worker_niceness": os.nice(0)},  # what the OS scheduled this worker at (train.worker_niceness)
                 history=history,
             )
-            checkpoint = None
-            if rank == 0:
-                if keep_best:
-                    # A best evaluation between checkpoints is kept too: train.export=best exports it.
-                    storage = run_storage(context)
-                    publish_folder(directory, os.path.join(storage.path, BEST_CHECKPOINT), storage.filesystem)
-                if should_checkpoint:
-                    checkpoint = ray.train.Checkpoint.from_directory(directory)
+            if keep_best:
+                # A best evaluation between checkpoints is kept too: train.export=best exports it.
+                publish_best(directory, run_storage(context), rank)
+            # Every rank uploads its part; Ray Train merges them into one folder (rank 0's name).
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if should_checkpoint else None
             if not should_checkpoint:
                 ray.train.report(metrics)
                 meter.reset()
