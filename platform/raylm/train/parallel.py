@@ -167,6 +167,13 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def model_class(model: torch.nn.Module) -> type:
+    """The class ``model`` was built as, under the subclass FSDP2's ``fully_shard`` gives it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DDP wrapper (an FSDP2 model is its own module)."""
     return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model

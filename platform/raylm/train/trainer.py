@@ -261,6 +261,8 @@ class LMTrainer:
                                          if parallel.rank() else {})
         if parallel.rank() != 0:
             return
+        # What save_pretrained records: the model's own class (FSDP2 wraps it in a subclass), which export rebuilds.
+        self.base_model.config.architectures = [parallel.model_class(self.base_model).__name__]
         self.base_model.config.save_pretrained(folder)
         if getattr(self.base_model, "generation_config", None) is not None and self.base_model.can_generate():
             self.base_model.generation_config.save_pretrained(folder)
