@@ -93,3 +93,25 @@ def test_tensor_parallel_configs_that_cannot_work_are_one_line_errors(overrides,
     with pytest.raises(ConfigError, match=message) as info:
         load_job(None, base + overrides)
     assert "\n" not in str(info.value)
+
+
+def test_an_elastic_worker_range_keeps_the_global_batch():
+    job = load_config(None, ["train.num_workers=[2, 4]", "train.global_batch_size=24", "train.micro_batch_size=2"])
+    train = job.train
+    assert (train.min_workers, train.num_workers, train.is_elastic) == (2, 4, True)
+    assert [train.grad_accum_steps_for(w) * w * train.micro_batch_size for w in (2, 3, 4)] == [24, 24, 24]
+    assert load_config(None, ["train.num_workers=[3, 3]"]).train.is_elastic is False
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.num_workers=[2, 4]", "train.global_batch_size=16", "train.micro_batch_size=2"],
+     r"the global batch of 16 sequences does not split .* on 3 worker\(s\)"),
+    (["train.num_workers=[4, 2]"], r"min \(4\) must be <= max \(2\)"),
+    (["train.num_workers=[1, 2, 3]"], r"a count or a range \[min, max\]"),
+    (["train.num_workers=[2, 4]", "train.global_batch_size=24", "train.micro_batch_size=1", "train.parallel=fsdp",
+      "train.tensor_parallel=2"], "elastic num_workers range and tensor_parallel > 1 do not combine"),
+])
+def test_elastic_ranges_that_cannot_keep_the_batch_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, overrides)
+    assert "\n" not in str(info.value)

@@ -137,7 +137,10 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
             # On a cluster every worker checks that it imported the driver's raylm.
             "code_fingerprint": cluster.expected_worker_code(),
         },
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+        # An elastic range: Ray Train V2 starts with what fits between min and max and resizes later.
+        scaling_config=ScalingConfig(num_workers=(config.min_workers, config.num_workers) if config.is_elastic
+                                     else config.num_workers, use_gpu=config.use_gpu,
+                                     elastic_resize_monitor_interval_s=config.elastic_resize_interval_s,
                                      resources_per_worker=resources, placement_strategy=config.placement_strategy),
         run_config=RunConfig(
             name=job.run_name,

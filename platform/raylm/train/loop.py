@@ -204,6 +204,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and loop_config.get("mlflow_run_id"):
         tracker = WorkerTracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
 
+    # An elastic run may have fewer workers than num_workers: more micro-batches each keep the global batch.
+    grad_accum_steps = config.grad_accum_steps_for(world)
+    if grad_accum_steps != config.grad_accum_steps:
+        _log(rank, f"{world} of up to {config.num_workers} workers: {grad_accum_steps} micro-batches per step "
+                   f"keep the global batch of {config.effective_global_batch_size}")
     meter = ThroughputMeter(model_flops_per_token, device_peak_flops(config.precision, device), world)
     epoch, position = resume_position(state, world, config.micro_batch_size)
     pin = device.type == "cuda"
@@ -220,7 +225,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     while trainer.step < config.max_steps:
         micro_batches = []
-        for _ in range(config.grad_accum_steps):
+        for _ in range(grad_accum_steps):
             epoch, position, batch = next(batch_stream)
             micro_batches.append(batch)
         step = trainer.step + 1
