@@ -79,6 +79,7 @@ def test_best_metric_must_be_one_the_task_measures():
     (["train.num_workers=3"], r"tensor_parallel \(2\) must divide num_workers \(3\)"),
     (["train.parallel=ddp"], "tensor_parallel=2 needs parallel=fsdp"),
     (["train.placement_strategy=STRICT_SPREAD"], "STRICT_SPREAD puts every worker on its own node"),
+    (["train.compile=true"], "tensor_parallel=2 does not combine with compile yet"),
     (["model.arch=gpt2"], "train.tensor_parallel: 2 needs model.arch=llama"),
     (["model.num_kv_heads=1"], r"train.tensor_parallel: 2 does not divide model num_kv_heads \(1\)"),
     (["model.num_heads=3", "model.hidden_size=66", "model.num_kv_heads=3"],
