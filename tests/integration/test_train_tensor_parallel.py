@@ -14,6 +14,10 @@ row-wise projections' reduce-scatters, FSDP2's reduce-scatter over dp). A
 normaliser that counted each tp group's rows tp times, or an unsharded head
 count in attention, is off by far more at the first step.
 
+The same runs save sharded (DCP) checkpoints half-way, and resuming them on
+another worker count and layout (4 -> 2, 4 -> 1, 1 -> 2 into a tp group,
+2 -> 1) continues with the uninterrupted run's losses, to the same tolerances.
+
 One Ray Train run wires it through raylm's driver and worker loop
 (``run_training``: 2 workers, ``tensor_parallel=2``), and a group larger than
 any node of the local Ray is refused before workers start.
@@ -62,7 +66,7 @@ def make_trainer(world: int, tensor_parallel: int) -> LMTrainer:
     return LMTrainer(model, config, torch.device("cpu"))
 
 
-def train(rank: int, world: int, tensor_parallel: int, save_to: str | None = None,
+def train(rank: int, world: int, tensor_parallel: int = 1, save_to: str | None = None,
           resume_from: str | None = None) -> list[dict]:
     """Steps [0, NUM_STEPS) (from the checkpoint's step when resuming), saving after SAVE_AT steps if asked."""
     trainer = make_trainer(world, tensor_parallel)
@@ -76,44 +80,51 @@ def train(rank: int, world: int, tensor_parallel: int, save_to: str | None = Non
     return steps
 
 
-def _worker(rank: int, world: int, tensor_parallel: int, folder: str, save_to: str | None,
-            resume_from: str | None) -> None:
+def _worker(rank: int, world: int, folder: str, scenarios: dict[str, dict]) -> None:
+    """Run ``scenarios`` (name -> ``train`` keywords) one after another in one process group (a process start
+    costs more than a scenario); each rank writes its steps per scenario."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=world)
     try:
-        steps = train(rank, world, tensor_parallel, save_to, resume_from)
+        steps = {name: train(rank, world, **keywords) for name, keywords in scenarios.items()}
         Path(folder, f"rank{rank}.json").write_text(json.dumps(steps))
     finally:
         dist.destroy_process_group()
 
 
-def spawn(folder: Path, world: int, tensor_parallel: int, save_to: Path | None = None,
-          resume_from: Path | None = None) -> list[list[dict]]:
+def spawn(folder: Path, world: int, scenarios: dict[str, dict]) -> dict[str, list[list[dict]]]:
+    """{scenario: [steps of rank 0, rank 1, ...]} from ``world`` spawned processes."""
     folder.mkdir(parents=True)
-    mp.spawn(_worker, args=(world, tensor_parallel, str(folder), save_to and str(save_to),
-                            resume_from and str(resume_from)), nprocs=world, join=True)
-    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(world)]
-
-
-@pytest.fixture(scope="module")
-def reference():
-    torch.set_num_threads(1)
-    return train(0, 1, 1)
+    mp.spawn(_worker, args=(world, str(folder), scenarios), nprocs=world, join=True)
+    per_rank = [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(world)]
+    return {name: [steps[name] for steps in per_rank] for name in scenarios}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Each layout's steps per rank: tp=2 (2 processes) and dp=2 x tp=2 (4), each saving a sharded checkpoint
-    after SAVE_AT steps; then the 4-process checkpoint resumed on 2 FSDP processes and on 1 process, and the
-    2-process one on 4 FSDP processes (no tensor parallelism)."""
+    """Every layout's steps per rank. One process (the reference), dp=2 x tp=2 (4 processes) and tp=2
+    (2 processes) each save a sharded checkpoint after SAVE_AT steps; then the 4-process checkpoint is resumed
+    on 2 FSDP processes (4 -> 2) and on 1 (4 -> 1), the 1-process one on a tp=2 group (1 -> 2), and the tp=2 one
+    on 1 process (2 -> 1)."""
+    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tp")
-    results = {"tp2": spawn(root / "tp2", 2, 2, save_to=root / "checkpoint_tp2"),
-               "dp2xtp2": spawn(root / "dp2xtp2", 4, 2, save_to=root / "checkpoint_dp2xtp2")}
-    results["4to2"] = spawn(root / "4to2", 2, 1, resume_from=root / "checkpoint_dp2xtp2")
-    results["2to4"] = spawn(root / "2to4", 4, 1, resume_from=root / "checkpoint_tp2")
-    results["4to1"] = [train(0, 1, 1, resume_from=str(root / "checkpoint_dp2xtp2"))]
-    results["checkpoint"] = root / "checkpoint_dp2xtp2"
+    results = {"reference": train(0, 1, 1, save_to=str(root / "checkpoint_1"))}
+    results.update(spawn(root / "four", 4, {"dp2xtp2": {"tensor_parallel": 2,
+                                                        "save_to": str(root / "checkpoint_4")}}))
+    results.update(spawn(root / "two", 2, {
+        "tp2": {"tensor_parallel": 2, "save_to": str(root / "checkpoint_tp2")},
+        "4to2": {"tensor_parallel": 1, "resume_from": str(root / "checkpoint_4")},
+        "1to2": {"tensor_parallel": 2, "resume_from": str(root / "checkpoint_1")},
+    }))
+    results["4to1"] = [train(0, 1, 1, resume_from=str(root / "checkpoint_4"))]
+    results["2to1"] = [train(0, 1, 1, resume_from=str(root / "checkpoint_tp2"))]
+    results["checkpoint"] = root / "checkpoint_4"
     return results
+
+
+@pytest.fixture(scope="module")
+def reference(runs):
+    return runs["reference"]
 
 
 def _assert_close(steps, reference_steps):
@@ -133,7 +144,7 @@ def test_tensor_parallel_follows_one_process(reference, runs, layout):
         _assert_close(rank_steps, reference)
 
 
-@pytest.mark.parametrize("resume", ["4to2", "2to4", "4to1"])
+@pytest.mark.parametrize("resume", ["4to2", "4to1", "1to2", "2to1"])
 def test_sharded_checkpoint_resumes_on_another_worker_count_and_layout(reference, runs, resume):
     """Weights, AdamW moments and schedule resharded: the resumed steps are the uninterrupted run's."""
     for rank_steps in runs[resume]:
