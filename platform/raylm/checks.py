@@ -42,6 +42,23 @@ def check_model(model: ModelConfig, location: str = "model") -> None:
                           f"num_kv_heads ({shape['num_kv_heads']})")
 
 
+def check_tensor_parallel(job: JobConfig) -> None:
+    """``train.tensor_parallel`` > 1 needs a Llama whose query and key/value heads it divides."""
+    tensor_parallel = job.train.tensor_parallel
+    if tensor_parallel == 1:
+        return
+    if job.model.arch != "llama":
+        raise ConfigError(f"config error: train.tensor_parallel: {tensor_parallel} needs model.arch=llama "
+                          f"(got {job.model.arch}; use train.parallel=fsdp without tensor parallelism)")
+    if job.model.init_from is not None:
+        return  # the worker checks the loaded model's heads
+    shape = model_shape(job.model)
+    for field in ("num_heads", "num_kv_heads"):
+        if shape[field] % tensor_parallel:
+            raise ConfigError(f"config error: train.tensor_parallel: {tensor_parallel} does not divide "
+                              f"model {field} ({shape[field]})")
+
+
 def check_source_fields(data: DataConfig, location: str = "data") -> None:
     """Every source's ``fields`` map only fields its task reads (a typo would silently read the wrong column)."""
     for split in ("sources", "dev_sources", "test_sources"):
@@ -67,6 +84,7 @@ def check_job(job: JobConfig) -> JobConfig:
     """Run every cross-component check on a schema-valid job config; returns it unchanged."""
     check_source_fields(job.data)
     check_model(job.model)
+    check_tensor_parallel(job)
     check_metrics(job.eval)
     return job
 

@@ -8,13 +8,15 @@ dozen steps), so they do not depend on the demo data.
   first checkpoint is registered; it must restart from a checkpoint (not from
   0) and finish at ``max_steps``. The steps between that checkpoint and the
   kill run twice; because the shards, the data position, the optimiser and the
-  RNG all resume exactly (sharded weights and optimiser state restored from
-  the gathered checkpoint), the second attempt logs the same losses (rel 1e-5).
+  RNG all resume exactly (each worker's weight and optimiser shards written by
+  that worker with torch.distributed.checkpoint), the second attempt logs the
+  same losses (rel 1e-5).
   It evaluates at every checkpoint and keeps the best one apart.
 - That run's latest checkpoint is then corrupted, and the run is started again
   under the same run name with 1 worker (same global batch through gradient
-  accumulation): it skips the corrupt checkpoint, loads the previous one (saved
-  by 2 FSDP workers) and continues at the same step and learning rate. (One
+  accumulation): it skips the corrupt checkpoint (one byte of worker 1's part
+  flipped), loads the previous one (saved by 2 FSDP workers, resharded for 1)
+  and continues at the same step and learning rate. (One
   2-worker run serves both: a worker group start costs more than its training.)
 """
 
@@ -215,7 +217,7 @@ def fsdp_then_one_worker(killed_run):
     first_snapshot = {"checkpoints": sorted(checkpoints), "history": first.history,
                       "best": read_state(experiment / BEST_CHECKPOINT),
                       "niceness": read_state(checkpoints[MAX_STEPS - CHECKPOINT_EVERY])["worker_niceness"]}
-    weights = checkpoints[MAX_STEPS] / "model.safetensors"
+    weights = checkpoints[MAX_STEPS] / "dcp" / "__1_0.distcp"  # rank 1's part: rank 0's manifest covers it
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))

@@ -27,7 +27,7 @@ def test_save_load_restores_training_exactly(tmp_path):
         trainer.train_step([_batch(step)])
     trainer.save_checkpoint(tmp_path / "checkpoint_000001", {"epoch": 0, "batches_in_epoch": 3})
     verify_checkpoint(tmp_path / "checkpoint_000001")
-    assert (tmp_path / "checkpoint_000001" / "model.safetensors").is_file()
+    assert (tmp_path / "checkpoint_000001" / "dcp" / "__0_0.distcp").is_file()
     expected = trainer.train_step([_batch(99)])
 
     restored = _trainer()
@@ -44,7 +44,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(tmp_path):
     trainer.save_checkpoint(tmp_path / "checkpoint_a", {})
     trainer.train_step([_batch(1)])
     trainer.save_checkpoint(tmp_path / "checkpoint_b", {})
-    weights = tmp_path / "checkpoint_b" / "model.safetensors"
+    weights = tmp_path / "checkpoint_b" / "dcp" / "__0_0.distcp"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -92,12 +92,31 @@ def test_optimizer_scaler_and_rng_state_round_trip(tmp_path):
 
 def test_optimizer_state_is_keyed_by_parameter_name(tmp_path):
     """Names, not positions: what lets FSDP-sharded and unsharded runs load each other's state."""
+    from raylm.train.dcp import saved_keys
+
     trainer = _trainer()
     trainer.train_step([_batch(0)])
     trainer.save_checkpoint(tmp_path / "checkpoint_1", {})
-    saved = torch.load(tmp_path / "checkpoint_1" / "optimizer.pt", weights_only=True)
-    assert "transformer.h.0.attn.c_attn.weight" in saved["optimizer"]["state"]
-    assert not (tmp_path / "checkpoint_1" / "pytorch_model.bin").exists()
+    keys = saved_keys(tmp_path / "checkpoint_1")
+    assert "model.transformer.h.0.attn.c_attn.weight" in keys
+    assert "optimizer.state.transformer.h.0.attn.c_attn.weight.exp_avg_sq" in keys
+    assert not list((tmp_path / "checkpoint_1").glob("*.safetensors"))  # no gathered weights per checkpoint
+
+
+def test_export_writes_the_full_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from raylm.train.dcp import export_weights
+
+    trainer = _trainer()
+    trainer.train_step([_batch(0)])
+    trainer.save_checkpoint(tmp_path / "checkpoint_1", {})
+    folder = export_weights(tmp_path / "checkpoint_1", tmp_path / "model")
+    weights = load_file(str(folder / "model.safetensors"))
+    for name, value in trainer.base_model.state_dict().items():
+        if name in weights:
+            torch.testing.assert_close(weights[name], value, rtol=0, atol=0)
+    assert "transformer.h.0.attn.c_attn.weight" in weights
 
 
 def test_checkpoint_of_another_model_fails_clearly(tmp_path):
@@ -118,7 +137,7 @@ def test_open_valid_checkpoint_orders_siblings_by_step(tmp_path):
     for name in ("checkpoint_b", "checkpoint_a", "checkpoint_c"):  # steps 1, 2, 3; names deliberately unordered
         trainer.train_step([_batch(0)])
         trainer.save_checkpoint(tmp_path / name, {})
-    (tmp_path / "checkpoint_c" / "optimizer.pt").write_bytes(b"truncated")
+    (tmp_path / "checkpoint_c" / "trainer.pt").write_bytes(b"truncated")
     (tmp_path / "checkpoint_a" / "manifest.json").unlink()
     with open_valid_checkpoint(tmp_path / "checkpoint_c") as (folder, problems):
         assert folder == tmp_path / "checkpoint_b"

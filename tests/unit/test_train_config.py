@@ -73,3 +73,46 @@ def test_best_metric_must_be_one_the_task_measures():
         load_config(None, ["train.best_metric=eval_accuracy"])  # a causal LM has no dev accuracy
     with pytest.raises(ConfigError, match="config error: train.best_metric:"):
         load_config(None, ["train.best_metric=bleu"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.num_workers=3"], r"tensor_parallel \(2\) must divide num_workers \(3\)"),
+    (["train.parallel=ddp"], "tensor_parallel=2 needs parallel=fsdp"),
+    (["train.placement_strategy=STRICT_SPREAD"], "STRICT_SPREAD puts every worker on its own node"),
+    (["train.compile=true"], "tensor_parallel=2 does not combine with compile yet"),
+    (["model.arch=gpt2"], "train.tensor_parallel: 2 needs model.arch=llama"),
+    (["model.num_kv_heads=1"], r"train.tensor_parallel: 2 does not divide model num_kv_heads \(1\)"),
+    (["model.num_heads=3", "model.hidden_size=66", "model.num_kv_heads=3"],
+     r"does not divide model num_heads \(3\)"),
+])
+def test_tensor_parallel_configs_that_cannot_work_are_one_line_errors(overrides, message):
+    from raylm.checks import load_job
+
+    base = ["model.arch=llama", "model.size=debug", "train.num_workers=4", "train.tensor_parallel=2",
+            "train.parallel=fsdp"]
+    assert load_job(None, base).train.tensor_parallel == 2
+    with pytest.raises(ConfigError, match=message) as info:
+        load_job(None, base + overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_an_elastic_worker_range_keeps_the_global_batch():
+    job = load_config(None, ["train.num_workers=[2, 4]", "train.global_batch_size=24", "train.micro_batch_size=2"])
+    train = job.train
+    assert (train.min_workers, train.num_workers, train.is_elastic) == (2, 4, True)
+    assert [train.grad_accum_steps_for(w) * w * train.micro_batch_size for w in (2, 3, 4)] == [24, 24, 24]
+    assert load_config(None, ["train.num_workers=[3, 3]"]).train.is_elastic is False
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.num_workers=[2, 4]", "train.global_batch_size=16", "train.micro_batch_size=2"],
+     r"the global batch of 16 sequences does not split .* on 3 worker\(s\)"),
+    (["train.num_workers=[4, 2]"], r"min \(4\) must be <= max \(2\)"),
+    (["train.num_workers=[1, 2, 3]"], r"a count or a range \[min, max\]"),
+    (["train.num_workers=[2, 4]", "train.global_batch_size=24", "train.micro_batch_size=1", "train.parallel=fsdp",
+      "train.tensor_parallel=2"], "elastic num_workers range and tensor_parallel > 1 do not combine"),
+])
+def test_elastic_ranges_that_cannot_keep_the_batch_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(None, overrides)
+    assert "\n" not in str(info.value)

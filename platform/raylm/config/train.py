@@ -11,11 +11,25 @@ from raylm.config.base import StrictModel
 class TrainConfig(StrictModel):
     """The distributed training loop: workers, batch arithmetic, optimiser, checkpoints."""
 
-    num_workers: int = Field(2, ge=1)
+    num_workers: int = Field(
+        2, ge=1, description="training workers; a range [min, max] makes the run elastic: Ray Train starts with "
+                             "what the cluster has between them, continues on fewer after a node is lost and grows "
+                             "back, from the latest checkpoint each time (then num_workers is max, min_workers min)",
+    )
+    min_workers: Optional[int] = Field(
+        None, ge=1, description="elastic runs: the fewest workers to train on (set by num_workers: [min, max])")
+    elastic_resize_interval_s: float = Field(
+        60.0, gt=0, description="elastic runs: how often Ray Train checks whether more workers fit; growing "
+                                "restarts the workers from the latest checkpoint")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     threads_per_worker: int = Field(1, ge=1)
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    tensor_parallel: int = Field(
+        1, ge=1, description="tensor-parallel group size (Llama only): the workers form a (num_workers / N) x N "
+                             "mesh; each group of N consecutive workers shares one node and shards every block's "
+                             "weights, and FSDP2 (train.parallel=fsdp) shards over the data-parallel groups",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     micro_batch_size: int = Field(16, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
@@ -74,7 +88,13 @@ class TrainConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _derive_grad_accum(cls, raw: Any) -> Any:
-        """Derive grad_accum_steps from global_batch_size when only the latter is given."""
+        """Split an elastic ``num_workers: [min, max]``; derive grad_accum_steps from global_batch_size when only the
+        latter is given (for max workers: an elastic run recomputes it for the workers it has)."""
+        if isinstance(raw, dict) and isinstance(raw.get("num_workers"), (list, tuple)):
+            bounds = list(raw["num_workers"])
+            if len(bounds) != 2 or "min_workers" in raw:
+                raise ValueError("num_workers must be a count or a range [min, max] (without min_workers)")
+            raw = {**raw, "min_workers": bounds[0], "num_workers": bounds[1]}
         if not isinstance(raw, dict) or raw.get("global_batch_size") is None or "grad_accum_steps" in raw:
             return raw
         try:
@@ -102,10 +122,48 @@ class TrainConfig(StrictModel):
                 f"({self.micro_batch_size}) x grad_accum_steps ({self.grad_accum_steps}) x "
                 f"num_workers ({self.num_workers}) = {derived}"
             )
+        if self.min_workers is not None:
+            self._check_elastic()
+        if self.tensor_parallel > 1:
+            if self.num_workers % self.tensor_parallel:
+                raise ValueError(f"tensor_parallel ({self.tensor_parallel}) must divide num_workers "
+                                 f"({self.num_workers})")
+            if self.parallel != "fsdp":
+                raise ValueError(f"tensor_parallel={self.tensor_parallel} needs parallel=fsdp (DDP cannot wrap "
+                                 "tensor-parallel weights)")
+            if self.compile:
+                # torch 2.13: compiled blocks with DTensor TP weights drift from the eager gradients from the
+                # second step on (CPU, gloo), and with activation checkpointing AOT autograd fails outright.
+                raise ValueError(f"tensor_parallel={self.tensor_parallel} does not combine with compile yet")
+            if self.placement_strategy == "STRICT_SPREAD":
+                raise ValueError(f"tensor_parallel={self.tensor_parallel} needs its groups on one node, but "
+                                 "placement_strategy=STRICT_SPREAD puts every worker on its own node")
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
         return self
 
+    def _check_elastic(self) -> None:
+        """Every worker count in [min_workers, num_workers] must split the global batch into whole micro-batches."""
+        if self.min_workers > self.num_workers:
+            raise ValueError(f"num_workers: min ({self.min_workers}) must be <= max ({self.num_workers})")
+        if self.tensor_parallel > 1 and self.min_workers < self.num_workers:
+            raise ValueError("an elastic num_workers range and tensor_parallel > 1 do not combine yet")
+        total = self.effective_global_batch_size
+        uneven = [w for w in range(self.min_workers, self.num_workers + 1) if total % (self.micro_batch_size * w)]
+        if uneven:
+            raise ValueError(f"num_workers: [{self.min_workers}, {self.num_workers}]: the global batch of {total} "
+                             f"sequences does not split into micro_batch_size ({self.micro_batch_size}) x whole "
+                             f"grad_accum_steps on {uneven[0]} worker(s); choose a global_batch_size that is a "
+                             f"multiple of micro_batch_size x every worker count in the range")
+
     @property
     def effective_global_batch_size(self) -> int:
         return self.micro_batch_size * self.grad_accum_steps * self.num_workers
+
+    @property
+    def is_elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    def grad_accum_steps_for(self, num_workers: int) -> int:
+        """Micro-batches per step on ``num_workers`` workers that keep the global batch fixed (elastic runs)."""
+        return self.effective_global_batch_size // (self.micro_batch_size * num_workers)

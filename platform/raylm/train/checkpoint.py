@@ -1,10 +1,13 @@
-"""Training checkpoints: safetensors weights, optimiser and RNG state, and a checksum manifest.
+"""Training checkpoints: sharded model and optimiser state, RNG state, and a checksum manifest.
 
-A checkpoint folder holds the model (``save_pretrained``, safetensors), an
-``optimizer.pt`` with optimiser/scheduler/scaler state (plain tensors, loaded
-with ``weights_only=True``), ``rng.pt``, ``trainer_state.json`` (step, data
-position, eval loss), ``history.jsonl`` (the metrics logged so far) and a
-``manifest.json`` with the SHA-256 of every file, written last. A folder whose
+A checkpoint folder holds the model and optimiser state as
+``torch.distributed.checkpoint`` files (``dcp/``, one part per rank:
+:mod:`raylm.train.dcp`), the model's ``config.json``, ``trainer.pt`` with
+scheduler/scaler state (plain tensors, loaded with ``weights_only=True``),
+``rng.pt``, ``trainer_state.json`` (step, data position, eval loss),
+``history.jsonl`` (the metrics logged so far) and a ``manifest.json`` with the
+SHA-256 of every rank's files, written last. (Older checkpoints hold
+safetensors weights and an ``optimizer.pt`` instead; they still load.) A folder whose
 manifest is missing or does not match is treated as corrupt or partial and
 skipped in favour of the newest older checkpoint that verifies.
 
@@ -34,13 +37,19 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint folder failed its manifest check."""
 
 
-def write_manifest(folder: Path) -> None:
-    files = {
+def file_entries(folder: Path, pattern: str = "*") -> dict[str, dict[str, Any]]:
+    """``{relative path: {"sha256", "bytes"}}`` for the files under ``folder`` matching ``pattern``."""
+    return {
         str(path.relative_to(folder)): {"sha256": file_digest(path), "bytes": path.stat().st_size}
-        for path in sorted(folder.rglob("*"))
+        for path in sorted(Path(folder).glob(pattern) if pattern != "*" else Path(folder).rglob("*"))
         if path.is_file() and path.name != MANIFEST
     }
-    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def write_manifest(folder: Path, other_files: dict[str, dict[str, Any]] | None = None) -> None:
+    """The manifest of ``folder``'s files plus ``other_files`` (entries other ranks wrote in their copies)."""
+    files = {**(other_files or {}), **file_entries(folder)}
+    (folder / MANIFEST).write_text(json.dumps({"files": dict(sorted(files.items()))}, indent=1))
 
 
 def verify_checkpoint(folder: str | Path) -> None:
@@ -253,22 +262,27 @@ def find_valid_checkpoint(latest: str | Path) -> tuple[Path | None, list[str]]:
     return None, problems
 
 
-def publish_folder(local_folder: str | Path, destination: str, filesystem=None) -> None:
+def publish_folder(local_folder: str | Path, destination: str, filesystem=None, replace: bool = True,
+                   files: bool = True, manifest: bool = True) -> None:
     """Replace ``destination`` (on ``filesystem``) with a copy of ``local_folder``.
 
     Not atomic: a copy cut short has a missing or mismatched manifest and is
-    rejected by :func:`verify_checkpoint`, as every checkpoint is.
+    rejected by :func:`verify_checkpoint`, as every checkpoint is. The flags let
+    the ranks of a sharded checkpoint publish in turn into one folder: rank 0
+    clears it (``replace``), every rank copies its ``files``, then rank 0 the
+    ``manifest``.
     """
     import pyarrow.fs
 
     filesystem, destination = _filesystem_and_path(destination, filesystem)
-    if filesystem.get_file_info(destination).type != pyarrow.fs.FileType.NotFound:
-        filesystem.delete_dir(destination)
-    filesystem.create_dir(destination, recursive=True)
-    manifest = Path(local_folder) / MANIFEST
+    if replace:
+        if filesystem.get_file_info(destination).type != pyarrow.fs.FileType.NotFound:
+            filesystem.delete_dir(destination)
+        filesystem.create_dir(destination, recursive=True)
+    manifest_path = Path(local_folder) / MANIFEST
     # The manifest goes last so that a reader never sees a complete-looking partial copy.
-    for path in sorted(Path(local_folder).rglob("*"), key=lambda p: p == manifest):
-        if path.is_file():
+    for path in sorted(Path(local_folder).rglob("*"), key=lambda p: p == manifest_path):
+        if path.is_file() and (manifest if path == manifest_path else files):
             target = posixpath.join(destination, path.relative_to(local_folder).as_posix())
             filesystem.create_dir(posixpath.dirname(target), recursive=True)
             with path.open("rb") as source, filesystem.open_output_stream(target) as sink:

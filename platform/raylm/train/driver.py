@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from raylm.common import cluster, storage
-from raylm.config import JobConfig
+from raylm.config import ConfigError, JobConfig
 from raylm.data.formatting import CHAT_TEMPLATE
 from raylm.data.tokenizer import special_token_ids
 from raylm.train.checkpoint import BEST_CHECKPOINT, CorruptCheckpointError, STATE_FILE, fetch_checkpoint, \
     local_valid_checkpoint, read_history, read_state, verify_checkpoint
+from raylm.train.dcp import export_weights, is_sharded_checkpoint
 from raylm.train.loop import train_loop_per_worker
 
 MODEL_FILES = ("config.json", "generation_config.json")
@@ -74,6 +75,30 @@ def worker_runtime_env(config) -> dict:
     return {"env_vars": {"RAY_worker_niceness": str(config.worker_niceness)}}
 
 
+def check_tensor_parallel_placement(config) -> None:
+    """Raise :class:`ConfigError` when no node of the running Ray cluster can hold one tensor-parallel group.
+
+    A group of ``train.tensor_parallel`` workers must share a node (its collectives
+    run every layer). Only the nodes alive now are known: an autoscaling cluster
+    may add bigger ones, so the check is skipped where the cluster autoscales.
+    """
+    import ray
+
+    if config.tensor_parallel == 1 or not ray.is_initialized() \
+            or os.environ.get("RAY_ADDRESS", "local") != "local":
+        return
+    needed = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+    capacity = 0
+    for node in ray.nodes():
+        if node.get("Alive"):
+            resources = node.get("Resources", {})
+            capacity = max(capacity, min(int(resources.get(name, 0) // amount) for name, amount in needed.items()))
+    if capacity < config.tensor_parallel:
+        raise ConfigError(f"config error: train.tensor_parallel: {config.tensor_parallel} workers must share a node, "
+                          f"but no node of this cluster holds more than {capacity} "
+                          f"({', '.join(f'{name}={amount:g}' for name, amount in needed.items())} per worker)")
+
+
 def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_run_id: str | None = None,
                   seq_len: int | None = None, callbacks: list | None = None):
     """The ``TorchTrainer`` that runs ``train_loop_per_worker`` on ``job.train.num_workers`` workers.
@@ -91,6 +116,7 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
     from ray.train.torch import TorchConfig, TorchTrainer
 
     config = job.train
+    check_tensor_parallel_placement(config)
     resources = {"CPU": config.cpus_per_worker}
     if config.use_gpu:
         resources["GPU"] = 1
@@ -111,7 +137,10 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
             # On a cluster every worker checks that it imported the driver's raylm.
             "code_fingerprint": cluster.expected_worker_code(),
         },
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+        # An elastic range: Ray Train V2 starts with what fits between min and max and resizes later.
+        scaling_config=ScalingConfig(num_workers=(config.min_workers, config.num_workers) if config.is_elastic
+                                     else config.num_workers, use_gpu=config.use_gpu,
+                                     elastic_resize_monitor_interval_s=config.elastic_resize_interval_s,
                                      resources_per_worker=resources, placement_strategy=config.placement_strategy),
         run_config=RunConfig(
             name=job.run_name,
@@ -225,7 +254,11 @@ def choose_export(job: JobConfig, result: TrainingResult) -> tuple[Path, dict[st
 
 def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[str, Any],
                  trained_steps: int | None = None) -> Path:
-    """Copy weights and config from a checkpoint, add the tokenizer and ``raylm.json``.
+    """Write a checkpoint's full weights and config as a model folder, add the tokenizer and ``raylm.json``.
+
+    The weights of a sharded checkpoint are assembled here, once, in this one
+    process (:func:`raylm.train.dcp.export_weights`); an older checkpoint's
+    safetensors are copied.
 
     ``trained_steps`` (default: the checkpoint's step) is how far the run trained,
     which differs from the exported step when an earlier checkpoint is exported.
@@ -233,6 +266,8 @@ def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[st
     if model_dir.exists():
         shutil.rmtree(model_dir)
     model_dir.mkdir(parents=True)
+    if is_sharded_checkpoint(checkpoint_dir):
+        export_weights(checkpoint_dir, model_dir)
     for path in Path(checkpoint_dir).iterdir():
         if path.suffix == ".safetensors" or path.name in MODEL_FILES or path.name.endswith(".safetensors.index.json"):
             shutil.copy2(path, model_dir / path.name)

@@ -41,6 +41,7 @@ from raylm.train.allocator import keep_freed_memory
 from raylm.train import parallel
 from raylm.train.checkpoint import BEST_CHECKPOINT, choose_valid_checkpoint, open_checkpoint, publish_folder, read_history
 from raylm.train.metrics import ThroughputMeter, device_peak_flops
+from raylm.train.tensor_parallel import check_groups_share_nodes
 from raylm.train.trainer import LMTrainer
 
 
@@ -92,6 +93,18 @@ def restore_trainer(trainer: LMTrainer, checkpoint, rank: int, storage=None) -> 
         state["restored_from"] = chosen
     _log(rank, f"resumed from step {state['step']} ({state['restored_from']})")
     return state
+
+
+def publish_best(directory: str, storage, rank: int) -> None:
+    """Every rank's part of a checkpoint into the run's best copy; rank 0 clears it first and adds the manifest last."""
+    destination = os.path.join(storage.path, BEST_CHECKPOINT)
+    if rank == 0:
+        publish_folder(directory, destination, storage.filesystem, files=False, manifest=False)
+    parallel.barrier()
+    publish_folder(directory, destination, storage.filesystem, replace=False, manifest=False)
+    parallel.barrier()
+    if rank == 0:
+        publish_folder(directory, destination, storage.filesystem, replace=False, files=False)
 
 
 def resume_position(state: dict[str, Any], world_size: int, micro_batch_size: int) -> tuple[int, int]:
@@ -172,6 +185,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model = build_model(job.model, loop_config["vocab_size"], seq_len, loop_config["special_ids"], seed=config.seed)
     model_flops_per_token = flops_per_token(model, seq_len)
     trainer = LMTrainer(model, config, device, task=job.model.task)
+    if trainer.mesh is not None:
+        check_groups_share_nodes(trainer.mesh, ray.get_runtime_context().get_node_id())
     state = restore_trainer(trainer, ray.train.get_checkpoint(), rank, run_storage(context))
     resumed_from_step = trainer.step
     if not state.get("rng_restored"):
@@ -189,6 +204,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and loop_config.get("mlflow_run_id"):
         tracker = WorkerTracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"])
 
+    # An elastic run may have fewer workers than num_workers: more micro-batches each keep the global batch.
+    grad_accum_steps = config.grad_accum_steps_for(world)
+    if grad_accum_steps != config.grad_accum_steps:
+        _log(rank, f"{world} of up to {config.num_workers} workers: {grad_accum_steps} micro-batches per step "
+                   f"keep the global batch of {config.effective_global_batch_size}")
     meter = ThroughputMeter(model_flops_per_token, device_peak_flops(config.precision, device), world)
     epoch, position = resume_position(state, world, config.micro_batch_size)
     pin = device.type == "cuda"
@@ -205,7 +225,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     while trainer.step < config.max_steps:
         micro_batches = []
-        for _ in range(config.grad_accum_steps):
+        for _ in range(grad_accum_steps):
             epoch, position, batch = next(batch_stream)
             micro_batches.append(batch)
         step = trainer.step + 1
@@ -267,14 +287,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                  "worker_niceness": os.nice(0)},  # what the OS scheduled this worker at (train.worker_niceness)
                 history=history,
             )
-            checkpoint = None
-            if rank == 0:
-                if keep_best:
-                    # A best evaluation between checkpoints is kept too: train.export=best exports it.
-                    storage = run_storage(context)
-                    publish_folder(directory, os.path.join(storage.path, BEST_CHECKPOINT), storage.filesystem)
-                if should_checkpoint:
-                    checkpoint = ray.train.Checkpoint.from_directory(directory)
+            if keep_best:
+                # A best evaluation between checkpoints is kept too: train.export=best exports it.
+                publish_best(directory, run_storage(context), rank)
+            # Every rank uploads its part; Ray Train merges them into one folder (rank 0's name).
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if should_checkpoint else None
             if not should_checkpoint:
                 ray.train.report(metrics)
                 meter.reset()

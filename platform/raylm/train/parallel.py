@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from raylm.train.kernels import fuse_kernels
+from raylm.train.tensor_parallel import apply_tensor_parallel
 
 MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -105,13 +106,14 @@ def apply_ddp(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-def apply_fsdp(model: torch.nn.Module, precision: str = "fp32") -> torch.nn.Module:
+def apply_fsdp(model: torch.nn.Module, precision: str = "fp32", mesh=None) -> torch.nn.Module:
     """Shard ``model`` in place with FSDP2: each transformer block, then the root.
 
     With bf16/fp16 the policy keeps fp32 sharded master weights and optimizer
     state, casts the gathered parameters for compute, and reduces gradients in
     fp32. The root's ``fully_shard`` takes the remaining parameters (embeddings,
-    final norm, head); tied embeddings stay one parameter.
+    final norm, head); tied embeddings stay one parameter. ``mesh``: the
+    data-parallel mesh dimension to shard over (default: all ranks).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -120,25 +122,32 @@ def apply_fsdp(model: torch.nn.Module, precision: str = "fp32") -> torch.nn.Modu
     blocks = transformer_blocks(model)
     for index, block in enumerate(blocks):
         # The last block is resharded by the root right after it anyway.
-        fully_shard(block, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=index < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
 def parallelize(model: torch.nn.Module, parallel: str, device: torch.device, precision: str = "fp32",
                 activation_checkpointing: bool = False, compile: bool = False,
-                fused_kernels: bool = False) -> torch.nn.Module:
+                fused_kernels: bool = False, mesh=None) -> torch.nn.Module:
     """Prepare a built model for training on ``device``; returns the module to call.
 
     ``parallel`` is "ddp" or "fsdp". Under FSDP the model is sharded in place, so
     the returned module is ``model`` itself; under DDP it is the DDP wrapper.
     ``fused_kernels`` swaps modules for fused equivalents first (:mod:`raylm.train.kernels`).
+    ``mesh``: a ("dp", "tp") mesh (:func:`raylm.train.tensor_parallel.build_mesh`):
+    tensor parallelism over "tp" comes before activation checkpointing and
+    compile, FSDP2 over "dp" after them (torchtitan's order).
     """
     if parallel not in ("ddp", "fsdp"):
         raise ValueError(f"unknown parallel mode {parallel!r}")
     if fused_kernels:
         fuse_kernels(model)
     model = model.to(device)
+    if mesh is not None:
+        if parallel != "fsdp":
+            raise ValueError("tensor parallelism needs parallel='fsdp'")
+        apply_tensor_parallel(model, mesh["tp"])
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
@@ -146,7 +155,7 @@ def parallelize(model: torch.nn.Module, parallel: str, device: torch.device, pre
     if not is_distributed():
         return model
     if parallel == "fsdp":
-        return apply_fsdp(model, precision)
+        return apply_fsdp(model, precision, mesh["dp"] if mesh is not None else None)
     if world_size() == 1:
         return model
     return apply_ddp(model, device)
@@ -156,6 +165,13 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def model_class(model: torch.nn.Module) -> type:
+    """The class ``model`` was built as, under the subclass FSDP2's ``fully_shard`` gives it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -14,11 +14,11 @@ position ids, labels -100 where no loss is wanted), ``sequence_classification``
 padded question+context window, two classifications over positions); for the
 latter two "label tokens" are labelled sequences (or span ends).
 
-Checkpoints are portable across worker counts and parallel modes: weights are
-saved unsharded with ``save_pretrained`` (safetensors) and the optimiser state
-as a full, parameter-name-keyed state dict (``torch.distributed.checkpoint``'s
-state-dict API), so a checkpoint written by N FSDP workers loads on M DDP
-workers and vice versa.
+Checkpoints are sharded and portable across worker counts and layouts: every
+rank writes its own part of the model and optimiser state with
+``torch.distributed.checkpoint``, keyed by parameter name, and a restore
+reshards it (:mod:`raylm.train.dcp`), so a checkpoint written by N FSDP (or dp x
+tp) workers loads on M DDP workers and vice versa.
 """
 
 from __future__ import annotations
@@ -35,11 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from raylm.train import parallel
-from raylm.train.checkpoint import HISTORY_FILE, STATE_FILE, write_manifest
+from raylm.train.checkpoint import HISTORY_FILE, STATE_FILE, file_entries, write_manifest
+from raylm.train.dcp import DCP_DIR, MissingStateError, is_sharded_checkpoint, load_sharded, save_sharded
 from raylm.train.masks import packed_attention_mask
 from raylm.train.optim import build_optimizer, clip_grad_norm, lr_lambda
+from raylm.train.tensor_parallel import build_mesh, gather_rows
 
 IGNORE_INDEX = -100
+TRAINER_FILE = "trainer.pt"  # scheduler and GradScaler state
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "attention_mask", "token_type_ids")
 TASKS = ("causal_lm", "sequence_classification", "question_answering")
 
@@ -67,10 +70,13 @@ class LMTrainer:
         self.task = task or infer_task(model)
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        # Tensor parallelism: a group of tensor_parallel ranks computes on the union of its members' rows.
+        self.tensor_parallel = train_config.tensor_parallel
+        self.mesh = build_mesh(self.tensor_parallel, device) if self.tensor_parallel > 1 else None
         self.model = parallel.parallelize(
             model, train_config.parallel, device, self.precision,
             activation_checkpointing=train_config.activation_checkpointing, compile=train_config.compile,
-            fused_kernels=train_config.fused_kernels,
+            fused_kernels=train_config.fused_kernels, mesh=self.mesh,
         )
         self.fsdp = parallel.is_fsdp(self.model)
         # The transformers model: the DDP wrapper's inner module, or the (sharded) model itself.
@@ -160,7 +166,8 @@ class LMTrainer:
                 for key in ("input_ids", "attention_mask", "token_type_ids"):
                     if key in tensors and tensors[key].dim() == 2:
                         tensors[key] = tensors[key][:, first:end]
-        return {key: value.to(self.device, dtype=torch.long, non_blocking=True) for key, value in tensors.items()}
+        tensors = {key: value.to(self.device, dtype=torch.long, non_blocking=True) for key, value in tensors.items()}
+        return gather_rows(tensors, self.mesh["tp"].get_group()) if self.mesh is not None else tensors
 
     # ----------------------------------------------------------------- training
 
@@ -177,8 +184,8 @@ class LMTrainer:
         batches = [self._to_device(batch) for batch in micro_batches]
         global_targets = parallel.all_reduce_sum(
             self._from_host(torch.tensor([float(local_targets)], dtype=torch.float64)))[0].clamp(min=1.0)
-        # DDP and FSDP average gradients over workers, hence the world-size factor.
-        normaliser = (global_targets / parallel.world_size()).float()
+        # DDP and FSDP average gradients over the data-parallel ranks, hence their number as a factor.
+        normaliser = (global_targets / (parallel.world_size() // self.tensor_parallel)).float()
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         for index, batch in enumerate(batches):
             is_last = index == len(batches) - 1
@@ -205,7 +212,9 @@ class LMTrainer:
             "skipped_steps": self.skipped_steps,
         }
         if sync_metrics:
-            metrics["loss"] = float(parallel.all_reduce_sum(loss_total).item() / global_targets.item())
+            # Each rank of a tensor-parallel group computed the same group loss.
+            metrics["loss"] = float(parallel.all_reduce_sum(loss_total).item() / self.tensor_parallel
+                                    / global_targets.item())
             metrics["grad_norm"] = float(grad_norm)
         return metrics
 
@@ -226,7 +235,7 @@ class LMTrainer:
                 targets = self._targets(batch)
                 mask = targets != IGNORE_INDEX
                 totals[2] += float((logits.argmax(-1)[mask] == targets[mask]).sum())
-        totals = parallel.all_reduce_sum(totals)
+        totals = parallel.all_reduce_sum(totals) / self.tensor_parallel
         count = float(totals[1])
         loss = float(totals[0]) / count if count else float("nan")
         metrics = {"eval_loss": loss}
@@ -239,97 +248,51 @@ class LMTrainer:
 
     # ----------------------------------------------------------------- state
 
-    def _state_dict_options(self, **kwargs):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        # Under FSDP the full state is gathered onto rank 0's CPU only.
-        return StateDictOptions(full_state_dict=True, cpu_offload=parallel.is_distributed(), **kwargs)
-
-    def full_model_state(self) -> dict[str, torch.Tensor]:
-        """The complete (unsharded) model state dict on CPU; collective under FSDP (empty off rank 0)."""
-        if not self.fsdp:
-            return {key: value.detach().cpu() for key, value in self.base_model.state_dict().items()}
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        return get_model_state_dict(self.model, options=self._state_dict_options())
-
-    def full_optimizer_state(self) -> dict[str, Any]:
-        """The optimiser state keyed by parameter name, unsharded; collective under FSDP."""
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-        return get_optimizer_state_dict(self.model, self.optimizer, options=self._state_dict_options())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "optimizer": self.full_optimizer_state(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "skipped_steps": self.skipped_steps,
-        }
-
     def save_checkpoint(self, folder: Path, extra_state: dict[str, Any],
                         history: Sequence[dict[str, Any]] = ()) -> None:
-        """Write a checkpoint folder; every rank must call it (it gathers), rank 0 writes."""
-        model_state = self.full_model_state()
-        trainer_state = self.state_dict()
-        rng_states = parallel.gather_objects(capture_rng_state())
-        if parallel.rank() != 0:
-            return
+        """Write a checkpoint folder; collective. Every rank writes its own part of the model and
+        optimiser state (:mod:`raylm.train.dcp`), rank 0 everything else and a manifest of all ranks' files."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.base_model.save_pretrained(folder, state_dict=model_state, safe_serialization=True)
-        torch.save(
-            {key: trainer_state[key] for key in ("optimizer", "scheduler", "scaler")},
-            folder / "optimizer.pt",
-        )
+        save_sharded(folder, self.model, self.optimizer)
+        rng_states = parallel.gather_objects(capture_rng_state())
+        # Ray Train merges every rank's upload into one folder: rank 0's manifest lists the other ranks' parts.
+        others = parallel.gather_objects(file_entries(folder, f"{DCP_DIR}/__{parallel.rank()}_*")
+                                         if parallel.rank() else {})
+        if parallel.rank() != 0:
+            return
+        # What save_pretrained records: the model's own class (FSDP2 wraps it in a subclass), which export rebuilds.
+        self.base_model.config.architectures = [parallel.model_class(self.base_model).__name__]
+        self.base_model.config.save_pretrained(folder)
+        if getattr(self.base_model, "generation_config", None) is not None and self.base_model.can_generate():
+            self.base_model.generation_config.save_pretrained(folder)
+        torch.save({"scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()},
+                   folder / TRAINER_FILE)
         torch.save({"world_size": len(rng_states), "ranks": rng_states}, folder / "rng.pt")
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "world_size": parallel.world_size(),
-                 "task": self.task, **extra_state}
+                 "tensor_parallel": self.tensor_parallel, "task": self.task, **extra_state}
         (folder / STATE_FILE).write_text(json.dumps(state, indent=1))
         if history:
             (folder / HISTORY_FILE).write_text("".join(json.dumps(row) + "\n" for row in history))
-        write_manifest(folder)
-
-    def _check_loaded_keys(self, weights: dict[str, torch.Tensor]) -> None:
-        """Fail clearly unless every parameter is in ``weights`` (tied copies may be absent)."""
-        names_by_param: dict[int, list[str]] = {}
-        for name, param in self.base_model.named_parameters(remove_duplicate=False):
-            names_by_param.setdefault(id(param), []).append(name)
-        missing = [names[0] for names in names_by_param.values() if not any(name in weights for name in names)]
-        if missing:
-            raise CheckpointMismatchError(
-                f"checkpoint lacks {len(missing)} parameter(s) of this model (first: {missing[0]}); "
-                "was it saved from a different architecture or size?"
-            )
+        write_manifest(folder, {name: entry for entries in others for name, entry in entries.items()})
 
     def load_checkpoint(self, folder: Path) -> dict[str, Any]:
-        """Restore model, optimiser, schedule, scaler and (same world size) RNG state.
+        """Restore model, optimiser, schedule, scaler and (same world size) RNG state; collective.
 
+        The model and optimiser state are resharded to this run's workers and layout.
         Returns the saved trainer state plus ``rng_restored``: whether this rank's
         RNG state was restored (only possible with the same number of workers).
         """
-        from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
-
         folder = Path(folder)
-        weights: dict[str, torch.Tensor] = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            weights.update(load_file(str(shard)))
-        self._check_loaded_keys(weights)
-        if self.fsdp:
-            # Every rank holds the full state and keeps its own shards of it.
-            set_model_state_dict(self.model, weights, options=self._state_dict_options(strict=False))
-        else:
-            result = self.base_model.load_state_dict(weights, strict=False)
-            if result.unexpected_keys:
-                raise CheckpointMismatchError(f"checkpoint has unknown parameter {result.unexpected_keys[0]}")
-            tie = getattr(self.base_model, "tie_weights", None)
-            if callable(tie):
-                tie()
-        saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-        set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"],
-                                 options=self._state_dict_options())
+        if not is_sharded_checkpoint(folder):
+            raise CheckpointMismatchError(f"checkpoint {folder} has no sharded state ({DCP_DIR}/): it was written "
+                                          "by an older raylm, which it cannot resume from (it still exports)")
+        try:
+            load_sharded(folder, self.model, self.optimizer)
+        except MissingStateError as err:
+            raise CheckpointMismatchError(f"{err.args[0]}; was it saved from a different architecture or "
+                                          "size?") from None
+        saved = torch.load(folder / TRAINER_FILE, map_location="cpu", weights_only=True)
         self.scheduler.load_state_dict(saved["scheduler"])
         if saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
