@@ -4,7 +4,7 @@ import pytest
 from raylm.data.demo import generate_demo_corpus
 from raylm.data.formatting import FormatError, format_example
 from raylm.data.packing import IGNORE_INDEX, pack_sequences, tokenize_rows, unpack_segments
-from raylm.data.tokenizer import train_bpe_tokenizer
+from raylm.data.tokenizer import encoder_spec, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -17,19 +17,19 @@ def corpus_and_tokenizer():
 def test_labels_mask_prompt_only(corpus_and_tokenizer):
     rows, tokenizer = corpus_and_tokenizer
     sentiment = next(r for r in rows if r["task"] == "sentiment")
-    ids, labels, skipped = tokenize_rows([sentiment], tokenizer)
+    ids, labels, skipped = tokenize_rows([sentiment], encoder_spec(tokenizer))
     assert skipped == 0
     answer = [i for i, l in zip(ids[0], labels[0]) if l != IGNORE_INDEX]
     assert tokenizer.decode(answer) == " " + sentiment["label"] + tokenizer.eos_token
     lm = next(r for r in rows if r["task"] == "lm")
-    ids, labels, _ = tokenize_rows([lm], tokenizer)
+    ids, labels, _ = tokenize_rows([lm], encoder_spec(tokenizer))
     # plain text: everything after the separator and task token is a target
     assert all(label != IGNORE_INDEX for label in labels[0][2:])
 
 
 def test_packing_invariants(corpus_and_tokenizer):
     rows, tokenizer = corpus_and_tokenizer
-    ids, labels, _ = tokenize_rows(rows, tokenizer)
+    ids, labels, _ = tokenize_rows(rows, encoder_spec(tokenizer))
     seq_len = 128
     packed = pack_sequences(ids, labels, seq_len, tokenizer.pad_token_id)
     assert packed["input_ids"].shape[1] == seq_len
@@ -70,7 +70,7 @@ def test_malformed_rows_are_skipped_and_counted(corpus_and_tokenizer):
     _, tokenizer = corpus_and_tokenizer
     rows = [{"task": "qa", "context": "x"}, {"task": "sentiment", "text": "ok", "label": 7},
             {"task": "nope"}, {"task": "translate", "source": "the dog.", "target": "Der Hund."}]
-    ids, labels, skipped = tokenize_rows(rows, tokenizer)
+    ids, labels, skipped = tokenize_rows(rows, encoder_spec(tokenizer))
     assert skipped == 3 and len(ids) == 1
     with pytest.raises(FormatError):
         format_example({"task": "sentiment", "text": "", "label": 1})
