@@ -299,7 +299,8 @@ def finetuned(ray_session, smollm2_dir, shared_data, tmp_path_factory):
         "data.dev_sources=" + sources.format(files["sentiment/sst2_dev.jsonl"], files["qa/xquad_en_dev.jsonl"]),
         "data.seq_len=256", "train.num_workers=1", "train.micro_batch_size=2", f"train.max_steps={FINETUNE_STEPS}",
         "train.lr=2e-5", "train.warmup_steps=0", "train.log_every=1", f"train.eval_every={FINETUNE_STEPS}",
-        "train.eval_batches=1", "eval.max_examples_per_task=4", "tracking.model_name=smollm2-instruct",
+        "train.eval_batches=1", "train.export=last", "train.keep_best_checkpoint=false",  # no 1.6 GB copy
+        "eval.max_examples_per_task=4", "tracking.model_name=smollm2-instruct",
     ])
     return job, workflow.train(job)
 
