@@ -26,7 +26,16 @@ def test_bad_inputs_fail_before_the_heavy_layers_load(tmp_path, tmp_path_factory
     (model / "config.json").write_text("{}")
     short = tmp_path_factory.mktemp("short-model")  # a checkpoint with a 64-token context
     (short / "config.json").write_text('{"max_position_embeddings": 64}')
+    # A checkpoint with 4 embedding rows and its own 4-token tokenizer; tokenizers that cannot feed it.
+    own, larger, other = (_word_tokenizer(tmp_path_factory, words) for words in ("abcd", "abcdef", "wxyz"))
+    (own / "config.json").write_text('{"vocab_size": 4}')
     cases = [
+        (["finetune", "--config", smoke, f"model.init_from={own}", f"data.tokenizer_path={larger}"], 2,
+         "error: config error: data.tokenizer_path: its token ids reach 5, beyond the 4 embedding rows of "
+         "model.init_from"),
+        (["finetune", "--config", smoke, f"model.init_from={own}", f"data.tokenizer_path={other}"], 2,
+         "error: config error: data.tokenizer_path: not the tokenizer of model.init_from (4 tokens against its 4, "
+         "8 token ids differ)"),
         (["train", "--config", smoke, f"model.init_from={tmp_path / 'missing'}"], 1,
          f"error: model.init_from: folder not found: {tmp_path / 'missing'}"),
         (["train", "--config", smoke, f"workdir={tmp_path}", "--resume", "nope"], 2,
@@ -51,3 +60,13 @@ def test_bad_inputs_fail_before_the_heavy_layers_load(tmp_path, tmp_path_factory
         assert exit_code == code and output.strip().startswith(message), (args, exit_code, output)
     assert probe["heavy"] == []
     assert list(tmp_path.iterdir()) == []  # no run folder, no MLflow store
+
+
+def _word_tokenizer(tmp_path_factory, words: str):
+    """A folder with a tokenizer.json of one token per letter of ``words``."""
+    from tokenizers import Tokenizer, models
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token=words[0])).save(
+        str(folder / "tokenizer.json"))
+    return folder

@@ -4,7 +4,7 @@ import pytest
 from raylm.data.demo import generate_demo_corpus
 from raylm.data.formatting import FormatError, format_example
 from raylm.data.packing import IGNORE_INDEX, pack_sequences, tokenize_rows, unpack_segments
-from raylm.data.tokenizer import train_bpe_tokenizer
+from raylm.data.tokenizer import encoder_spec, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -17,19 +17,19 @@ def corpus_and_tokenizer():
 def test_labels_mask_prompt_only(corpus_and_tokenizer):
     rows, tokenizer = corpus_and_tokenizer
     sentiment = next(r for r in rows if r["task"] == "sentiment")
-    ids, labels, skipped = tokenize_rows([sentiment], tokenizer)
+    ids, labels, skipped = tokenize_rows([sentiment], encoder_spec(tokenizer))
     assert skipped == 0
     answer = [i for i, l in zip(ids[0], labels[0]) if l != IGNORE_INDEX]
     assert tokenizer.decode(answer) == " " + sentiment["label"] + tokenizer.eos_token
     lm = next(r for r in rows if r["task"] == "lm")
-    ids, labels, _ = tokenize_rows([lm], tokenizer)
+    ids, labels, _ = tokenize_rows([lm], encoder_spec(tokenizer))
     # plain text: everything after the separator and task token is a target
     assert all(label != IGNORE_INDEX for label in labels[0][2:])
 
 
 def test_packing_invariants(corpus_and_tokenizer):
     rows, tokenizer = corpus_and_tokenizer
-    ids, labels, _ = tokenize_rows(rows, tokenizer)
+    ids, labels, _ = tokenize_rows(rows, encoder_spec(tokenizer))
     seq_len = 128
     packed = pack_sequences(ids, labels, seq_len, tokenizer.pad_token_id)
     assert packed["input_ids"].shape[1] == seq_len
@@ -70,7 +70,42 @@ def test_malformed_rows_are_skipped_and_counted(corpus_and_tokenizer):
     _, tokenizer = corpus_and_tokenizer
     rows = [{"task": "qa", "context": "x"}, {"task": "sentiment", "text": "ok", "label": 7},
             {"task": "nope"}, {"task": "translate", "source": "the dog.", "target": "Der Hund."}]
-    ids, labels, skipped = tokenize_rows(rows, tokenizer)
+    ids, labels, skipped = tokenize_rows(rows, encoder_spec(tokenizer))
     assert skipped == 3 and len(ids) == 1
     with pytest.raises(FormatError):
         format_example({"task": "sentiment", "text": "", "label": 1})
+
+
+def test_a_checkpoint_tokenizer_brings_its_bos_and_end_of_turn():
+    """A Llama-like tokenizer (adds <s>, a chat template closing turns with <|eot_id|>): every example starts
+    with its BOS, not raylm's separator, and a reply ends with <|eot_id|>; plain text ends with its EOS. raylm's
+    chat template on the same tokenizer (a base checkpoint's exported folder) keeps raylm's task format."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from raylm.data.formatting import CHAT_TEMPLATE
+
+    words = ["<s>", "</s>", "<|eot_id|>", "<unk>"] + sorted({*"abcdefghijklmnopqrstuvwxyz.:?"})
+    backend = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", additional_special_tokens=["<|eot_id|>"])
+    tokenizer.chat_template = ("{% for m in messages %}{{ bos_token }}{{ m['content'] }}<|eot_id|>{% endfor %}"
+                               "{% if add_generation_prompt %}:{% endif %}")
+    encoder = encoder_spec(tokenizer)
+    assert (encoder.prefix, encoder.end_id, encoder.native) == ((0,), 2, False)
+    rows = [{"task": "sentiment", "text": "so good", "label": 1}, {"task": "lm", "text": "a b"}]
+    (chat_ids, lm_ids), (chat_labels, lm_labels), _ = tokenize_rows(rows, encoder)
+    answer = tokenizer("positive", add_special_tokens=False).input_ids
+    prompt = chat_ids[:-len(answer) - 1]
+    assert prompt[0] == 0 and prompt[-2:] == [2, words.index(":")]  # BOS ... the user turn's end, the cue
+    assert chat_ids[-len(answer) - 1:] == [*answer, 2] and chat_labels[-len(answer) - 1:] == [*answer, 2]
+    assert all(label == IGNORE_INDEX for label in chat_labels[:len(prompt)])
+    assert lm_ids[0] == 0 and lm_ids[-1] == 1 and lm_labels[0] == IGNORE_INDEX  # BOS text EOS
+    tokenizer.chat_template = CHAT_TEMPLATE
+    base = encoder_spec(tokenizer)
+    assert base.chat_template is None and base.end_id == 1
+    (ids,), (labels,), _ = tokenize_rows(rows[:1], base)
+    prompt, label = format_example(rows[0])
+    assert ids == [0, *tokenizer(prompt + label, add_special_tokens=False).input_ids, 1]  # raylm's format

@@ -27,7 +27,7 @@ import raylm
 from raylm.common import storage
 from raylm.compat.ray import job_config_env_var
 from raylm.common.fingerprints import fingerprint_folder
-from raylm.common.pretrained import context_length, locate_checkpoint
+from raylm.common.pretrained import context_length, locate_checkpoint, vocabulary_mismatch
 from raylm.config import ConfigError, JobConfig
 from raylm.config.redaction import redact_uri
 
@@ -180,6 +180,10 @@ def check_local_inputs(job: JobConfig) -> None:
         if context is not None and job.data.seq_len > context:
             raise ConfigError(f"config error: data.seq_len: {job.data.seq_len} tokens exceed the context of "
                               f"model.init_from ({context} tokens)")
+        if job.data.tokenizer_path and "://" not in job.data.tokenizer_path:
+            mismatch = vocabulary_mismatch(checkpoint, job.data.tokenizer_path)
+            if mismatch:
+                raise ConfigError(f"config error: data.tokenizer_path: {mismatch}")
 
 
 def check_storage_and_tracking(job: JobConfig) -> None:

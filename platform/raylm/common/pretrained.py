@@ -70,11 +70,72 @@ def context_length(checkpoint: Checkpoint) -> Optional[int]:
         except (OSError, ValueError):
             return None
         return next((int(config[key]) for key in CONTEXT_KEYS if isinstance(config.get(key), int)), None)
+    reader = _gguf_reader(checkpoint)
+    if reader is None:
+        return None
+    arch = reader.get_field("general.architecture")
+    field = reader.get_field(f"{arch.contents()}.context_length") if arch is not None else None
+    return int(field.contents()) if field is not None else None
+
+
+def _gguf_reader(checkpoint: Checkpoint):
     try:
         from gguf import GGUFReader
     except ImportError:
         return None
-    reader = GGUFReader(checkpoint.folder / checkpoint.gguf_file)
-    arch = reader.get_field("general.architecture")
-    field = reader.get_field(f"{arch.contents()}.context_length") if arch is not None else None
+    return GGUFReader(checkpoint.folder / checkpoint.gguf_file)
+
+
+def embedding_rows(checkpoint: Checkpoint) -> Optional[int]:
+    """The rows of the checkpoint's token embedding (config.json's ``vocab_size``, or the GGUF file's
+    ``<arch>.vocab_size``); None when it does not say."""
+    if checkpoint.gguf_file is None:
+        try:
+            config = json.loads((checkpoint.folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        size = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+        return size if isinstance(size, int) else None
+    reader = _gguf_reader(checkpoint)
+    arch = reader.get_field("general.architecture") if reader is not None else None
+    field = reader.get_field(f"{arch.contents()}.vocab_size") if arch is not None else None
+    if field is None and reader is not None:
+        tokens = reader.get_field("tokenizer.ggml.tokens")
+        return len(tokens.contents()) if tokens is not None else None
     return int(field.contents()) if field is not None else None
+
+
+def tokenizer_vocabulary(source: str | Path) -> Optional[dict[str, int]]:
+    """Token -> id of the tokenizer in a folder (its ``tokenizer.json``, added tokens included) or a GGUF
+    checkpoint; None when there is none this can read without transformers (or the gguf package is absent)."""
+    path = Path(source)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab(with_added_tokens=True)
+    try:
+        checkpoint = locate_checkpoint(path)
+    except (FileNotFoundError, ValueError):
+        return None
+    reader = _gguf_reader(checkpoint) if checkpoint.gguf_file else None
+    tokens = reader.get_field("tokenizer.ggml.tokens") if reader is not None else None
+    return {token: index for index, token in enumerate(tokens.contents())} if tokens is not None else None
+
+
+def vocabulary_mismatch(checkpoint: Checkpoint, tokenizer_path: str | Path) -> Optional[str]:
+    """Why the tokenizer at ``tokenizer_path`` cannot feed the checkpoint, or None: ids beyond its embedding
+    rows, or a vocabulary other than the checkpoint's own tokenizer's (where it brings one)."""
+    given = tokenizer_vocabulary(tokenizer_path)
+    if not given:
+        return None
+    rows = embedding_rows(checkpoint)
+    needed = max(given.values()) + 1
+    if rows is not None and needed > rows:
+        return f"its token ids reach {needed - 1}, beyond the {rows} embedding rows of model.init_from"
+    own = tokenizer_vocabulary(checkpoint.folder / checkpoint.gguf_file if checkpoint.gguf_file
+                               else checkpoint.folder)
+    if own is not None and own != given:
+        differ = len(set(own.items()) ^ set(given.items()))
+        return (f"not the tokenizer of model.init_from ({len(given)} tokens against its {len(own)}, "
+                f"{differ} token ids differ)")
+    return None

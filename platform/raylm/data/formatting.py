@@ -72,6 +72,22 @@ def instruct_messages(task: str, **fields: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": content}]
 
 
+def instruct_example(row: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
+    """``(messages, answer)`` of a task row for an instruct checkpoint: the user turn the engine sends
+    (:func:`instruct_messages`) and the reply to train on. A sentiment reply is the label word (the engine
+    scores the reply's first word) and a translation the German sentence; an extractive answer keeps the
+    leading space of raylm's format, because the engine decodes it as a span of ``" " + context``'s tokens."""
+    task = row.get("task")
+    _, answer = format_example(row)  # checks the fields
+    if task == "sentiment":
+        return instruct_messages(task, text=row["text"]), answer.strip()
+    if task == "qa":
+        return instruct_messages(task, context=row["context"], question=row["question"]), answer
+    if task == "translate":
+        return instruct_messages(task, source=row["source"]), answer.strip()
+    raise FormatError(f"task {task!r} has no instruct prompt")
+
+
 # The chat format of raylm models (a Jinja template, as transformers' apply_chat_template takes it):
 # plain-text turns after the language-model task token, the assistant's turn cued by "Assistant:".
 # export_model writes it into every model folder; the engine stops a reply where the next turn would start.

@@ -1,7 +1,8 @@
 """Tokenize formatted examples and pack them into fixed-length training blocks.
 
 Each example becomes ``<eos> prompt answer <eos>`` with labels -100 on the
-leading separator and the prompt. Whole examples are packed first-fit into
+leading separator and the prompt (a pretrained checkpoint's tokenizer: its own
+BOS, if any, and its EOS or the chat template's end-of-turn token instead). Whole examples are packed first-fit into
 blocks of ``seq_len`` tokens; position ids restart at every example so that
 transformers' packed-sequence masking keeps examples from attending to each
 other. An example longer than a block is split into block-sized chunks (plain
@@ -19,44 +20,75 @@ token, which it cannot see.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from raylm.data.formatting import FormatError, format_example
+from raylm.data.formatting import FormatError, format_example, instruct_example
+from raylm.data.tokenizer import EncoderSpec, encode_texts, render_chat_prompts
 
 IGNORE_INDEX = -100
 
 
-def tokenize_rows(rows: Iterable[dict[str, Any]], tokenizer) -> tuple[list[list[int]], list[list[int]], int]:
-    """Return per-example input ids and labels, plus the number of rows skipped as malformed."""
-    prompts: list[str] = []
+def format_for(row: dict[str, Any], encoder: EncoderSpec) -> tuple[Any, str]:
+    """``(prompt, answer)`` of a row as ``encoder``'s tokenizer takes it: raylm's task format, or for an
+    instruct checkpoint the chat messages of the task (rendered by :func:`tokenize_rows`) and the reply.
+    Plain text has no prompt but raylm's task token, and none at all with a checkpoint's tokenizer."""
+    if encoder.chat_template is not None and row.get("task") != "lm":
+        return instruct_example(row)
+    prompt, answer = format_example(row)
+    return (prompt if encoder.native or row.get("task") != "lm" else ""), answer
+
+
+def tokenize_rows(rows: Iterable[dict[str, Any]], encoder: EncoderSpec) -> tuple[list[list[int]], list[list[int]], int]:
+    """Return per-example input ids and labels, plus the number of rows skipped as malformed.
+
+    The one place where a formatted example becomes tokens (the demo corpus and
+    prepared sources alike): prompt and answer are encoded apart, as the engine
+    encodes a prompt and then generates the answer's tokens after it.
+    """
+    prompts: list[Any] = []
     answers: list[str] = []
+    ends: list[int] = []
     skipped = 0
     for row in rows:
         try:
-            prompt, answer = format_example(row)
+            prompt, answer = format_for(row, encoder)
         except FormatError:
             skipped += 1
             continue
         prompts.append(prompt)
         answers.append(answer)
+        # A chat reply ends its turn; plain text ends the document.
+        ends.append(encoder.eos_id if row.get("task") == "lm" else encoder.end_id)
     if not prompts:
         return [], [], skipped
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    answer_ids = tokenizer(answers, add_special_tokens=False)["input_ids"]
-    all_ids, all_labels = example_sequences(prompt_ids, answer_ids, tokenizer.eos_token_id)
+    if encoder.chat_template is not None:
+        chats = [index for index, prompt in enumerate(prompts) if not isinstance(prompt, str)]
+        for index, text in zip(chats, render_chat_prompts(encoder, [prompts[index] for index in chats])):
+            prompts[index] = text
+    prompt_ids = encode_texts(encoder, prompts)
+    answer_ids = encode_texts(encoder, answers)
+    all_ids, all_labels = example_sequences(prompt_ids, answer_ids, encoder.prefix, ends)
     return all_ids, all_labels, skipped
 
 
-def example_sequences(prompt_ids: list[list[int]], answer_ids: list[list[int]],
-                      eos: int) -> tuple[list[list[int]], list[list[int]]]:
-    """``<eos> prompt answer <eos>`` per example, with labels -100 on the separator and the prompt."""
+def example_sequences(prompt_ids: list[list[int]], answer_ids: list[list[int]], prefix: Sequence[int],
+                      ends: int | Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
+    """``prefix prompt answer end`` per example (``ends``: one id for all, or one per example), with labels
+    -100 on the prefix and the prompt.
+
+    raylm's tokenizer: ``<eos> prompt answer <eos>``; a checkpoint's: its BOS (if
+    its tokenizer adds one), then the answer closed by its EOS, or by the chat
+    template's end-of-turn token for an instruct checkpoint.
+    """
     all_ids: list[list[int]] = []
     all_labels: list[list[int]] = []
-    for prompt_tokens, answer_tokens in zip(prompt_ids, answer_ids):
-        all_ids.append([eos, *prompt_tokens, *answer_tokens, eos])
-        all_labels.append([IGNORE_INDEX] * (1 + len(prompt_tokens)) + [*answer_tokens, eos])
+    if isinstance(ends, int):
+        ends = [ends] * len(prompt_ids)
+    for prompt_tokens, answer_tokens, end in zip(prompt_ids, answer_ids, ends):
+        all_ids.append([*prefix, *prompt_tokens, *answer_tokens, end])
+        all_labels.append([IGNORE_INDEX] * (len(prefix) + len(prompt_tokens)) + [*answer_tokens, end])
     return all_ids, all_labels
 
 
@@ -170,13 +202,13 @@ def unpack_segments(packed: dict[str, np.ndarray], pad_id: int) -> list[tuple[li
     return segments
 
 
-def tokenize_and_pack(batch: dict[str, np.ndarray], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+def tokenize_and_pack(batch: dict[str, np.ndarray], encoder: EncoderSpec, seq_len: int) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: a batch of rows in, packed blocks out."""
     columns = list(batch)
     num_rows = len(batch[columns[0]]) if columns else 0
     rows = [{column: _to_python(batch[column][i]) for column in columns} for i in range(num_rows)]
-    ids, labels, _ = tokenize_rows(rows, tokenizer)
-    return pack_sequences(ids, labels, seq_len, tokenizer.pad_token_id)
+    ids, labels, _ = tokenize_rows(rows, encoder)
+    return pack_sequences(ids, labels, seq_len, encoder.pad_id)
 
 
 def _to_python(value: Any) -> Any:

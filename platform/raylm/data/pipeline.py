@@ -23,7 +23,8 @@ from raylm.data.execution import ordered_execution
 from raylm.data.formatting import FormatError, format_example
 from raylm.data.packing import tokenize_and_pack
 from raylm.data.plan import resolve_corpus
-from raylm.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from raylm.data.tokenizer import encoder_spec, extends_tokenizer, load_tokenizer, tokenizer_fingerprint, \
+    train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +90,8 @@ def corpus_fingerprint(job: JobConfig) -> str:
 
 
 def build_tokenizer(job: JobConfig, train_rows: list[dict]):
-    if job.data.tokenizer_path:
-        return load_tokenizer(job.data.tokenizer_path)
-    if job.model.init_from:
-        return load_tokenizer(job.model.init_from)
+    if job.data.tokenizer_path or job.model.init_from:
+        return load_tokenizer(job.data.tokenizer_path or job.model.init_from, extend=extends_tokenizer(job))
 
     def texts():
         for row in train_rows:
@@ -115,19 +114,19 @@ def to_dataset(rows: list[dict], tokenizer, seq_len: int, batch_size: int = 1024
     dataset = ray.data.from_items(encoded, override_num_blocks=num_blocks)
     return dataset.map_batches(
         _decode_tokenize_pack,
-        fn_kwargs={"tokenizer": tokenizer, "seq_len": seq_len},
+        fn_kwargs={"encoder": encoder_spec(tokenizer), "seq_len": seq_len},
         batch_size=batch_size,
         batch_format="numpy",
     )
 
 
-def _decode_tokenize_pack(batch, tokenizer, seq_len: int):
+def _decode_tokenize_pack(batch, encoder, seq_len: int):
     import numpy as np
 
     rows = [json.loads(text) for text in batch["row"]]
     columns = sorted({key for row in rows for key in row})
     as_columns = {column: np.array([row.get(column) for row in rows], dtype=object) for column in columns}
-    return tokenize_and_pack(as_columns, tokenizer, seq_len)
+    return tokenize_and_pack(as_columns, encoder, seq_len)
 
 
 

@@ -31,7 +31,8 @@ from raylm.data.parse import MAX_PROBLEM_EXAMPLES
 from raylm.data.plan import ResolvedCorpus, prepared_root, resolve_corpus, source_plans
 from raylm.data.segments import sample_texts, segment_rows, write_packed_segments
 from raylm.data.sources import map_segments
-from raylm.data.tokenizer import encoder_spec, load_tokenizer, tokenizer_fingerprint, train_bpe_tokenizer
+from raylm.data.tokenizer import encoder_spec, extends_tokenizer, formatting_key, load_tokenizer, tokenizer_fingerprint, \
+    train_bpe_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +89,10 @@ def train_tokenizer_on_sources(job: JobConfig, corpus: ResolvedCorpus):
 def resolve_tokenizer(job: JobConfig, corpus: ResolvedCorpus) -> tuple[Any, dict[str, Any]]:
     """The tokenizer for a sources corpus: ``data.tokenizer_path``, ``model.init_from``, or a BPE
     tokenizer trained on the corpus (cached under the prepared root, keyed by the sources' fingerprints)."""
-    if job.data.tokenizer_path:
-        return load_tokenizer(job.data.tokenizer_path), {"origin": "data.tokenizer_path",
-                                                         "path": str(Path(job.data.tokenizer_path).resolve())}
-    if job.model.init_from:
-        return load_tokenizer(job.model.init_from), {"origin": "model.init_from",
-                                                     "path": str(Path(job.model.init_from).resolve())}
+    for origin, path in (("data.tokenizer_path", job.data.tokenizer_path), ("model.init_from", job.model.init_from)):
+        if path:
+            return load_tokenizer(path, extend=extends_tokenizer(job)), {"origin": origin,
+                                                                         "path": str(Path(path).resolve())}
 
     location = storage.join(prepared_root(job), "tokenizers", tokenizer_key(job, corpus))
     if storage.is_remote(location):
@@ -155,9 +154,12 @@ def prepare_tokenizer(job: JobConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- dataset
 
 
-def dataset_fingerprint(job: JobConfig, corpus: ResolvedCorpus, tokenizer_hash: str) -> str:
+def dataset_fingerprint(job: JobConfig, corpus: ResolvedCorpus, tokenizer_hash: str,
+                        formatting: dict[str, Any] | None = None) -> str:
+    """``formatting``: :func:`raylm.data.tokenizer.formatting_key` of the encoder (BOS, answer end, chat template)."""
     data = job.data
     return _fingerprint({
+        **({"formatting": formatting} if formatting else {}),
         "version": PIPELINE_VERSION,
         "train": [s.fingerprint for s in corpus.train],
         "dev": [s.fingerprint for s in corpus.dev],
@@ -250,7 +252,9 @@ def prepare_dataset(job: JobConfig, corpus: ResolvedCorpus | None = None,
     if tokenizer is None:
         tokenizer, tokenizer_info = resolve_tokenizer(job, corpus)
     tokenizer_hash = tokenizer_fingerprint(tokenizer)
-    fingerprint = dataset_fingerprint(job, corpus, tokenizer_hash)
+    encoder = encoder_spec(tokenizer)
+    # raylm's own tokenizers format as they always did; a checkpoint's adds how its examples start and end.
+    fingerprint = dataset_fingerprint(job, corpus, tokenizer_hash, None if encoder.native else formatting_key(encoder))
     root = prepared_root(job)
     folder = f"{root}/{fingerprint}"
     manifest = read_manifest(folder)
@@ -268,7 +272,7 @@ def prepare_dataset(job: JobConfig, corpus: ResolvedCorpus | None = None,
     try:
         rows = run_ray(lambda: map_segments(
             pairs, job.data.segment_bytes, write_packed_segments, longest_first=True,
-            encoder=encoder_spec(tokenizer), seq_len=job.data.seq_len, folder=staging).take_all())
+            encoder=encoder, seq_len=job.data.seq_len, folder=staging).take_all())
         reports = [json.loads(row["report"]) for row in rows]
     except BaseException:
         if not remote:

@@ -16,23 +16,25 @@ from typing import Any, Iterator
 import numpy as np
 
 from raylm.common import storage
-from raylm.data.formatting import example_text, format_example
-from raylm.data.packing import IGNORE_INDEX, empty_blocks, example_sequences, pack_documents, pack_sequences
+from raylm.data.formatting import example_text
+from raylm.data.packing import IGNORE_INDEX, empty_blocks, pack_documents, pack_sequences, tokenize_rows
 from raylm.common.fingerprints import unit_interval
 from raylm.data.parse import MAX_PROBLEM_EXAMPLES, Example, SourcePlan, problem_order, segment_examples
+from raylm.data.special_tokens import TASK_TOKENS
 from raylm.data.tokenizer import EncoderSpec, encode_texts
 
 # --------------------------------------------------------------------------- tokenize and pack
 
 
 def tokenize_segment_examples(examples: list[Example], task: str, encoder: EncoderSpec) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids and labels of each example; LM pieces get ``<|lm|>`` / EOS only where their document starts / ends."""
-    prompts, answers = zip(*(format_example(example.row) for example in examples)) if examples else ((), ())
-    answer_ids = encode_texts(encoder, list(answers))
+    """Token ids and labels of each example (:func:`tokenize_rows`); LM pieces get raylm's ``<|lm|>`` (a
+    checkpoint's tokenizer: its BOS, if any) / EOS only where their document starts / ends."""
     if task != "lm":
-        prompt_ids = encode_texts(encoder, list(prompts))
-        return example_sequences(prompt_ids, answer_ids, encoder.eos_id)
-    lm_prompt = encode_texts(encoder, [prompts[0]])[0] if prompts else []
+        ids, labels, _ = tokenize_rows([example.row for example in examples], encoder)
+        return ids, labels
+    answer_ids = encode_texts(encoder, [example.row["text"] for example in examples])
+    lm_prompt = (encode_texts(encoder, [TASK_TOKENS["lm"]])[0] if encoder.native else list(encoder.prefix)) \
+        if examples else []
     ids: list[list[int]] = []
     labels: list[list[int]] = []
     for example, tokens in zip(examples, answer_ids):

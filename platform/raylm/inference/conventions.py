@@ -14,11 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from raylm.data.special_tokens import EOS_TOKEN
+from raylm.data.conventions import END_OF_TURN_TOKENS, added_prefix, end_of_turn_ids, is_native_tokenizer
 
-# End-of-turn markers of the common chat templates (ChatML, Llama 3, Phi-3, Gemma): a reply ends at whichever
-# of them the folder's template writes and its tokenizer holds as one token.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
+__all__ = ["END_OF_TURN_TOKENS", "SAMPLING_FIELDS", "TokenConventions", "is_native_tokenizer", "token_conventions"]
+
 # The generation_config fields that default a request's sampling settings.
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
 
@@ -34,27 +33,10 @@ class TokenConventions:
     sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
 
-def is_native_tokenizer(tokenizer) -> bool:
-    """A tokenizer raylm trained (:func:`raylm.data.tokenizer.wrap_tokenizer`): its BOS and EOS are both the
-    end-of-text separator."""
-    return tokenizer.eos_token == EOS_TOKEN and tokenizer.bos_token == EOS_TOKEN
-
-
 def _ids(value) -> list[int]:
     if value is None:
         return []
     return [int(item) for item in value] if isinstance(value, (list, tuple)) else [int(value)]
-
-
-def _added_prefix(tokenizer) -> tuple[int, ...]:
-    """The special ids the tokenizer itself puts before a text (a BOS, or nothing)."""
-    backend = tokenizer.backend_tokenizer
-    plain = backend.encode("a", add_special_tokens=False).ids
-    full = backend.encode("a", add_special_tokens=True).ids
-    for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return tuple(full[:start])
-    return ()
 
 
 def token_conventions(tokenizer, generation_config=None) -> TokenConventions:
@@ -65,9 +47,8 @@ def token_conventions(tokenizer, generation_config=None) -> TokenConventions:
     stops = set(_ids(getattr(generation_config, "eos_token_id", None)))
     if tokenizer.eos_token_id is not None:
         stops.add(int(tokenizer.eos_token_id))
-    template = getattr(tokenizer, "chat_template", None) or ""
-    vocab = tokenizer.get_vocab()
-    stops.update(vocab[token] for token in END_OF_TURN_TOKENS if token in template and token in vocab)
+    template = getattr(tokenizer, "chat_template", None)
+    stops.update(end_of_turn_ids(tokenizer, template if isinstance(template, str) else None))
     defaults: dict[str, Any] = {}
     if generation_config is not None:
         # What generate() does with this config: sample with its settings only when do_sample is set, else greedy.
@@ -76,5 +57,5 @@ def token_conventions(tokenizer, generation_config=None) -> TokenConventions:
                         if getattr(generation_config, name, None) is not None}
         else:
             defaults = {"temperature": 0.0}
-    return TokenConventions(native=False, prefix=_added_prefix(tokenizer), stop_ids=frozenset(stops),
+    return TokenConventions(native=False, prefix=added_prefix(tokenizer), stop_ids=frozenset(stops),
                             sampling_defaults=defaults)

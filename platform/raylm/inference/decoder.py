@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 from tokenizers import Tokenizer
 
+from raylm.data.conventions import instruct_template
 from raylm.data.formatting import CHAT_STOP_SEQUENCES, CHAT_TEMPLATE
 from raylm.inference.conventions import token_conventions
 from raylm.inference.decoding import DecodeRow, sample_tokens, span_mask
@@ -54,8 +55,9 @@ class Decoder:
         self.chat_template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
         # raylm's template marks turns with text; a checkpoint's template ends a turn with a token (a stop id).
         self.chat_stop_sequences = CHAT_STOP_SEQUENCES if self.conventions.native else ()
-        # An instruct checkpoint (its own chat template) gets tasks as a user turn; the others raylm's task format.
-        self.instruct = not self.conventions.native and getattr(tokenizer, "chat_template", None) is not None
+        # An instruct checkpoint (its own chat template) gets tasks as a user turn; the others raylm's task format,
+        # as data preparation formats them (a base checkpoint's exported folder carries raylm's chat template).
+        self.instruct = instruct_template(tokenizer) is not None
         # transformers 5 renamed the key/value cache argument from past_key_values to cache.
         self._cache_kwarg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         # Models that can compute the vocabulary projection for the last position alone.
