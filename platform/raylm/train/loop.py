@@ -36,6 +36,7 @@ from raylm.common.cluster import check_worker_code
 from raylm.common.tracking import WorkerTracker
 from raylm.compat.ray import run_storage
 from raylm.config import JobConfig
+from raylm.models.lora import apply_lora
 from raylm.models.registry import build_model, flops_per_token
 from raylm.train.allocator import keep_freed_memory
 from raylm.train import parallel
@@ -170,7 +171,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     seq_len = int(loop_config.get("seq_len") or job.data.seq_len)
     _seed_everything(config.seed)
     model = build_model(job.model, loop_config["vocab_size"], seq_len, loop_config["special_ids"], seed=config.seed)
-    model_flops_per_token = flops_per_token(model, seq_len)
+    model_flops_per_token = flops_per_token(model, seq_len, frozen_weights=config.lora is not None)
+    if config.lora is not None:
+        model = apply_lora(model, config.lora)  # only the adapters train (and are checkpointed)
     trainer = LMTrainer(model, config, device, task=job.model.task)
     state = restore_trainer(trainer, ray.train.get_checkpoint(), rank, run_storage(context))
     resumed_from_step = trainer.step

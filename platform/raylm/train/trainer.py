@@ -18,7 +18,9 @@ Checkpoints are portable across worker counts and parallel modes: weights are
 saved unsharded with ``save_pretrained`` (safetensors) and the optimiser state
 as a full, parameter-name-keyed state dict (``torch.distributed.checkpoint``'s
 state-dict API), so a checkpoint written by N FSDP workers loads on M DDP
-workers and vice versa.
+workers and vice versa. A model with LoRA adapters (:mod:`raylm.models.lora`)
+saves only what trains, the adapter matrices (``adapter.safetensors``), beside
+the same optimiser state: the frozen base is never gathered or written.
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raylm.models.lora import is_adapted, trainable_names
 from raylm.train import parallel
-from raylm.train.checkpoint import HISTORY_FILE, STATE_FILE, write_manifest
+from raylm.train.checkpoint import ADAPTER_FILE, HISTORY_FILE, STATE_FILE, capture_rng_state, restore_rng_state, \
+    write_manifest
 from raylm.train.masks import packed_attention_mask
 from raylm.train.optim import build_optimizer, clip_grad_norm, lr_lambda
 
@@ -67,6 +69,7 @@ class LMTrainer:
         self.task = task or infer_task(model)
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        self.adapter_only = is_adapted(model)
         self.model = parallel.parallelize(
             model, train_config.parallel, device, self.precision,
             activation_checkpointing=train_config.activation_checkpointing, compile=train_config.compile,
@@ -246,12 +249,18 @@ class LMTrainer:
         return StateDictOptions(full_state_dict=True, cpu_offload=parallel.is_distributed(), **kwargs)
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
-        """The complete (unsharded) model state dict on CPU; collective under FSDP (empty off rank 0)."""
+        """The complete (unsharded) model state dict on CPU, only the adapters under LoRA; collective under FSDP
+        (empty off rank 0)."""
         if not self.fsdp:
-            return {key: value.detach().cpu() for key, value in self.base_model.state_dict().items()}
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+            state = self.base_model.state_dict()
+        else:
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        return get_model_state_dict(self.model, options=self._state_dict_options())
+            state = get_model_state_dict(self.model, options=self._state_dict_options(
+                ignore_frozen_params=self.adapter_only))
+        if self.adapter_only:
+            state = {name: state[name] for name in trainable_names(self.base_model) if name in state}
+        return {key: value.detach().cpu() for key, value in state.items()}
 
     def full_optimizer_state(self) -> dict[str, Any]:
         """The optimiser state keyed by parameter name, unsharded; collective under FSDP."""
@@ -278,7 +287,12 @@ class LMTrainer:
             return
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.base_model.save_pretrained(folder, state_dict=model_state, safe_serialization=True)
+        if self.adapter_only:
+            from safetensors.torch import save_file
+
+            save_file({key: value.contiguous() for key, value in model_state.items()}, str(folder / ADAPTER_FILE))
+        else:
+            self.base_model.save_pretrained(folder, state_dict=model_state, safe_serialization=True)
         torch.save(
             {key: trainer_state[key] for key in ("optimizer", "scheduler", "scaler")},
             folder / "optimizer.pt",
@@ -296,12 +310,18 @@ class LMTrainer:
         names_by_param: dict[int, list[str]] = {}
         for name, param in self.base_model.named_parameters(remove_duplicate=False):
             names_by_param.setdefault(id(param), []).append(name)
-        missing = [names[0] for names in names_by_param.values() if not any(name in weights for name in names)]
+        missing = [names[0] for names in names_by_param.values() if not any(name in weights for name in names)
+                   and (self.base_model.get_parameter(names[0]).requires_grad or not self.adapter_only)]
         if missing:
             raise CheckpointMismatchError(
                 f"checkpoint lacks {len(missing)} parameter(s) of this model (first: {missing[0]}); "
                 "was it saved from a different architecture or size?"
             )
+
+    def _check_adapter(self, folder: Path) -> None:
+        if not (folder / ADAPTER_FILE).is_file():
+            raise CheckpointMismatchError(f"checkpoint {folder.name} holds a whole model, not LoRA adapters: "
+                                          "was it saved without train.lora?")
 
     def load_checkpoint(self, folder: Path) -> dict[str, Any]:
         """Restore model, optimiser, schedule, scaler and (same world size) RNG state.
@@ -314,8 +334,12 @@ class LMTrainer:
 
         folder = Path(folder)
         weights: dict[str, torch.Tensor] = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            weights.update(load_file(str(shard)))
+        if self.adapter_only:
+            self._check_adapter(folder)
+            weights = load_file(str(folder / ADAPTER_FILE))
+        else:
+            for shard in sorted(folder.glob("*.safetensors")):
+                weights.update(load_file(str(shard)))
         self._check_loaded_keys(weights)
         if self.fsdp:
             # Every rank holds the full state and keeps its own shards of it.
@@ -345,28 +369,3 @@ class LMTrainer:
                 state["rng_restored"] = True
         return state
 
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy, torch (and CUDA) RNG state as plain tensors, loadable with ``weights_only=True``."""
-    version, python_state, gauss = random.getstate()
-    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": torch.tensor(python_state, dtype=torch.int64),
-        "python_meta": [version, gauss],
-        "numpy_keys": torch.from_numpy(numpy_keys.astype(np.int64)),
-        "numpy_meta": [int(numpy_pos), int(numpy_has_gauss), float(numpy_gauss)],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, gauss = state["python_meta"]
-    random.setstate((version, tuple(int(v) for v in state["python"].tolist()), gauss))
-    pos, has_gauss, cached = state["numpy_meta"]
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,70 @@
+"""``train.lora``: the config's rules, default targets per architecture, and what trains (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raylm.config import ConfigError, LoraConfig, ModelConfig, load_config
+from raylm.models.lora import AdapterError, DEFAULT_TARGETS, apply_lora, is_adapted, resolve_targets, trainable_names
+from raylm.models.registry import build_model, flops_per_token
+
+
+def test_lora_is_off_by_default_and_on_with_an_empty_section(tmp_path):
+    assert load_config(None, []).train.lora is None
+    job = load_config(None, [f"model.init_from={tmp_path}", "train.lora={}"])
+    assert job.train.lora == LoraConfig() and (job.train.lora.r, job.train.lora.alpha) == (8, 16.0)
+    assert load_config(None, [f"model.init_from={tmp_path}", "train.lora.r=4"]).train.lora.r == 4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lora.r=4"], "train.lora adapts a pretrained causal LM: it needs model.init_from"),
+    (["model.init_from=/x", "model.task=sequence_classification", "train.lora.r=4"], "model.task=causal_lm"),
+    (["train.export_merged=true"], "export_merged merges LoRA adapters: it needs train.lora"),
+    (["model.init_from=/x", "train.lora.r=0"], "train.lora.r"),
+    (["model.init_from=/x", "train.lora.rank=4"], "train.lora.rank"),
+])
+def test_bad_lora_configs_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert message in str(error.value) and len(str(error.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_default_targets_are_the_attention_and_mlp_projections(arch):
+    model = build_model(ModelConfig(arch=arch, size="debug"), 64, 32)
+    expected = list(DEFAULT_TARGETS[arch])
+    assert resolve_targets(model, None) == expected
+    frozen_flops = flops_per_token(model, 32, frozen_weights=True)
+    full_flops = flops_per_token(model, 32)
+    apply_lora(model, LoraConfig(r=2))
+    assert is_adapted(model)
+    names = trainable_names(model)
+    assert names and all(".lora_A." in name or ".lora_B." in name for name in names)
+    assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in names} == set(expected)
+    assert frozen_flops < full_flops  # no weight gradients for the frozen base
+
+
+def test_unknown_target_modules_name_what_the_model_has():
+    model = build_model(ModelConfig(arch="llama", size="debug"), 64, 32)
+    with pytest.raises(AdapterError) as error:
+        resolve_targets(model, ["q_proj", "c_attn", "qkv"])
+    message = str(error.value)
+    assert message.startswith("train.lora.target_modules: c_attn, qkv not in LlamaForCausalLM")
+    assert "q_proj" in message.split("linear modules:")[1] and len(message.splitlines()) == 1
+
+
+def test_a_step_changes_only_the_adapters():
+    from raylm.train.trainer import LMTrainer
+
+    job = load_config(None, ["model.init_from=/x", "train.lora.r=2", "train.num_workers=1", "train.warmup_steps=0",
+                             "train.max_steps=2"])
+    model = apply_lora(build_model(ModelConfig(arch="gpt2", size="debug"), 64, 16), job.train.lora)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    trainer = LMTrainer(model, job.train, torch.device("cpu"))
+    ids = torch.randint(1, 64, (2, 16))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(16).expand(2, 16)}
+    trainer.train_step([batch])
+    trainer.train_step([batch])  # lora_B starts at zero: the second step moves lora_A too
+    changed = {name for name, value in model.state_dict().items() if not torch.equal(value, before[name])}
+    assert changed == set(trainable_names(model)) and len(trainer.full_model_state()) == len(changed)
