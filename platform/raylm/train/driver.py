@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from raylm.common import cluster, storage
-from raylm.config import JobConfig
+from raylm.common.pretrained import checkpoint_fingerprint, locate_checkpoint
+from raylm.config import ConfigError, JobConfig
 from raylm.data.formatting import CHAT_TEMPLATE
 from raylm.data.tokenizer import special_token_ids
-from raylm.train.checkpoint import BEST_CHECKPOINT, CorruptCheckpointError, STATE_FILE, fetch_checkpoint, \
+from raylm.models.lora import AdapterError, check_targets, write_adapter_folder
+from raylm.train.checkpoint import ADAPTER_FILE, BEST_CHECKPOINT, CorruptCheckpointError, STATE_FILE, fetch_checkpoint, \
     local_valid_checkpoint, read_history, read_state, verify_checkpoint
 from raylm.train.loop import train_loop_per_worker
 
@@ -74,6 +76,19 @@ def worker_runtime_env(config) -> dict:
     return {"env_vars": {"RAY_worker_niceness": str(config.worker_niceness)}}
 
 
+def check_lora(job: JobConfig) -> None:
+    """A ConfigError (one line) unless ``train.lora``'s target modules exist in ``model.init_from``'s architecture.
+
+    Needs the checkpoint's config (read locally, no weights), so it runs on the driver before any worker starts.
+    """
+    if job.train.lora is None or not job.model.init_from:
+        return
+    try:
+        check_targets(job.model.init_from, job.train.lora)
+    except (AdapterError, FileNotFoundError) as err:
+        raise ConfigError(f"config error: {err}") from None
+
+
 def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_run_id: str | None = None,
                   seq_len: int | None = None, callbacks: list | None = None):
     """The ``TorchTrainer`` that runs ``train_loop_per_worker`` on ``job.train.num_workers`` workers.
@@ -90,6 +105,7 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    check_lora(job)
     config = job.train
     resources = {"CPU": config.cpus_per_worker}
     if config.use_gpu:
@@ -224,24 +240,44 @@ def choose_export(job: JobConfig, result: TrainingResult) -> tuple[Path, dict[st
 
 
 def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[str, Any],
-                 trained_steps: int | None = None) -> Path:
+                 trained_steps: int | None = None, lora=None, base: str | None = None,
+                 merged_dir: Path | None = None) -> Path:
     """Copy weights and config from a checkpoint, add the tokenizer and ``raylm.json``.
 
     ``trained_steps`` (default: the checkpoint's step) is how far the run trained,
     which differs from the exported step when an earlier checkpoint is exported.
+    A LoRA checkpoint (adapters only) becomes a PEFT adapter folder on ``base`` (the
+    run's ``model.init_from``, trained with ``lora``: ``train.lora``); with
+    ``merged_dir`` the base with the adapters merged in is written there too, as a
+    plain model folder with the same tokenizer and card.
     """
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    model_dir.mkdir(parents=True)
-    for path in Path(checkpoint_dir).iterdir():
-        if path.suffix == ".safetensors" or path.name in MODEL_FILES or path.name.endswith(".safetensors.index.json"):
-            shutil.copy2(path, model_dir / path.name)
+    adapter = (Path(checkpoint_dir) / ADAPTER_FILE).is_file()
+    if adapter and (lora is None or base is None):
+        raise ValueError(f"{checkpoint_dir} holds LoRA adapters: exporting it needs train.lora and model.init_from")
+    folders = [model_dir] + ([merged_dir] if adapter and merged_dir is not None else [])
+    for folder in folders:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    if adapter:
+        from safetensors.torch import load_file
+
+        card["adapter"] = write_adapter_folder(base, lora, load_file(str(Path(checkpoint_dir) / ADAPTER_FILE)),
+                                               model_dir, merged_dir if len(folders) > 1 else None)
+        card["adapter"]["base_fingerprint"] = checkpoint_fingerprint(locate_checkpoint(base))
+    else:
+        for path in Path(checkpoint_dir).iterdir():
+            if path.suffix == ".safetensors" or path.name in MODEL_FILES \
+                    or path.name.endswith(".safetensors.index.json"):
+                shutil.copy2(path, model_dir / path.name)
     if card.get("config", {}).get("model", {}).get("task", "causal_lm") == "causal_lm" \
             and not getattr(tokenizer, "chat_template", None):
         # /v1/chat/completions renders conversations with the folder's template (saved with the tokenizer).
         tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(model_dir)
     card["exported_step"] = read_state(checkpoint_dir).get("step")
     card["trained_steps"] = card["exported_step"] if trained_steps is None else trained_steps
-    (model_dir / "raylm.json").write_text(json.dumps(card, indent=2, default=str))
+    for folder in folders:
+        tokenizer.save_pretrained(folder)
+        merged = {"merged_into_base": True} if folder != model_dir else {}
+        (folder / "raylm.json").write_text(json.dumps({**card, **merged}, indent=2, default=str))
     return model_dir
