@@ -68,3 +68,20 @@ def test_a_step_changes_only_the_adapters():
     trainer.train_step([batch])  # lora_B starts at zero: the second step moves lora_A too
     changed = {name for name, value in model.state_dict().items() if not torch.equal(value, before[name])}
     assert changed == set(trainable_names(model)) and len(trainer.full_model_state()) == len(changed)
+
+
+def test_a_sweep_may_search_lora_rank_and_learning_rate_of_a_pretrained_model(tmp_path):
+    from raylm.tune.space import tune_param_space, validate_sweep, validate_trial
+
+    space = "tune.space={train.lora.r: {grid: [4, 16]}, train.lr: {grid: [1.0e-4, 1.0e-3]}}"
+    base = [f"model.init_from={tmp_path}", "train.eval_every=10", "train.warmup_steps=2", "train.max_steps=20", space]
+    job = load_config(None, base + ["train.lora.alpha=32"])
+    assert validate_sweep(job)["num_trials"] == 4
+    assert set(tune_param_space(job)) == {"train.lora.r", "train.lr"}
+    trial = validate_trial(job.public_dict(), {"train.lora.r": 16, "train.lr": 1e-3})
+    assert (trial.train.lora.r, trial.train.lora.alpha, trial.train.lr) == (16, 32.0, 1e-3)
+    with pytest.raises(ConfigError, match="model.init_from: a sweep trains models built from sizes, or LoRA"):
+        validate_sweep(load_config(None, [f"model.init_from={tmp_path}", "train.eval_every=10",
+                                          "train.warmup_steps=2", "tune.space={train.lr: {grid: [1.0e-4, 1.0e-3]}}"]))
+    with pytest.raises(ConfigError, match="cannot be swept"):
+        validate_sweep(load_config(None, base + ["tune.space={model.init_from: {choice: [a, b]}}", "train.lora.r=4"]))

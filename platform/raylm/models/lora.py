@@ -14,9 +14,11 @@ for inference.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -106,6 +108,15 @@ def trainable_names(model: torch.nn.Module) -> list[str]:
     return [name for name, param in model.named_parameters() if param.requires_grad]
 
 
+@contextlib.contextmanager
+def _without_peft_deprecation() -> Iterator[None]:
+    """peft 0.21 asks transformers 5 for ``is_gradient_checkpointing``, which warns that it is deprecated: a warning
+    about peft's internals that a user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _load_base(base: str | Path, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -128,7 +139,8 @@ def write_adapter_folder(base: str | Path, lora, weights: dict[str, torch.Tensor
     from peft import get_peft_model
 
     model = _load_base(base)
-    wrapped = get_peft_model(model, peft_config(lora, model))
+    with _without_peft_deprecation():
+        wrapped = get_peft_model(model, peft_config(lora, model))
     inner = wrapped.base_model.model
     expected = set(trainable_names(inner))
     if set(weights) != expected:
@@ -142,7 +154,7 @@ def write_adapter_folder(base: str | Path, lora, weights: dict[str, torch.Tensor
         merged = wrapped.merge_and_unload()
         merged.save_pretrained(merged_out, safe_serialization=True)
     return {"base": str(base), "r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
-            "target_modules": list(wrapped.peft_config["default"].target_modules),
+            "target_modules": sorted(wrapped.peft_config["default"].target_modules),
             "adapter_parameters": sum(tensor.numel() for tensor in weights.values())}
 
 
@@ -168,4 +180,5 @@ def load_adapted_model(folder: str | Path, dtype: Optional[torch.dtype] = None) 
     from peft import PeftModel
 
     base = _load_base(config["base_model_name_or_path"], dtype)
-    return PeftModel.from_pretrained(base, folder, is_trainable=False).merge_and_unload()
+    with _without_peft_deprecation():
+        return PeftModel.from_pretrained(base, folder, is_trainable=False).merge_and_unload()
