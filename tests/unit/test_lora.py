@@ -85,3 +85,31 @@ def test_a_sweep_may_search_lora_rank_and_learning_rate_of_a_pretrained_model(tm
                                           "train.warmup_steps=2", "tune.space={train.lr: {grid: [1.0e-4, 1.0e-3]}}"]))
     with pytest.raises(ConfigError, match="cannot be swept"):
         validate_sweep(load_config(None, base + ["tune.space={model.init_from: {choice: [a, b]}}", "train.lora.r=4"]))
+
+
+def test_tokens_added_to_the_checkpoints_vocabulary_train_and_export_with_the_adapters(tmp_path):
+    """raylm's data preparation adds its task tokens to a pretrained tokenizer: under LoRA their embedding
+    rows are peft trainable tokens, saved with the adapters (not a copy of the embeddings) and restored on load."""
+    from raylm.models.lora import load_adapted_model, write_adapter_folder
+    from raylm.train.trainer import LMTrainer
+
+    base = tmp_path / "base"
+    build_model(ModelConfig(arch="llama", size="debug"), 64, 16).save_pretrained(base, safe_serialization=True)
+    job = load_config(None, [f"model.init_from={base}", "train.lora.r=2", "train.num_workers=1",
+                             "train.warmup_steps=0", "train.max_steps=3", "train.lr=1e-2"])
+    model = apply_lora(build_model(job.model, 0, 16), job.train.lora, vocab_size=68)
+    assert [name for name in trainable_names(model) if "lora_" not in name] == \
+        ["model.embed_tokens.token_adapter.trainable_tokens_delta.default"]
+    trainer = LMTrainer(model, job.train, torch.device("cpu"))
+    ids = torch.randint(0, 68, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids[:, ::4] = 66  # a new token in every row
+    for _ in range(2):
+        trainer.train_step([{"input_ids": ids, "labels": ids, "position_ids": torch.arange(16).expand(2, 16)}])
+    weights = trainer.full_model_state()
+    write_adapter_folder(base, job.train.lora, weights, tmp_path / "adapter", vocab_size=68)
+    files = {path.name: path.stat().st_size for path in (tmp_path / "adapter").iterdir()}
+    assert files["adapter_model.safetensors"] < 0.2 * (base / "model.safetensors").stat().st_size
+    loaded = load_adapted_model(tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)

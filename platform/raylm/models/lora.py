@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -32,6 +33,8 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "mistral": _LLAMA_PROJECTIONS, "gpt2": ("c_attn", "c_proj", "c_fc"),
 }
 ADAPTER_CONFIG = "adapter_config.json"
+# The parameters peft adds: LoRA's matrices and the new token rows (trainable tokens).
+ADAPTER_MARKERS = re.compile(r"\.lora_[AB]\.|\.trainable_tokens_delta\.")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -76,25 +79,39 @@ def check_targets(init_from: str | Path, lora) -> list[str]:
     return resolve_targets(skeleton, lora.target_modules)
 
 
-def peft_config(lora, model: torch.nn.Module):
-    """peft's LoraConfig for raylm's ``train.lora`` section on ``model``."""
+def grow_vocabulary(model: torch.nn.Module, vocab_size: int) -> list[int]:
+    """Grow ``model``'s token embeddings to ``vocab_size`` rows (tokens the data's tokenizer added to the
+    checkpoint's, such as raylm's task tokens); returns the new rows' ids, which train with the adapters."""
+    rows = model.get_input_embeddings().num_embeddings
+    if not vocab_size or vocab_size <= rows:
+        return []
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    return list(range(rows, vocab_size))
+
+
+def peft_config(lora, model: torch.nn.Module, new_tokens: Sequence[int] = ()):
+    """peft's LoraConfig for raylm's ``train.lora`` section on ``model``; ``new_tokens``: embedding rows that train
+    too (peft's trainable tokens: only those rows of the, possibly tied, embedding)."""
     from peft import LoraConfig as PeftLoraConfig  # peft imports in seconds: only where adapters are used
 
     fan_in_fan_out = getattr(model.config, "model_type", "") == "gpt2"  # Conv1D stores weights transposed
     return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                           target_modules=resolve_targets(model, lora.target_modules), fan_in_fan_out=fan_in_fan_out,
-                          task_type="CAUSAL_LM")
+                          trainable_token_indices=list(new_tokens) or None, task_type="CAUSAL_LM")
 
 
-def apply_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
-    """Inject LoRA adapters into ``model`` in place and freeze everything else; returns ``model``."""
+def apply_lora(model: torch.nn.Module, lora, vocab_size: int = 0) -> torch.nn.Module:
+    """Inject LoRA adapters into ``model`` in place and freeze everything else; returns ``model``.
+
+    With a ``vocab_size`` beyond the checkpoint's, the embeddings grow and the new rows train with the
+    adapters (and are saved with them); every pretrained weight stays frozen.
+    """
     from peft import inject_adapter_in_model
 
-    config = peft_config(lora, model)
+    config = peft_config(lora, model, grow_vocabulary(model, vocab_size))
     model = inject_adapter_in_model(config, model)
-    # A tied or resized head must not train either: only the adapters do.
     for name, param in model.named_parameters():
-        param.requires_grad_("lora_" in name)
+        param.requires_grad_(ADAPTER_MARKERS.search(name) is not None)
     return model
 
 
@@ -128,19 +145,22 @@ def _load_base(base: str | Path, dtype: Optional[torch.dtype] = None) -> torch.n
 
 
 def write_adapter_folder(base: str | Path, lora, weights: dict[str, torch.Tensor], out: Path,
-                         merged_out: Optional[Path] = None) -> dict[str, Any]:
+                         merged_out: Optional[Path] = None, vocab_size: int = 0) -> dict[str, Any]:
     """Write the adapter trained on ``base`` as a PEFT adapter folder ``out`` (and a merged model at ``merged_out``).
 
     ``weights`` are the adapter matrices under the adapted model's parameter names (a
     training checkpoint's). The folder is written by peft itself (``save_pretrained``),
     so ``PeftModel.from_pretrained(base, out)`` loads it; ``adapter_config.json``
-    names ``base``. Returns a description for the model card.
+    names ``base``. ``vocab_size``: the tokenizer's size the adapters trained with (tokens beyond
+    the base's vocabulary are trainable tokens: load the base with its embeddings resized to it, as
+    peft documents for added tokens). Returns a description for the model card.
     """
     from peft import get_peft_model
 
     model = _load_base(base)
+    new_tokens = grow_vocabulary(model, vocab_size)
     with _without_peft_deprecation():
-        wrapped = get_peft_model(model, peft_config(lora, model))
+        wrapped = get_peft_model(model, peft_config(lora, model, new_tokens))
     inner = wrapped.base_model.model
     expected = set(trainable_names(inner))
     if set(weights) != expected:
@@ -149,13 +169,14 @@ def write_adapter_folder(base: str | Path, lora, weights: dict[str, torch.Tensor
                            + (f"missing {missing[0]}" if missing else f"unknown {extra[0]}"))
     inner.load_state_dict(weights, strict=False)
     wrapped.peft_config["default"].base_model_name_or_path = str(base)
-    wrapped.save_pretrained(out, safe_serialization=True)
+    # New token rows are saved as peft's trainable-token values, not as a whole copy of the embeddings.
+    wrapped.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
     if merged_out is not None:
         merged = wrapped.merge_and_unload()
         merged.save_pretrained(merged_out, safe_serialization=True)
     return {"base": str(base), "r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
             "target_modules": sorted(wrapped.peft_config["default"].target_modules),
-            "adapter_parameters": sum(tensor.numel() for tensor in weights.values())}
+            "adapter_parameters": sum(tensor.numel() for tensor in weights.values()), "new_tokens": len(new_tokens)}
 
 
 def is_adapter_folder(folder: str | Path) -> bool:
@@ -180,5 +201,9 @@ def load_adapted_model(folder: str | Path, dtype: Optional[torch.dtype] = None) 
     from peft import PeftModel
 
     base = _load_base(config["base_model_name_or_path"], dtype)
+    new_tokens = config.get("trainable_token_indices") or []
+    if isinstance(new_tokens, dict):  # per embedding module
+        new_tokens = [index for indices in new_tokens.values() for index in indices]
+    grow_vocabulary(base, max(new_tokens, default=-1) + 1)
     with _without_peft_deprecation():
         return PeftModel.from_pretrained(base, folder, is_trainable=False).merge_and_unload()

@@ -263,7 +263,8 @@ def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[st
         from safetensors.torch import load_file
 
         card["adapter"] = write_adapter_folder(base, lora, load_file(str(Path(checkpoint_dir) / ADAPTER_FILE)),
-                                               model_dir, merged_dir if len(folders) > 1 else None)
+                                               model_dir, merged_dir if len(folders) > 1 else None,
+                                               vocab_size=len(tokenizer))
         card["adapter"]["base_fingerprint"] = checkpoint_fingerprint(locate_checkpoint(base))
     else:
         for path in Path(checkpoint_dir).iterdir():

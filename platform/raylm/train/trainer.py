@@ -349,7 +349,7 @@ class LMTrainer:
             if result.unexpected_keys:
                 raise CheckpointMismatchError(f"checkpoint has unknown parameter {result.unexpected_keys[0]}")
             tie = getattr(self.base_model, "tie_weights", None)
-            if callable(tie):
+            if callable(tie) and not self.adapter_only:  # adapters load beside the (tied) base, untouched
                 tie()
         saved = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
         set_optimizer_state_dict(self.model, self.optimizer, saved["optimizer"],
