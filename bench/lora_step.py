@@ -136,7 +136,8 @@ def run_loop(args) -> dict:
         model.train()
         optimizer = build_optimizer(model, LR, BETAS, WEIGHT_DECAY, torch.device("cpu"))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(WARMUP_STEPS, args.steps, MIN_LR_RATIO))
-        tensors = {key: torch.from_numpy(value) for key, value in make_blocks(args, vocab_size(args.checkpoint)).items()}
+        blocks = make_blocks(args, vocab_size(args.checkpoint))
+        tensors = {key: torch.from_numpy(value) for key, value in blocks.items()}
         trainable = [p for p in model.parameters() if p.requires_grad]
         start = None
         for step in range(args.steps):

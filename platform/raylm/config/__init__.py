@@ -30,8 +30,8 @@ from raylm.config.tune import SWEEP_DISTRIBUTIONS, SearchDimension, TuneConfig
 __all__ = [
     "ALL_TASKS", "API_KEY_ENV", "API_KEY_FILE_ENV", "PACKAGE_MODEL_PREFIX", "REDACTED", "SECRET_KEYS",
     "SERVE_TASKS", "SHAPE_OVERRIDES", "SOURCE_FORMATS", "SWEEP_DISTRIBUTIONS", "AutoscalingConfig", "ConfigError",
-    "DataConfig", "DataSourceConfig", "EvalConfig", "JobConfig", "LoraConfig", "ModelConfig", "SearchDimension", "ServeConfig",
-    "StrictModel", "TaskName", "TrackingConfig", "TrainConfig", "TuneConfig", "apply_overrides",
+    "DataConfig", "DataSourceConfig", "EvalConfig", "JobConfig", "LoraConfig", "ModelConfig", "SearchDimension",
+    "ServeConfig", "StrictModel", "TaskName", "TrackingConfig", "TrainConfig", "TuneConfig", "apply_overrides",
     "format_validation_error", "infer_source_format", "is_loopback", "load_config", "parse_override",
     "public_dump", "read_key_file", "read_yaml", "refuse_secret_overrides", "validate_config",
 ]

@@ -47,8 +47,9 @@ def _fixed_reason(key: str) -> str | None:
 
 def _section(annotation: Any) -> Any:
     """The config section an optional section (``Optional[LoraConfig]``) holds; other annotations unchanged."""
-    sections = [arg for arg in getattr(annotation, "__args__", ()) if isinstance(arg, type) and issubclass(arg, BaseModel)]
-    return sections[0] if len(sections) == 1 and type(None) in annotation.__args__ else annotation
+    arguments = getattr(annotation, "__args__", ())
+    sections = [arg for arg in arguments if isinstance(arg, type) and issubclass(arg, BaseModel)]
+    return sections[0] if len(sections) == 1 and type(None) in arguments else annotation
 
 
 def _key_exists(model_class: type[BaseModel], parts: list[str]) -> bool:
