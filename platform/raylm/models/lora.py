@@ -9,7 +9,9 @@ parameter names; :func:`write_adapter_folder` turns them into a PEFT adapter
 folder (``adapter_config.json`` + ``adapter_model.safetensors``, what
 ``PeftModel.from_pretrained`` reads) and optionally a merged plain model folder.
 :func:`load_adapted_model` reads an adapter folder back, merged into its base,
-for inference.
+for inference. Tokens the data's tokenizer adds to the checkpoint's vocabulary
+(raylm's task tokens) get new embedding rows that train as peft's trainable
+tokens and are saved with the adapters.
 """
 
 from __future__ import annotations
