@@ -102,9 +102,9 @@ def server_runs(ray_session, mlflow_server, tmp_path_factory):
 _SHARED_WORKER = {"test_registry_server": "server_runs", "test_train_pipeline": "server_runs"}
 _SLOWEST_FIRST = ["test_tune_sweep", "test_cluster", "test_registry_server", "test_train_pipeline", "test_cli",
                   "test_registry_encoders", "test_pretrained_decoder", "test_recipes_sst2",
-                  "test_run_identity_cli", "test_prepared_resume", "test_train_checkpoints", "test_serving",
-                  "test_train_parallel", "test_serving_cli", "test_registry_export", "test_serve_deploy_auth",
-                  "test_playground", "test_data_pipeline"]
+                  "test_run_identity_cli", "test_prepared_resume", "test_train_checkpoints", "test_train_lora",
+                  "test_serving", "test_train_parallel", "test_serving_cli", "test_registry_export",
+                  "test_serve_deploy_auth", "test_playground", "test_data_pipeline"]
 
 
 def _module_rank(item) -> int:

@@ -13,6 +13,7 @@ sys.path.insert(0, str(BENCH))
 
 import data_throughput  # noqa: E402
 import gpu_check  # noqa: E402
+import lora_step  # noqa: E402
 import train_overhead  # noqa: E402
 
 from raylm.train.optim import param_groups  # noqa: E402
@@ -129,3 +130,21 @@ def test_json_stdout_keeps_everything_but_the_report_off_stdout():
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [json.dumps({"figure": 1.5}), "after"]
     assert done.stderr.splitlines() == ["python print", "raw fd write", "child process"]
+
+
+def test_lora_step_gives_the_plain_loop_raylms_lora_config_and_names_its_ratios():
+    from raylm.config import LoraConfig, ModelConfig
+    from raylm.models.lora import peft_config
+    from raylm.models.registry import build_model
+
+    args = lora_step.parse_args(["--rank", "4", "--alpha", "8"])
+    assert lora_step.lora_section(args) == LoraConfig(r=4, alpha=8.0)
+    config = peft_config(lora_step.lora_section(args), build_model(ModelConfig(arch="llama", size="debug"), 64, 16))
+    assert (config.r, config.lora_alpha) == (4, 8.0) and "down_proj" in config.target_modules
+    figures = {"peft_loop": {"tokens_per_s": 100.0, "checkpoint_bytes": 5}, "full_loop": {"tokens_per_s": 50.0,
+               "checkpoint_bytes": 100}, "raylm_lora": {"tokens_per_s": 96.0, "checkpoint_bytes": 4},
+               "raylm_full": {"tokens_per_s": 48.0, "checkpoint_bytes": 100}}
+    out = lora_step.ratios(figures)
+    assert out["ratio_lora_vs_peft_loop"] == 0.96 and out["lora_checkpoint_fraction"] == 0.04
+    assert out["ratio_full_vs_full_loop"] == 0.96 and out["peft_loop_checkpoint_fraction"] == 0.05
+    assert "ratio_lora_vs_peft_loop" not in lora_step.ratios({"raylm_lora": figures["raylm_lora"]})

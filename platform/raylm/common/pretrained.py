@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from raylm.common.fingerprints import file_digest, fingerprint
+
 GGUF_SUFFIX = ".gguf"
 
 
@@ -55,6 +57,16 @@ def locate_checkpoint(source: str | Path) -> Checkpoint:
     if ggufs:
         raise ValueError(f"{path} holds {len(ggufs)} .gguf files ({', '.join(ggufs)}): name one")
     raise FileNotFoundError(f"not a model folder (no config.json or .gguf file): {path}")
+
+
+def checkpoint_fingerprint(checkpoint: Checkpoint) -> str:
+    """A fingerprint of the checkpoint's weights and config: the GGUF file, or the folder's safetensors and
+    config.json (names and SHA-256); what an adapter trained on it records as its base."""
+    if checkpoint.gguf_file:
+        return fingerprint({checkpoint.gguf_file: file_digest(checkpoint.folder / checkpoint.gguf_file)})
+    files = sorted(path for path in checkpoint.folder.iterdir()
+                   if path.suffix == ".safetensors" or path.name == "config.json")
+    return fingerprint({path.name: file_digest(path) for path in files})
 
 
 # config.json's names for the context length, by architecture family (Llama/Qwen2, GPT-2).

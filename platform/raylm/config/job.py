@@ -48,6 +48,9 @@ class JobConfig(StrictModel):
         if task is not None and self.model.task != task:
             raise ValueError(f"train.best_metric={self.train.best_metric} is measured for model.task={task} only "
                              f"(this model's task is {self.model.task}); use eval_loss")
+        if self.train.lora is not None and (self.model.init_from is None or self.model.task != "causal_lm"):
+            raise ValueError("train.lora adapts a pretrained causal LM: it needs model.init_from and "
+                             f"model.task=causal_lm (here init_from={self.model.init_from}, task={self.model.task})")
         return self
 
     @property

@@ -8,6 +8,20 @@ from pydantic import Field, model_validator
 
 from raylm.config.base import StrictModel
 
+
+class LoraConfig(StrictModel):
+    """Low-rank adapters (LoRA, with peft): only the adapters train; the pretrained weights stay frozen."""
+
+    r: int = Field(8, ge=1, le=1024, description="rank of each adapter's two matrices")
+    alpha: float = Field(16.0, gt=0, description="scale: the adapter's update is multiplied by alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input")
+    target_modules: Optional[list[str]] = Field(
+        None, min_length=1,
+        description="names of the Linear modules to adapt (matched as name suffixes); default: the attention and "
+                    "MLP projections of the architecture (q/k/v/o/gate/up/down_proj for Llama and Qwen2, "
+                    "c_attn/c_proj/c_fc for GPT-2)")
+
+
 class TrainConfig(StrictModel):
     """The distributed training loop: workers, batch arithmetic, optimiser, checkpoints."""
 
@@ -85,6 +99,13 @@ class TrainConfig(StrictModel):
                     "null keeps the cluster's setting",
     )
 
+    lora: Optional[LoraConfig] = Field(
+        None, description="fine-tune low-rank adapters of model.init_from instead of every weight "
+                          "(train.lora={} for the defaults); checkpoints hold the adapters only")
+    export_merged: bool = Field(
+        False, description="with train.lora: also export the base with the adapters merged in, as a plain model "
+                           "folder (<run>/model-merged)")
+
     @model_validator(mode="before")
     @classmethod
     def _derive_grad_accum(cls, raw: Any) -> Any:
@@ -138,6 +159,8 @@ class TrainConfig(StrictModel):
             if self.placement_strategy == "STRICT_SPREAD":
                 raise ValueError(f"tensor_parallel={self.tensor_parallel} needs its groups on one node, but "
                                  "placement_strategy=STRICT_SPREAD puts every worker on its own node")
+        if self.export_merged and self.lora is None:
+            raise ValueError("export_merged merges LoRA adapters: it needs train.lora")
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < max_steps ({self.max_steps})")
         return self

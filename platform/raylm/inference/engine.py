@@ -19,6 +19,7 @@ from raylm.data.formatting import SENTIMENT_LABELS, instruct_messages, qa_prompt
     translate_prompt
 from raylm.data.tokenizer import load_tokenizer
 from raylm.inference.decoder import Decoder
+from raylm.models.lora import is_adapter_folder, load_adapted_model
 from raylm.inference.task_model import (
     TASKS,
     GenerationRequest,
@@ -44,7 +45,8 @@ class Engine(Decoder, TaskModel):
     @classmethod
     def from_directory(cls, folder: str | Path, options: Optional[InferenceOptions] = None, *,
                        max_new_tokens: Optional[int] = None, device: Optional[str] = None) -> "Engine":
-        """Load a raylm model folder (safetensors weights, tokenizer, raylm.json) per ``options``."""
+        """Load a raylm model folder (safetensors weights, tokenizer, raylm.json) per ``options``; a LoRA adapter
+        folder (:mod:`raylm.models.lora`) loads as its base model with the adapter merged in."""
         from transformers import AutoModelForCausalLM
 
         options = options or InferenceOptions()
@@ -53,14 +55,18 @@ class Engine(Decoder, TaskModel):
                                        max_new_tokens=max_new_tokens or options.max_new_tokens,
                                        num_threads=options.num_threads)
         path = Path(folder)
-        if not (path / "config.json").is_file():
+        adapter = is_adapter_folder(path)
+        if not adapter and not (path / "config.json").is_file():
             raise FileNotFoundError(f"not a model folder (no config.json): {path}")
         resolved_device = options.resolved_device()
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, trust_remote_code=False, use_safetensors=True,
-                dtype=options.torch_dtype(),
-            )
+            if adapter:  # a LoRA adapter folder: its base with the adapter merged in
+                model = load_adapted_model(path, dtype=options.torch_dtype())
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    path, local_files_only=True, trust_remote_code=False, use_safetensors=True,
+                    dtype=options.torch_dtype(),
+                )
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot load the model in {path.name!r}: {str(err).splitlines()[0]}") from None
         tokenizer = load_tokenizer(path, extend=False)  # as the folder saved it

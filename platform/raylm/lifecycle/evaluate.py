@@ -55,7 +55,8 @@ def evaluate_exported(job: JobConfig, model_dir: Path, rows: list[dict], card: d
     card["eval"] = report.summary()
     lineage = card.setdefault("lineage", {})
     lineage.update(build_lineage(**{key: lineage.get(key) for key in (
-        "run_id", "config_hash", "data_fingerprint", "mlflow_run_id", "parent_run_id", "exported_step")},
+        "run_id", "config_hash", "data_fingerprint", "mlflow_run_id", "parent_run_id", "exported_step", "base_model",
+        "base_fingerprint")},
         eval_summary=report.summary()))
     write_card(model_dir, card)
     return report

@@ -28,6 +28,11 @@ def write_card(model_dir: Path, card: dict[str, Any]) -> None:
     (Path(model_dir) / CARD_FILE).write_text(json.dumps(card, indent=2, default=str))
 
 
+def merged_model_dir(model_dir: Path) -> Path:
+    """Where ``train.export_merged`` writes the merged model of a LoRA run: ``model-merged`` beside ``model``."""
+    return Path(model_dir).with_name(Path(model_dir).name + "-merged")
+
+
 def train_loss_at(history: list[dict[str, Any]], step: Any) -> Optional[float]:
     """The training loss logged at ``step`` in a run's history, or None when that step logged none."""
     for row in reversed(history):
@@ -67,9 +72,16 @@ def export_run_model(job: JobConfig, result, data, record: dict[str, Any], model
     if job.model.task == "sequence_classification":
         card["labels"] = list(SENTIMENT_LABELS[: job.model.num_labels])
     trained_steps = export["last_step"]
-    model_dir = export_model(chosen, data.tokenizer, Path(model_dir), card, trained_steps=trained_steps)
+    lora = job.train.lora
+    merged_dir = merged_model_dir(model_dir) if job.train.export_merged else None
+    model_dir = export_model(chosen, data.tokenizer, Path(model_dir), card, trained_steps=trained_steps, lora=lora,
+                             base=job.model.init_from if lora is not None else None, merged_dir=merged_dir)
+    adapter = card.get("adapter") or {}
     card["lineage"] = build_lineage(run_id=job.run_id, config_hash=record["config_hash"],
                                     data_fingerprint=data.fingerprint, mlflow_run_id=mlflow_run_id,
-                                    parent_run_id=parent_run_id, exported_step=export["step"])
+                                    parent_run_id=parent_run_id, exported_step=export["step"],
+                                    base_model=adapter.get("base"), base_fingerprint=adapter.get("base_fingerprint"))
+    if merged_dir is not None:
+        write_card(merged_dir, {**card, "merged_into_base": True})
     write_card(model_dir, card)
     return model_dir, card

@@ -42,8 +42,10 @@ def code_version() -> str:
 
 def build_lineage(*, run_id: str, config_hash: str, data_fingerprint: str, eval_summary: Optional[dict] = None,
                   mlflow_run_id: Optional[str] = None, parent_run_id: Optional[str] = None,
-                  exported_step: Optional[int] = None) -> dict[str, Any]:
-    """The lineage record of a model exported from run ``run_id`` (see the module docstring)."""
+                  exported_step: Optional[int] = None, base_model: Optional[str] = None,
+                  base_fingerprint: Optional[str] = None) -> dict[str, Any]:
+    """The lineage record of a model exported from run ``run_id`` (see the module docstring); a LoRA
+    adapter's also names its base checkpoint and that checkpoint's fingerprint."""
     lineage: dict[str, Any] = {
         "run_id": run_id,
         "mlflow_run_id": mlflow_run_id,
@@ -53,6 +55,8 @@ def build_lineage(*, run_id: str, config_hash: str, data_fingerprint: str, eval_
         "code_version": code_version(),
         "exported_step": exported_step,
     }
+    if base_fingerprint is not None:
+        lineage.update(base_model=base_model, base_fingerprint=base_fingerprint)
     if eval_summary:
         lineage["eval"] = {
             "split": eval_summary.get("split"),

@@ -36,7 +36,7 @@ from raylm.lifecycle.lineage import parent_run_of
 from raylm.lifecycle.register import register_run
 from raylm.serving.app import serve_until_stopped, start_serving, verify_registered_models
 from raylm.serving.ingress import ingress_env, set_ingress_env
-from raylm.train.driver import run_training
+from raylm.train.driver import check_lora, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def train(job: JobConfig, resume: str | None = None) -> dict[str, Any]:
     ``run.json`` and in its MLflow run (FAILED or KILLED), before the error goes on.
     """
     check_inputs(job)
+    check_lora(job)
     record = runs.begin_run(job, resume)
     logger.info(("resuming run " if resume else "run ") + f"{job.run_id} in {job.run_uri}")
     opened: dict[str, str] = {}  # the MLflow run this attempt started or reopened: it ends with the run

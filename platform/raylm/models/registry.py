@@ -121,8 +121,11 @@ def count_parameters(model: torch.nn.Module, exclude_embeddings: bool = False) -
     return total
 
 
-def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+def flops_per_token(model: torch.nn.Module, seq_len: int, frozen_weights: bool = False) -> float:
     """Training FLOPs per token: 6N for the dense weights plus the attention term.
+
+    With ``frozen_weights`` (LoRA: the base is frozen) backward computes no weight
+    gradients, 4N instead of 6N; the adapters' own few FLOPs are left out.
 
     N counts the non-embedding parameters plus a tied output projection (a real
     vocabulary-sized matmul even though its weight is the embedding); an untied
@@ -139,4 +142,4 @@ def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if head is not None and embeddings is not None and head.weight is embeddings.weight:
         output_projection = head.weight.shape[0] * head.weight.shape[1]
-    return 6.0 * (dense + output_projection) + 12.0 * layers * hidden * seq_len
+    return (4.0 if frozen_weights else 6.0) * (dense + output_projection) + 12.0 * layers * hidden * seq_len

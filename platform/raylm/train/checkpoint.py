@@ -2,7 +2,8 @@
 
 A checkpoint folder holds the model and optimiser state as
 ``torch.distributed.checkpoint`` files (``dcp/``, one part per rank:
-:mod:`raylm.train.dcp`), the model's ``config.json``, ``trainer.pt`` with
+:mod:`raylm.train.dcp`; a LoRA run's only its trainable parameters, the
+adapter matrices, and their optimiser state), the model's ``config.json``, ``trainer.pt`` with
 scheduler/scaler state (plain tensors, loaded with ``weights_only=True``),
 ``rng.pt``, ``trainer_state.json`` (step, data position, eval loss),
 ``history.jsonl`` (the metrics logged so far) and a ``manifest.json`` with the
@@ -20,9 +21,13 @@ from __future__ import annotations
 import contextlib
 import json
 import posixpath
+import random
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+import numpy as np
+import torch
 
 from raylm.common.fingerprints import file_digest
 
@@ -288,3 +293,29 @@ def publish_folder(local_folder: str | Path, destination: str, filesystem=None, 
             with path.open("rb") as source, filesystem.open_output_stream(target) as sink:
                 while chunk := source.read(1 << 22):
                     sink.write(chunk)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) RNG state as plain tensors, loadable with ``weights_only=True``."""
+    version, python_state, gauss = random.getstate()
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(python_state, dtype=torch.int64),
+        "python_meta": [version, gauss],
+        "numpy_keys": torch.from_numpy(numpy_keys.astype(np.int64)),
+        "numpy_meta": [int(numpy_pos), int(numpy_has_gauss), float(numpy_gauss)],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, gauss = state["python_meta"]
+    random.setstate((version, tuple(int(v) for v in state["python"].tolist()), gauss))
+    pos, has_gauss, cached = state["numpy_meta"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

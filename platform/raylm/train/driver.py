@@ -10,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from raylm.common import cluster, storage
+from raylm.common.pretrained import checkpoint_fingerprint, locate_checkpoint
 from raylm.config import ConfigError, JobConfig
 from raylm.data.formatting import CHAT_TEMPLATE
 from raylm.data.tokenizer import special_token_ids
+from raylm.models.lora import ADAPTER_MARKERS, AdapterError, check_targets, write_adapter_folder
 from raylm.train.checkpoint import BEST_CHECKPOINT, CorruptCheckpointError, STATE_FILE, fetch_checkpoint, \
     local_valid_checkpoint, read_history, read_state, verify_checkpoint
-from raylm.train.dcp import export_weights, is_sharded_checkpoint
+from raylm.train.dcp import export_weights, is_sharded_checkpoint, read_model_state, saved_keys
 from raylm.train.loop import train_loop_per_worker
 
 MODEL_FILES = ("config.json", "generation_config.json")
@@ -99,6 +101,19 @@ def check_tensor_parallel_placement(config) -> None:
                           f"({', '.join(f'{name}={amount:g}' for name, amount in needed.items())} per worker)")
 
 
+def check_lora(job: JobConfig) -> None:
+    """A ConfigError (one line) unless ``train.lora``'s target modules exist in ``model.init_from``'s architecture.
+
+    Needs the checkpoint's config (read locally, no weights), so it runs on the driver before any worker starts.
+    """
+    if job.train.lora is None or not job.model.init_from:
+        return
+    try:
+        check_targets(job.model.init_from, job.train.lora)
+    except (AdapterError, FileNotFoundError) as err:
+        raise ConfigError(f"config error: {err}") from None
+
+
 def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_run_id: str | None = None,
                   seq_len: int | None = None, callbacks: list | None = None):
     """The ``TorchTrainer`` that runs ``train_loop_per_worker`` on ``job.train.num_workers`` workers.
@@ -115,6 +130,7 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    check_lora(job)
     config = job.train
     check_tensor_parallel_placement(config)
     resources = {"CPU": config.cpus_per_worker}
@@ -252,8 +268,17 @@ def choose_export(job: JobConfig, result: TrainingResult) -> tuple[Path, dict[st
     return chosen, record
 
 
+def is_adapter_checkpoint(checkpoint_dir: str | Path) -> bool:
+    """Whether ``checkpoint_dir`` is a LoRA run's: sharded state whose model tensors are adapter matrices only."""
+    if not is_sharded_checkpoint(checkpoint_dir):
+        return False
+    model_keys = [key for key in saved_keys(checkpoint_dir) if key.startswith("model.")]
+    return bool(model_keys) and all(ADAPTER_MARKERS.search(key) for key in model_keys)
+
+
 def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[str, Any],
-                 trained_steps: int | None = None) -> Path:
+                 trained_steps: int | None = None, lora=None, base: str | None = None,
+                 merged_dir: Path | None = None) -> Path:
     """Write a checkpoint's full weights and config as a model folder, add the tokenizer and ``raylm.json``.
 
     The weights of a sharded checkpoint are assembled here, once, in this one
@@ -262,21 +287,40 @@ def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[st
 
     ``trained_steps`` (default: the checkpoint's step) is how far the run trained,
     which differs from the exported step when an earlier checkpoint is exported.
+    A LoRA checkpoint (adapters only: :func:`is_adapter_checkpoint`) becomes a PEFT
+    adapter folder on ``base`` (the run's ``model.init_from``, trained with
+    ``lora``: ``train.lora``), its adapters read from the DCP files here; with
+    ``merged_dir`` the base with the adapters merged in is written there too, as a
+    plain model folder with the same tokenizer and card.
     """
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    model_dir.mkdir(parents=True)
-    if is_sharded_checkpoint(checkpoint_dir):
-        export_weights(checkpoint_dir, model_dir)
-    for path in Path(checkpoint_dir).iterdir():
-        if path.suffix == ".safetensors" or path.name in MODEL_FILES or path.name.endswith(".safetensors.index.json"):
-            shutil.copy2(path, model_dir / path.name)
+    adapter = is_adapter_checkpoint(checkpoint_dir)
+    if adapter and (lora is None or base is None):
+        raise ValueError(f"{checkpoint_dir} holds LoRA adapters: exporting it needs train.lora and model.init_from")
+    folders = [model_dir] + ([merged_dir] if adapter and merged_dir is not None else [])
+    for folder in folders:
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+    if adapter:
+        card["adapter"] = write_adapter_folder(base, lora, read_model_state(checkpoint_dir), model_dir,
+                                               merged_dir if len(folders) > 1 else None,
+                                               vocab_size=len(tokenizer))
+        card["adapter"]["base_fingerprint"] = checkpoint_fingerprint(locate_checkpoint(base))
+    else:
+        if is_sharded_checkpoint(checkpoint_dir):
+            export_weights(checkpoint_dir, model_dir)
+        for path in Path(checkpoint_dir).iterdir():
+            if path.suffix == ".safetensors" or path.name in MODEL_FILES \
+                    or path.name.endswith(".safetensors.index.json"):
+                shutil.copy2(path, model_dir / path.name)
     if card.get("config", {}).get("model", {}).get("task", "causal_lm") == "causal_lm" \
             and not getattr(tokenizer, "chat_template", None):
         # /v1/chat/completions renders conversations with the folder's template (saved with the tokenizer).
         tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(model_dir)
     card["exported_step"] = read_state(checkpoint_dir).get("step")
     card["trained_steps"] = card["exported_step"] if trained_steps is None else trained_steps
-    (model_dir / "raylm.json").write_text(json.dumps(card, indent=2, default=str))
+    for folder in folders:
+        tokenizer.save_pretrained(folder)
+        merged = {"merged_into_base": True} if folder != model_dir else {}
+        (folder / "raylm.json").write_text(json.dumps({**card, **merged}, indent=2, default=str))
     return model_dir

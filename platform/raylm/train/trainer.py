@@ -18,7 +18,9 @@ Checkpoints are sharded and portable across worker counts and layouts: every
 rank writes its own part of the model and optimiser state with
 ``torch.distributed.checkpoint``, keyed by parameter name, and a restore
 reshards it (:mod:`raylm.train.dcp`), so a checkpoint written by N FSDP (or dp x
-tp) workers loads on M DDP workers and vice versa.
+tp) workers loads on M DDP workers and vice versa. A model with LoRA adapters
+(:mod:`raylm.models.lora`) saves and restores only what trains, the adapter
+matrices and their optimiser state: the frozen base is never gathered or written.
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import random
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raylm.models.lora import is_adapted
 from raylm.train import parallel
-from raylm.train.checkpoint import HISTORY_FILE, STATE_FILE, file_entries, write_manifest
+from raylm.train.checkpoint import HISTORY_FILE, STATE_FILE, capture_rng_state, file_entries, restore_rng_state, \
+    write_manifest
 from raylm.train.dcp import DCP_DIR, MissingStateError, is_sharded_checkpoint, load_sharded, save_sharded
 from raylm.train.masks import packed_attention_mask
 from raylm.train.optim import build_optimizer, clip_grad_norm, lr_lambda
@@ -70,6 +72,7 @@ class LMTrainer:
         self.task = task or infer_task(model)
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        self.adapter_only = is_adapted(model)
         # Tensor parallelism: a group of tensor_parallel ranks computes on the union of its members' rows.
         self.tensor_parallel = train_config.tensor_parallel
         self.mesh = build_mesh(self.tensor_parallel, device) if self.tensor_parallel > 1 else None
@@ -254,7 +257,7 @@ class LMTrainer:
         optimiser state (:mod:`raylm.train.dcp`), rank 0 everything else and a manifest of all ranks' files."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_sharded(folder, self.model, self.optimizer)
+        save_sharded(folder, self.model, self.optimizer, trainable_only=self.adapter_only)
         rng_states = parallel.gather_objects(capture_rng_state())
         # Ray Train merges every rank's upload into one folder: rank 0's manifest lists the other ranks' parts.
         others = parallel.gather_objects(file_entries(folder, f"{DCP_DIR}/__{parallel.rank()}_*")
@@ -288,10 +291,11 @@ class LMTrainer:
             raise CheckpointMismatchError(f"checkpoint {folder} has no sharded state ({DCP_DIR}/): it was written "
                                           "by an older raylm, which it cannot resume from (it still exports)")
         try:
-            load_sharded(folder, self.model, self.optimizer)
+            load_sharded(folder, self.model, self.optimizer, trainable_only=self.adapter_only)
         except MissingStateError as err:
-            raise CheckpointMismatchError(f"{err.args[0]}; was it saved from a different architecture or "
-                                          "size?") from None
+            cause = ("without train.lora, or with other target modules" if self.adapter_only
+                     else "from a different architecture or size, or with train.lora (adapters only)")
+            raise CheckpointMismatchError(f"{err.args[0]}; was it saved {cause}?") from None
         saved = torch.load(folder / TRAINER_FILE, map_location="cpu", weights_only=True)
         self.scheduler.load_state_dict(saved["scheduler"])
         if saved.get("scaler"):
@@ -307,29 +311,3 @@ class LMTrainer:
                 restore_rng_state(rng["ranks"][parallel.rank()])
                 state["rng_restored"] = True
         return state
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy, torch (and CUDA) RNG state as plain tensors, loadable with ``weights_only=True``."""
-    version, python_state, gauss = random.getstate()
-    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": torch.tensor(python_state, dtype=torch.int64),
-        "python_meta": [version, gauss],
-        "numpy_keys": torch.from_numpy(numpy_keys.astype(np.int64)),
-        "numpy_meta": [int(numpy_pos), int(numpy_has_gauss), float(numpy_gauss)],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    version, gauss = state["python_meta"]
-    random.setstate((version, tuple(int(v) for v in state["python"].tolist()), gauss))
-    pos, has_gauss, cached = state["numpy_meta"]
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])

@@ -114,7 +114,9 @@ def finish_sweep(job: JobConfig, sweep_dir: Path, record: dict[str, Any], outcom
                 terminate_run(tracking_uri, row["mlflow_run_id"], "FINISHED", "finished")
     points = scaling_points(outcomes)
     fit, fit_problem = None, None
-    if len(points) >= job.tune.min_fit_trials:
+    if job.train.lora is not None:
+        fit_problem = "a LoRA sweep adapts one pretrained model: there is no model size to fit a scaling law over"
+    elif len(points) >= job.tune.min_fit_trials:
         try:
             fit = fit_scaling_law(points, bootstrap_samples=job.tune.bootstrap_samples, seed=job.tune.seed)
         except FitError as err:
@@ -173,11 +175,12 @@ def export_best_model(best: dict[str, Any], job: JobConfig, sweep_dir: Path, tok
     checkpoint, problems = find_valid_checkpoint(best["checkpoint_dir"])
     if checkpoint is None:
         raise RuntimeError(f"the best trial {best['trial_id']} left no valid checkpoint: {'; '.join(problems)}")
+    trial = trial_job({"base": job.public_dict(), "sweep_dir": str(sweep_dir)}, best["params"], best["trial_id"])
     card = {"sweep_id": record["sweep_id"], "trial_id": best["trial_id"], "params": best["params"],
-            "config": trial_job({"base": job.public_dict(), "sweep_dir": str(sweep_dir)}, best["params"],
-                                best["trial_id"]).public_dict(),
-            "data_fingerprint": record.get("data_fingerprint"), "train_metrics": {"eval_loss": best["eval_loss"]}}
-    return export_model(Path(checkpoint), tokenizer, sweep_dir / "best_model", card)
+            "config": trial.public_dict(), "data_fingerprint": record.get("data_fingerprint"),
+            "train_metrics": {"eval_loss": best["eval_loss"]}}
+    return export_model(Path(checkpoint), tokenizer, sweep_dir / "best_model", card, lora=trial.train.lora,
+                        base=trial.model.init_from if trial.train.lora is not None else None)
 
 
 def log_sweep_to_parent(job: JobConfig, parent_run_id: str, tracking_uri: str, results: dict[str, Any],

@@ -34,7 +34,7 @@ FIXED_PREFIXES: dict[str, str] = {
     "train.num_workers": "trial resources are fixed for a sweep",
     "train.cpus_per_worker": "trial resources are fixed for a sweep",
     "train.use_gpu": "trial resources are fixed for a sweep",
-    "model.init_from": "a sweep trains models built from sizes",
+    "model.init_from": "a sweep trains models built from sizes, or adapters of one model.init_from",
 }
 
 
@@ -45,11 +45,18 @@ def _fixed_reason(key: str) -> str | None:
     return None
 
 
+def _section(annotation: Any) -> Any:
+    """The config section an optional section (``Optional[LoraConfig]``) holds; other annotations unchanged."""
+    arguments = getattr(annotation, "__args__", ())
+    sections = [arg for arg in arguments if isinstance(arg, type) and issubclass(arg, BaseModel)]
+    return sections[0] if len(sections) == 1 and type(None) in arguments else annotation
+
+
 def _key_exists(model_class: type[BaseModel], parts: list[str]) -> bool:
     fields = model_class.model_fields
     if parts[0] not in fields:
         return False
-    annotation = fields[parts[0]].annotation
+    annotation = _section(fields[parts[0]].annotation)
     if len(parts) == 1:
         return not (isinstance(annotation, type) and issubclass(annotation, BaseModel))
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -173,8 +180,9 @@ def validate_sweep(job: JobConfig) -> dict[str, Any]:
     if "://" in job.workdir:  # s3://, gs://: Tune's and the trials' folders need a file system here
         raise ConfigError(f"config error: workdir: a sweep needs a file system workdir (local or shared), "
                           f"not {job.workdir}")
-    if job.model.init_from:
-        raise ConfigError("config error: model.init_from: a sweep trains models built from sizes")
+    if job.model.init_from and job.train.lora is None:
+        raise ConfigError("config error: model.init_from: a sweep trains models built from sizes, or LoRA adapters "
+                          "of model.init_from (set train.lora)")
     if job.model.task != "causal_lm":
         raise ConfigError("config error: model.task: sweeps fit the scaling law of causal LMs only")
     if tune.search == "grid":

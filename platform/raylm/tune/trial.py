@@ -72,7 +72,9 @@ def run_trial(config: dict[str, Any], sweep: dict[str, Any], data: dict[str, Any
     job.run_dir.mkdir(parents=True, exist_ok=True)
     record_path = job.run_dir / TRIAL_RECORD
     record = read_json(record_path) or {"trial_id": trial_id, "params": params, "starts": 0,
-                                         "non_embedding_parameters": non_embedding_parameters(job.model),
+                                         # A LoRA sweep adapts one pretrained model: no N to fit over.
+                                         "non_embedding_parameters": None if job.model.init_from
+                                         else non_embedding_parameters(job.model),
                                          "model": job.model.describe(), "max_steps": job.train.max_steps}
     if record.get("status") == "finished" and record.get("metrics"):
         # The sweep was interrupted after this trial finished but before Tune recorded it as done

@@ -1,0 +1,214 @@
+"""LoRA adapters (peft) on a built transformers model: targets, injection, adapter folders.
+
+:func:`apply_lora` injects peft's LoRA layers into the model in place
+(``peft.inject_adapter_in_model``): the model stays the transformers model it
+was, so parallelism (:mod:`raylm.train.parallel`), state-dict names and the
+training loop treat it like any other, and only the adapter matrices require
+gradients. Training checkpoints hold those matrices under the model's own
+parameter names; :func:`write_adapter_folder` turns them into a PEFT adapter
+folder (``adapter_config.json`` + ``adapter_model.safetensors``, what
+``PeftModel.from_pretrained`` reads) and optionally a merged plain model folder.
+:func:`load_adapted_model` reads an adapter folder back, merged into its base,
+for inference. Tokens the data's tokenizer adds to the checkpoint's vocabulary
+(raylm's task tokens) get new embedding rows that train as peft's trainable
+tokens and are saved with the adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from raylm.common.pretrained import locate_checkpoint
+from raylm.models.pretrained import load_pretrained
+
+_LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The attention and MLP projections, by config.json's model_type.
+DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
+    "llama": _LLAMA_PROJECTIONS, "qwen2": _LLAMA_PROJECTIONS, "qwen3": _LLAMA_PROJECTIONS,
+    "mistral": _LLAMA_PROJECTIONS, "gpt2": ("c_attn", "c_proj", "c_fc"),
+}
+ADAPTER_CONFIG = "adapter_config.json"
+# The parameters peft adds: LoRA's matrices and the new token rows (trainable tokens).
+ADAPTER_MARKERS = re.compile(r"\.lora_[AB]\.|\.trainable_tokens_delta\.")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class AdapterError(ValueError):
+    """A LoRA config that does not apply to the model, or an adapter folder that cannot be loaded."""
+
+
+def _adaptable_modules(model: torch.nn.Module) -> list[str]:
+    """Full names of the modules peft's LoRA can wrap here: Linear layers and GPT-2's Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))]
+
+
+def resolve_targets(model: torch.nn.Module, target_modules: Optional[list[str]]) -> list[str]:
+    """``target_modules``, or the architecture's defaults; :class:`AdapterError` naming any that the model lacks."""
+    model_type = getattr(model.config, "model_type", "")
+    if target_modules is None:
+        if model_type not in DEFAULT_TARGETS:
+            raise AdapterError(f"train.lora.target_modules: no default for model_type {model_type!r} "
+                               f"(defaults exist for {', '.join(DEFAULT_TARGETS)}): name the modules")
+        target_modules = list(DEFAULT_TARGETS[model_type])
+    names = _adaptable_modules(model)
+    unknown = [target for target in target_modules
+               if not any(name == target or name.endswith("." + target) for name in names)]
+    if unknown:
+        known = sorted({name.rsplit(".", 1)[-1] for name in names})
+        raise AdapterError(f"train.lora.target_modules: {', '.join(unknown)} not in {type(model).__name__} "
+                           f"(its linear modules: {', '.join(known)})")
+    return list(target_modules)
+
+
+def check_targets(init_from: str | Path, lora) -> list[str]:
+    """The target modules ``lora`` resolves to on the checkpoint ``init_from``; :class:`AdapterError` when any is
+    missing. Builds the architecture on the meta device: no weights are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    checkpoint = locate_checkpoint(init_from)
+    config = AutoConfig.from_pretrained(checkpoint.folder, **checkpoint.tokenizer_kwargs())
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return resolve_targets(skeleton, lora.target_modules)
+
+
+def grow_vocabulary(model: torch.nn.Module, vocab_size: int) -> list[int]:
+    """Grow ``model``'s token embeddings to ``vocab_size`` rows (tokens the data's tokenizer added to the
+    checkpoint's, such as raylm's task tokens); returns the new rows' ids, which train with the adapters."""
+    rows = model.get_input_embeddings().num_embeddings
+    if not vocab_size or vocab_size <= rows:
+        return []
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    return list(range(rows, vocab_size))
+
+
+def peft_config(lora, model: torch.nn.Module, new_tokens: Sequence[int] = ()):
+    """peft's LoraConfig for raylm's ``train.lora`` section on ``model``; ``new_tokens``: embedding rows that train
+    too (peft's trainable tokens: only those rows of the, possibly tied, embedding)."""
+    from peft import LoraConfig as PeftLoraConfig  # peft imports in seconds: only where adapters are used
+
+    fan_in_fan_out = getattr(model.config, "model_type", "") == "gpt2"  # Conv1D stores weights transposed
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+                          target_modules=resolve_targets(model, lora.target_modules), fan_in_fan_out=fan_in_fan_out,
+                          trainable_token_indices=list(new_tokens) or None, task_type="CAUSAL_LM")
+
+
+def apply_lora(model: torch.nn.Module, lora, vocab_size: int = 0) -> torch.nn.Module:
+    """Inject LoRA adapters into ``model`` in place and freeze everything else; returns ``model``.
+
+    With a ``vocab_size`` beyond the checkpoint's, the embeddings grow and the new rows train with the
+    adapters (and are saved with them); every pretrained weight stays frozen.
+    """
+    from peft import inject_adapter_in_model
+
+    config = peft_config(lora, model, grow_vocabulary(model, vocab_size))
+    model = inject_adapter_in_model(config, model)
+    for name, param in model.named_parameters():
+        param.requires_grad_(ADAPTER_MARKERS.search(name) is not None)
+    return model
+
+
+def is_adapted(model: torch.nn.Module) -> bool:
+    """Whether :func:`apply_lora` injected adapters into ``model``."""
+    return bool(getattr(model, "peft_config", None))
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """The names of the parameters that train (the adapters under LoRA)."""
+    return [name for name, param in model.named_parameters() if param.requires_grad]
+
+
+@contextlib.contextmanager
+def _without_peft_deprecation() -> Iterator[None]:
+    """peft 0.21 asks transformers 5 for ``is_gradient_checkpointing``, which warns that it is deprecated: a warning
+    about peft's internals that a user can do nothing about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _load_base(base: str | Path, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        checkpoint = locate_checkpoint(base)
+    except (FileNotFoundError, ValueError) as err:
+        raise AdapterError(f"the adapter's base model: {err}") from None
+    return load_pretrained(AutoModelForCausalLM, checkpoint, dtype=dtype)
+
+
+def write_adapter_folder(base: str | Path, lora, weights: dict[str, torch.Tensor], out: Path,
+                         merged_out: Optional[Path] = None, vocab_size: int = 0) -> dict[str, Any]:
+    """Write the adapter trained on ``base`` as a PEFT adapter folder ``out`` (and a merged model at ``merged_out``).
+
+    ``weights`` are the adapter matrices under the adapted model's parameter names (a
+    training checkpoint's). The folder is written by peft itself (``save_pretrained``),
+    so ``PeftModel.from_pretrained(base, out)`` loads it; ``adapter_config.json``
+    names ``base``. ``vocab_size``: the tokenizer's size the adapters trained with (tokens beyond
+    the base's vocabulary are trainable tokens: load the base with its embeddings resized to it, as
+    peft documents for added tokens). Returns a description for the model card.
+    """
+    from peft import get_peft_model
+
+    model = _load_base(base)
+    new_tokens = grow_vocabulary(model, vocab_size)
+    with _without_peft_deprecation():
+        wrapped = get_peft_model(model, peft_config(lora, model, new_tokens))
+    inner = wrapped.base_model.model
+    expected = set(trainable_names(inner))
+    # A sharded checkpoint holds a tied parameter under each of its names (the new rows of a tied head).
+    copies = {name for name, param in inner.named_parameters(remove_duplicate=False) if param.requires_grad}
+    weights = {name: value for name, value in weights.items() if name in expected or name not in copies}
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise AdapterError(f"the checkpoint's adapter does not fit train.lora on {base}: "
+                           + (f"missing {missing[0]}" if missing else f"unknown {extra[0]}"))
+    inner.load_state_dict(weights, strict=False)
+    wrapped.peft_config["default"].base_model_name_or_path = str(base)
+    # New token rows are saved as peft's trainable-token values, not as a whole copy of the embeddings.
+    wrapped.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+    if merged_out is not None:
+        merged = wrapped.merge_and_unload()
+        merged.save_pretrained(merged_out, safe_serialization=True)
+    return {"base": str(base), "r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
+            "target_modules": sorted(wrapped.peft_config["default"].target_modules),
+            "adapter_parameters": sum(tensor.numel() for tensor in weights.values()), "new_tokens": len(new_tokens)}
+
+
+def is_adapter_folder(folder: str | Path) -> bool:
+    """A PEFT adapter folder (``adapter_config.json``) rather than a full model folder."""
+    return (Path(folder) / ADAPTER_CONFIG).is_file() and not (Path(folder) / "config.json").is_file()
+
+
+def load_adapted_model(folder: str | Path, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+    """The base model an adapter folder names with the adapter merged in (inference: no extra matmuls).
+
+    Safetensors only: a folder whose adapter weights come in another format is refused.
+    """
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise AdapterError(f"{folder}: unreadable {ADAPTER_CONFIG} ({err})") from None
+    if config.get("peft_type") != "LORA" or not config.get("base_model_name_or_path"):
+        raise AdapterError(f"{folder}: not a LoRA adapter with a local base model")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise AdapterError(f"{folder}: no {ADAPTER_WEIGHTS} (adapters are read from safetensors only)")
+    from peft import PeftModel
+
+    base = _load_base(config["base_model_name_or_path"], dtype)
+    new_tokens = config.get("trainable_token_indices") or []
+    if isinstance(new_tokens, dict):  # per embedding module
+        new_tokens = [index for indices in new_tokens.values() for index in indices]
+    grow_vocabulary(base, max(new_tokens, default=-1) + 1)
+    with _without_peft_deprecation():
+        return PeftModel.from_pretrained(base, folder, is_trainable=False).merge_and_unload()

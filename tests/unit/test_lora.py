@@ -1,0 +1,124 @@
+"""``train.lora``: the config's rules, default targets per architecture, and what trains (no Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raylm.config import ConfigError, LoraConfig, ModelConfig, load_config
+from raylm.models.lora import AdapterError, DEFAULT_TARGETS, apply_lora, is_adapted, resolve_targets, trainable_names
+from raylm.models.registry import build_model, flops_per_token
+
+
+def test_lora_is_off_by_default_and_on_with_an_empty_section(tmp_path):
+    assert load_config(None, []).train.lora is None
+    job = load_config(None, [f"model.init_from={tmp_path}", "train.lora={}"])
+    assert job.train.lora == LoraConfig() and (job.train.lora.r, job.train.lora.alpha) == (8, 16.0)
+    assert load_config(None, [f"model.init_from={tmp_path}", "train.lora.r=4"]).train.lora.r == 4
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.lora.r=4"], "train.lora adapts a pretrained causal LM: it needs model.init_from"),
+    (["model.init_from=/x", "model.task=sequence_classification", "train.lora.r=4"], "model.task=causal_lm"),
+    (["train.export_merged=true"], "export_merged merges LoRA adapters: it needs train.lora"),
+    (["model.init_from=/x", "train.lora.r=0"], "train.lora.r"),
+    (["model.init_from=/x", "train.lora.rank=4"], "train.lora.rank"),
+])
+def test_bad_lora_configs_are_one_line_errors(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert message in str(error.value) and len(str(error.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_default_targets_are_the_attention_and_mlp_projections(arch):
+    model = build_model(ModelConfig(arch=arch, size="debug"), 64, 32)
+    expected = list(DEFAULT_TARGETS[arch])
+    assert resolve_targets(model, None) == expected
+    frozen_flops = flops_per_token(model, 32, frozen_weights=True)
+    full_flops = flops_per_token(model, 32)
+    apply_lora(model, LoraConfig(r=2))
+    assert is_adapted(model)
+    names = trainable_names(model)
+    assert names and all(".lora_A." in name or ".lora_B." in name for name in names)
+    assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in names} == set(expected)
+    assert frozen_flops < full_flops  # no weight gradients for the frozen base
+
+
+def test_unknown_target_modules_name_what_the_model_has():
+    model = build_model(ModelConfig(arch="llama", size="debug"), 64, 32)
+    with pytest.raises(AdapterError) as error:
+        resolve_targets(model, ["q_proj", "c_attn", "qkv"])
+    message = str(error.value)
+    assert message.startswith("train.lora.target_modules: c_attn, qkv not in LlamaForCausalLM")
+    assert "q_proj" in message.split("linear modules:")[1] and len(message.splitlines()) == 1
+
+
+def test_a_step_changes_only_the_adapters_and_only_they_are_checkpointed(tmp_path):
+    from raylm.train.dcp import read_model_state
+    from raylm.train.driver import is_adapter_checkpoint
+    from raylm.train.trainer import LMTrainer
+
+    job = load_config(None, ["model.init_from=/x", "train.lora.r=2", "train.num_workers=1", "train.warmup_steps=0",
+                             "train.max_steps=2"])
+    model = apply_lora(build_model(ModelConfig(arch="gpt2", size="debug"), 64, 16), job.train.lora)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    trainer = LMTrainer(model, job.train, torch.device("cpu"))
+    ids = torch.randint(1, 64, (2, 16))
+    batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(16).expand(2, 16)}
+    trainer.train_step([batch])
+    trainer.train_step([batch])  # lora_B starts at zero: the second step moves lora_A too
+    changed = {name for name, value in model.state_dict().items() if not torch.equal(value, before[name])}
+    assert changed == set(trainable_names(model))
+    # GPT-2 ties its head to the (frozen) embedding: neither name of it is written.
+    trainer.save_checkpoint(tmp_path / "checkpoint", {})
+    saved = read_model_state(tmp_path / "checkpoint")
+    assert set(saved) == changed and is_adapter_checkpoint(tmp_path / "checkpoint")
+    assert all(torch.equal(saved[name], model.get_parameter(name).detach()) for name in changed)
+
+
+def test_a_sweep_may_search_lora_rank_and_learning_rate_of_a_pretrained_model(tmp_path):
+    from raylm.tune.space import tune_param_space, validate_sweep, validate_trial
+
+    space = "tune.space={train.lora.r: {grid: [4, 16]}, train.lr: {grid: [1.0e-4, 1.0e-3]}}"
+    base = [f"model.init_from={tmp_path}", "train.eval_every=10", "train.warmup_steps=2", "train.max_steps=20", space]
+    job = load_config(None, base + ["train.lora.alpha=32"])
+    assert validate_sweep(job)["num_trials"] == 4
+    assert set(tune_param_space(job)) == {"train.lora.r", "train.lr"}
+    trial = validate_trial(job.public_dict(), {"train.lora.r": 16, "train.lr": 1e-3})
+    assert (trial.train.lora.r, trial.train.lora.alpha, trial.train.lr) == (16, 32.0, 1e-3)
+    with pytest.raises(ConfigError, match="model.init_from: a sweep trains models built from sizes, or LoRA"):
+        validate_sweep(load_config(None, [f"model.init_from={tmp_path}", "train.eval_every=10",
+                                          "train.warmup_steps=2", "tune.space={train.lr: {grid: [1.0e-4, 1.0e-3]}}"]))
+    with pytest.raises(ConfigError, match="cannot be swept"):
+        validate_sweep(load_config(None, base + ["tune.space={model.init_from: {choice: [a, b]}}", "train.lora.r=4"]))
+
+
+def test_tokens_added_to_the_checkpoints_vocabulary_train_and_export_with_the_adapters(tmp_path):
+    """raylm's data preparation adds its task tokens to a pretrained tokenizer: under LoRA their embedding
+    rows are peft trainable tokens, saved with the adapters (not a copy of the embeddings) and restored on load."""
+    from raylm.models.lora import load_adapted_model, write_adapter_folder
+    from raylm.train.dcp import read_model_state
+    from raylm.train.trainer import LMTrainer
+
+    base = tmp_path / "base"
+    build_model(ModelConfig(arch="llama", size="debug"), 64, 16).save_pretrained(base, safe_serialization=True)
+    job = load_config(None, [f"model.init_from={base}", "train.lora.r=2", "train.num_workers=1",
+                             "train.warmup_steps=0", "train.max_steps=3", "train.lr=1e-2"])
+    model = apply_lora(build_model(job.model, 0, 16), job.train.lora, vocab_size=68)
+    assert [name for name in trainable_names(model) if "lora_" not in name] == \
+        ["model.embed_tokens.token_adapter.trainable_tokens_delta.default"]
+    trainer = LMTrainer(model, job.train, torch.device("cpu"))
+    ids = torch.randint(0, 68, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids[:, ::4] = 66  # a new token in every row
+    for _ in range(2):
+        trainer.train_step([{"input_ids": ids, "labels": ids, "position_ids": torch.arange(16).expand(2, 16)}])
+    trainer.save_checkpoint(tmp_path / "checkpoint", {})
+    weights = read_model_state(tmp_path / "checkpoint")
+    write_adapter_folder(base, job.train.lora, weights, tmp_path / "adapter", vocab_size=68)
+    files = {path.name: path.stat().st_size for path in (tmp_path / "adapter").iterdir()}
+    assert files["adapter_model.safetensors"] < 0.2 * (base / "model.safetensors").stat().st_size
+    loaded = load_adapted_model(tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
