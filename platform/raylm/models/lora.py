@@ -9,9 +9,9 @@ parameter names; :func:`write_adapter_folder` turns them into a PEFT adapter
 folder (``adapter_config.json`` + ``adapter_model.safetensors``, what
 ``PeftModel.from_pretrained`` reads) and optionally a merged plain model folder.
 :func:`load_adapted_model` reads an adapter folder back, merged into its base,
-for inference. Tokens the data's tokenizer adds to the checkpoint's vocabulary
-(raylm's task tokens) get new embedding rows that train as peft's trainable
-tokens and are saved with the adapters.
+for inference. The embeddings stay as the checkpoint has them: raylm adds no
+tokens to a pretrained causal LM's tokenizer (``data.tokenizer.extends_tokenizer``),
+and a tokenizer with ids beyond its rows is refused before training.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -35,8 +35,8 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "mistral": _LLAMA_PROJECTIONS, "gpt2": ("c_attn", "c_proj", "c_fc"),
 }
 ADAPTER_CONFIG = "adapter_config.json"
-# The parameters peft adds: LoRA's matrices and the new token rows (trainable tokens).
-ADAPTER_MARKERS = re.compile(r"\.lora_[AB]\.|\.trainable_tokens_delta\.")
+# The parameters peft's LoRA adds: the two matrices of each adapted module.
+ADAPTER_MARKERS = re.compile(r"\.lora_[AB]\.")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -81,37 +81,21 @@ def check_targets(init_from: str | Path, lora) -> list[str]:
     return resolve_targets(skeleton, lora.target_modules)
 
 
-def grow_vocabulary(model: torch.nn.Module, vocab_size: int) -> list[int]:
-    """Grow ``model``'s token embeddings to ``vocab_size`` rows (tokens the data's tokenizer added to the
-    checkpoint's, such as raylm's task tokens); returns the new rows' ids, which train with the adapters."""
-    rows = model.get_input_embeddings().num_embeddings
-    if not vocab_size or vocab_size <= rows:
-        return []
-    model.resize_token_embeddings(vocab_size, mean_resizing=False)
-    return list(range(rows, vocab_size))
-
-
-def peft_config(lora, model: torch.nn.Module, new_tokens: Sequence[int] = ()):
-    """peft's LoraConfig for raylm's ``train.lora`` section on ``model``; ``new_tokens``: embedding rows that train
-    too (peft's trainable tokens: only those rows of the, possibly tied, embedding)."""
+def peft_config(lora, model: torch.nn.Module):
+    """peft's LoraConfig for raylm's ``train.lora`` section on ``model``."""
     from peft import LoraConfig as PeftLoraConfig  # peft imports in seconds: only where adapters are used
 
     fan_in_fan_out = getattr(model.config, "model_type", "") == "gpt2"  # Conv1D stores weights transposed
     return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
                           target_modules=resolve_targets(model, lora.target_modules), fan_in_fan_out=fan_in_fan_out,
-                          trainable_token_indices=list(new_tokens) or None, task_type="CAUSAL_LM")
+                          task_type="CAUSAL_LM")
 
 
-def apply_lora(model: torch.nn.Module, lora, vocab_size: int = 0) -> torch.nn.Module:
-    """Inject LoRA adapters into ``model`` in place and freeze everything else; returns ``model``.
-
-    With a ``vocab_size`` beyond the checkpoint's, the embeddings grow and the new rows train with the
-    adapters (and are saved with them); every pretrained weight stays frozen.
-    """
+def apply_lora(model: torch.nn.Module, lora) -> torch.nn.Module:
+    """Inject LoRA adapters into ``model`` in place and freeze everything else; returns ``model``."""
     from peft import inject_adapter_in_model
 
-    config = peft_config(lora, model, grow_vocabulary(model, vocab_size))
-    model = inject_adapter_in_model(config, model)
+    model = inject_adapter_in_model(peft_config(lora, model), model)
     for name, param in model.named_parameters():
         param.requires_grad_(ADAPTER_MARKERS.search(name) is not None)
     return model
@@ -147,41 +131,35 @@ def _load_base(base: str | Path, dtype: Optional[torch.dtype] = None) -> torch.n
 
 
 def write_adapter_folder(base: str | Path, lora, weights: dict[str, torch.Tensor], out: Path,
-                         merged_out: Optional[Path] = None, vocab_size: int = 0) -> dict[str, Any]:
+                         merged_out: Optional[Path] = None) -> dict[str, Any]:
     """Write the adapter trained on ``base`` as a PEFT adapter folder ``out`` (and a merged model at ``merged_out``).
 
     ``weights`` are the adapter matrices under the adapted model's parameter names (a
     training checkpoint's). The folder is written by peft itself (``save_pretrained``),
     so ``PeftModel.from_pretrained(base, out)`` loads it; ``adapter_config.json``
-    names ``base``. ``vocab_size``: the tokenizer's size the adapters trained with (tokens beyond
-    the base's vocabulary are trainable tokens: load the base with its embeddings resized to it, as
-    peft documents for added tokens). Returns a description for the model card.
+    names ``base``. Returns a description for the model card.
     """
     from peft import get_peft_model
 
     model = _load_base(base)
-    new_tokens = grow_vocabulary(model, vocab_size)
     with _without_peft_deprecation():
-        wrapped = get_peft_model(model, peft_config(lora, model, new_tokens))
+        wrapped = get_peft_model(model, peft_config(lora, model))
     inner = wrapped.base_model.model
     expected = set(trainable_names(inner))
-    # A sharded checkpoint holds a tied parameter under each of its names (the new rows of a tied head).
-    copies = {name for name, param in inner.named_parameters(remove_duplicate=False) if param.requires_grad}
-    weights = {name: value for name, value in weights.items() if name in expected or name not in copies}
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise AdapterError(f"the checkpoint's adapter does not fit train.lora on {base}: "
                            + (f"missing {missing[0]}" if missing else f"unknown {extra[0]}"))
     inner.load_state_dict(weights, strict=False)
     wrapped.peft_config["default"].base_model_name_or_path = str(base)
-    # New token rows are saved as peft's trainable-token values, not as a whole copy of the embeddings.
+    # The adapters only: the embeddings are the base's, never a copy in the adapter folder.
     wrapped.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
     if merged_out is not None:
         merged = wrapped.merge_and_unload()
         merged.save_pretrained(merged_out, safe_serialization=True)
     return {"base": str(base), "r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
             "target_modules": sorted(wrapped.peft_config["default"].target_modules),
-            "adapter_parameters": sum(tensor.numel() for tensor in weights.values()), "new_tokens": len(new_tokens)}
+            "adapter_parameters": sum(tensor.numel() for tensor in weights.values())}
 
 
 def is_adapter_folder(folder: str | Path) -> bool:
@@ -206,9 +184,5 @@ def load_adapted_model(folder: str | Path, dtype: Optional[torch.dtype] = None) 
     from peft import PeftModel
 
     base = _load_base(config["base_model_name_or_path"], dtype)
-    new_tokens = config.get("trainable_token_indices") or []
-    if isinstance(new_tokens, dict):  # per embedding module
-        new_tokens = [index for indices in new_tokens.values() for index in indices]
-    grow_vocabulary(base, max(new_tokens, default=-1) + 1)
     with _without_peft_deprecation():
         return PeftModel.from_pretrained(base, folder, is_trainable=False).merge_and_unload()

@@ -303,8 +303,7 @@ def export_model(checkpoint_dir: Path, tokenizer, model_dir: Path, card: dict[st
         folder.mkdir(parents=True)
     if adapter:
         card["adapter"] = write_adapter_folder(base, lora, read_model_state(checkpoint_dir), model_dir,
-                                               merged_dir if len(folders) > 1 else None,
-                                               vocab_size=len(tokenizer))
+                                               merged_dir if len(folders) > 1 else None)
         card["adapter"]["base_fingerprint"] = checkpoint_fingerprint(locate_checkpoint(base))
     else:
         if is_sharded_checkpoint(checkpoint_dir):

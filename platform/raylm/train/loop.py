@@ -183,12 +183,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     seq_len = int(loop_config.get("seq_len") or job.data.seq_len)
     _seed_everything(config.seed)
-    lora, vocab_size = config.lora, loop_config["vocab_size"]
-    # Under LoRA, tokens the tokenizer adds to the checkpoint's train as new embedding rows (apply_lora).
-    model = build_model(job.model, 0 if lora else vocab_size, seq_len, loop_config["special_ids"], seed=config.seed)
-    model_flops_per_token = flops_per_token(model, seq_len, frozen_weights=lora is not None)
-    if lora is not None:
-        model = apply_lora(model, lora, vocab_size)  # only the adapters train (and are checkpointed)
+    model = build_model(job.model, loop_config["vocab_size"], seq_len, loop_config["special_ids"], seed=config.seed)
+    model_flops_per_token = flops_per_token(model, seq_len, frozen_weights=config.lora is not None)
+    if config.lora is not None:
+        model = apply_lora(model, config.lora)  # only the adapters train (and are checkpointed)
     trainer = LMTrainer(model, config, device, task=job.model.task)
     if trainer.mesh is not None:
         check_groups_share_nodes(trainer.mesh, ray.get_runtime_context().get_node_id())
