@@ -23,6 +23,8 @@ def test_lora_is_off_by_default_and_on_with_an_empty_section(tmp_path):
     (["train.export_merged=true"], "export_merged merges LoRA adapters: it needs train.lora"),
     (["model.init_from=/x", "train.lora.r=0"], "train.lora.r"),
     (["model.init_from=/x", "train.lora.rank=4"], "train.lora.rank"),
+    (["model.init_from=/x", "train.lora.r=4", "train.num_workers=2", "train.parallel=fsdp",
+      "train.tensor_parallel=2"], "tensor_parallel=2 does not combine with train.lora yet: use tensor_parallel=1"),
 ])
 def test_bad_lora_configs_are_one_line_errors(overrides, message):
     with pytest.raises(ConfigError) as error:

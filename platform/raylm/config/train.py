@@ -146,6 +146,11 @@ class TrainConfig(StrictModel):
         if self.min_workers is not None:
             self._check_elastic()
         if self.tensor_parallel > 1:
+            if self.lora is not None:
+                # peft replaces each adapted Linear with its LoRA layer, which the column/row-wise plans
+                # (nn.Linear and nn.Embedding only) cannot shard.
+                raise ValueError(f"tensor_parallel={self.tensor_parallel} does not combine with train.lora yet: "
+                                 "use tensor_parallel=1 (parallel=fsdp shards the frozen base)")
             if self.num_workers % self.tensor_parallel:
                 raise ValueError(f"tensor_parallel ({self.tensor_parallel}) must divide num_workers "
                                  f"({self.num_workers})")
