@@ -26,9 +26,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
-import torch
-
 from raylm.common.fingerprints import file_digest
 
 MANIFEST = "manifest.json"
@@ -297,6 +294,9 @@ def publish_folder(local_folder: str | Path, destination: str, filesystem=None, 
 
 def capture_rng_state() -> dict[str, Any]:
     """Python, numpy, torch (and CUDA) RNG state as plain tensors, loadable with ``weights_only=True``."""
+    import numpy as np  # here, not at the top: the CLI reads checkpoints' state before torch may load
+    import torch
+
     version, python_state, gauss = random.getstate()
     _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
     state = {
@@ -312,6 +312,10 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set the RNG state :func:`capture_rng_state` captured."""
+    import numpy as np
+    import torch
+
     torch.set_rng_state(state["torch"])
     version, gauss = state["python_meta"]
     random.setstate((version, tuple(int(v) for v in state["python"].tolist()), gauss))
