@@ -5,7 +5,8 @@ built once for the module; the data is test_train_checkpoints' synthetic corpus 
 
 - A 2-worker FSDP2 run (gradient accumulation 2) has one worker SIGKILLed after its first checkpoint is
   registered; it restarts from that checkpoint, repeats the lost steps with the same losses and finishes.
-  Every checkpoint holds the adapter matrices and their optimiser state only: a few percent of the base's bytes.
+  Every checkpoint's sharded state holds the adapter matrices and their optimiser state only: tensors of a few
+  percent of the base's bytes (on disk, DCP's per-tensor framing dominates at this toy size).
 - The same run is then extended by 2 DDP workers in bf16 autocast: they resume from the FSDP2 run's adapter
   checkpoint (DCP reshards the FSDP2 run's adapter shards by name), so both modes load adapter-only ones; one
   kill covers Ray Train's restart, which is the same for both (a second one would cost ~20 s of the suite).
