@@ -37,7 +37,7 @@ def test_bad_inputs_fail_before_the_heavy_layers_load(tmp_path, tmp_path_factory
          "error: config error: data.tokenizer_path: not the tokenizer of model.init_from (4 tokens against its 4, "
          "8 token ids differ)"),
         (["train", "--config", smoke, f"model.init_from={tmp_path / 'missing'}"], 1,
-         f"error: model.init_from: folder not found: {tmp_path / 'missing'}"),
+         f"error: model.init_from: checkpoint not found: {tmp_path / 'missing'}"),
         (["train", "--config", smoke, f"workdir={tmp_path}", "--resume", "nope"], 2,
          f"error: resume: no run 'nope' (neither a run folder nor a run id under {tmp_path})"),
         (["finetune", "--config", smoke, f"model.init_from={model}", "--resume", "nope"], 2,

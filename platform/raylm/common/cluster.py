@@ -168,9 +168,8 @@ def check_local_inputs(job: JobConfig) -> None:
     check_workdir(job)
     if job.tracking.enabled and job.resolved_tracking_uri() is None:
         check_tracking(job, spans_nodes=False)
-    for field, value in (("model.init_from", job.model.init_from), ("data.tokenizer_path", job.data.tokenizer_path)):
-        if value and "://" not in value and not Path(value).exists():
-            raise FileNotFoundError(f"{field}: folder not found: {value}")
+    if job.data.tokenizer_path and "://" not in job.data.tokenizer_path and not Path(job.data.tokenizer_path).exists():
+        raise FileNotFoundError(f"data.tokenizer_path: folder not found: {job.data.tokenizer_path}")
     if job.model.init_from and "://" not in job.model.init_from:
         try:
             checkpoint = locate_checkpoint(job.model.init_from)  # a transformers folder or a .gguf file

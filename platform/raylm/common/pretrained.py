@@ -36,9 +36,6 @@ class Checkpoint:
         own GGUF reader, never unpickled)."""
         return {**self.tokenizer_kwargs(), **({} if self.gguf_file else {"use_safetensors": True})}
 
-    def describe(self) -> str:
-        return str(self.folder / self.gguf_file) if self.gguf_file else str(self.folder)
-
 
 def locate_checkpoint(source: str | Path) -> Checkpoint:
     """The :class:`Checkpoint` at ``source``; FileNotFoundError / ValueError with one line when there is none."""
