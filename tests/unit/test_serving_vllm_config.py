@@ -72,13 +72,17 @@ def test_a_folder_is_served_under_raylms_public_name(tmp_path):
         resolve_served_model(str(tmp_path / "missing"))
 
 
-def test_build_app_refuses_a_key_it_could_not_check(monkeypatch, tmp_path):
-    from raylm.serving.app import build_app
+def test_the_guard_in_front_of_vllm_reads_the_key_where_it_runs(tmp_path, monkeypatch):
+    from raylm.serving.vllm_app import ReplicaGuard
 
+    monkeypatch.delenv("RAYLM_API_KEY", raising=False)
     monkeypatch.delenv("RAYLM_API_KEY_FILE", raising=False)
-    monkeypatch.setenv("RAYLM_API_KEY", "secret")
-    with pytest.raises(ConfigError, match="does not check API keys yet"):
-        build_app(str(tmp_path), validate_config({"serve": {"engine": "vllm"}}).serve, host="127.0.0.1")
+    key_file = tmp_path / "key"
+    key_file.write_text("k3y\n")
+    config = ServeConfig(engine="vllm", api_key_file=str(key_file), max_body_bytes=2048)
+    guard = ReplicaGuard(app=None, serve_config=config.model_dump())
+    assert (guard.api_key, guard.max_body_bytes) == ("k3y", 2048)
+    assert ReplicaGuard(app=None, serve_config=ServeConfig(engine="vllm").model_dump()).api_key is None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")

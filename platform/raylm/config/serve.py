@@ -75,14 +75,18 @@ class VLLMConfig(StrictModel):
     enable_prefix_caching: Optional[bool] = Field(None, description="reuse KV cache across shared prompt prefixes")
     max_num_seqs: Optional[int] = Field(None, ge=1, description="sequences the engine batches at once")
     max_lora_rank: Optional[int] = Field(None, ge=1, description="largest LoRA rank served (with LoRA adapters)")
-    enforce_eager: Optional[bool] = Field(None, description="skip CUDA graphs / torch.compile (faster start)")
+    kv_cache_memory_bytes: Optional[int] = Field(
+        None, ge=1, description="KV cache size per engine in bytes; on the CPU build the way to bound it "
+                                "(default: vLLM's, a share of the machine's memory)")
+    enforce_eager: Optional[bool] = Field(None, description="no CUDA graphs or torch.compile: a faster start, "
+                                                            "slower decoding")
     accelerator_type: Optional[str] = Field(None, description="Ray accelerator type of the replicas' GPUs, "
                                                               "e.g. H100 (GPU replicas only)")
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The ``engine_kwargs`` of Ray Serve LLM's ``LLMConfig``: the keys that are set."""
         keys = ("dtype", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching",
-                "max_num_seqs", "max_lora_rank", "enforce_eager")
+                "max_num_seqs", "max_lora_rank", "kv_cache_memory_bytes", "enforce_eager")
         return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
 
 

@@ -166,10 +166,6 @@ def build_app(model_path: Optional[str], serve_config: ServeConfig, tracking_uri
     host = host if host is not None else serve_http_host()
     config.check_exposure(host)
     if config.engine == "vllm":
-        if config.api_key_value() is not None:
-            # Fail closed: Ray Serve LLM's routes would answer without checking the key.
-            raise ConfigError("config error: serve.engine vllm does not check API keys yet: serve it on a "
-                              "loopback host without serve.api_key / serve.api_key_file (docs/serving.md)")
         return build_vllm_app(config.model_path, config, tracking_uri)
     config = config.model_copy(update={"playground": config.playground_enabled(host, local_server)})
     # Python mode keeps the API key a SecretStr (JSON mode would replace it by its mask).

@@ -5,9 +5,10 @@ raylm turns its serve config into one Ray Serve LLM ``LLMConfig`` (``ray.serve.l
 the app) is ``model_source``, ``serve.vllm.*`` become vLLM's ``engine_kwargs`` (passed through as they
 are: vLLM checks them), and the replica count or autoscaling, the queue and the replicas' CPUs come from
 the same ``serve.*`` keys as raylm's own engine. The OpenAI routes (``/v1/completions``,
-``/v1/chat/completions`` with streaming, ``/v1/models``) are Ray Serve LLM's, built by its public
-``build_openai_app``. raylm's task routes, ``/healthz`` and the API-key guard do not sit in front of
-this engine yet (docs/serving.md says what works).
+``/v1/chat/completions`` with streaming, ``/v1/models``) are Ray Serve LLM's: its ingress deployment and
+FastAPI app, as its ``build_openai_app`` makes them, with raylm's guard (API key, body size) in front and
+raylm's ``/healthz`` beside them. raylm's task routes (``/v1/sentiment``, ``/v1/qa``, ``/v1/translate``)
+are not served by this engine yet (docs/serving.md says what works).
 
 ``ray.serve.llm`` imports vLLM, which is an optional extra (``make install-vllm``): it is imported
 when the app is built, so raylm's own engine never needs it.
@@ -22,8 +23,10 @@ from typing import Any, Optional
 
 from raylm.common import storage
 from raylm.common.tracking import resolve_model_path
+from raylm.compat.ray import llm_model_card, llm_openai_fastapi_app
 from raylm.config import ConfigError, ServeConfig
 from raylm.inference.task_model import public_model_name
+from raylm.serving.guard import GuardMiddleware
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +87,39 @@ def resolve_served_model(reference: str, tracking_uri: Optional[str] = None) -> 
     return folder, name
 
 
+class ReplicaGuard(GuardMiddleware):
+    """raylm's guard (API key, then body size) in front of Ray Serve LLM's routes. Starlette builds it in the
+    ingress replica at its first request, so the key (``serve.api_key_file``) is read on the replica's node,
+    as raylm's own replicas read it."""
+
+    def __init__(self, app, serve_config: dict[str, Any]):
+        config = ServeConfig.model_validate(serve_config)
+        super().__init__(app, api_key=config.api_key_value(), max_body_bytes=config.max_body_bytes)
+
+
+def build_openai_ingress(llm_config: Any, config: ServeConfig):
+    """What ``ray.serve.llm.build_openai_app`` builds for one model (Ray Serve LLM's ingress deployment, its
+    OpenAI routes and middleware, over the model's ``LLMServer`` deployment), with raylm's guard outermost and
+    ``GET /healthz`` (no key) on the same FastAPI app."""
+    from ray import serve
+    from ray.serve.llm import build_llm_deployment
+    from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
+
+    model_id = llm_config.model_id
+    api = llm_openai_fastapi_app()
+    api.add_middleware(ReplicaGuard, serve_config=config.model_dump())  # added last: runs first
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "engine": "vllm", "models": [model_id]}
+
+    ingress = make_fastapi_ingress(OpenAiIngress, app=api)
+    options = OpenAiIngress.get_deployment_options([llm_config])
+    return serve.deployment(ingress, **options).bind(
+        llm_deployments={model_id: build_llm_deployment(llm_config)},
+        model_cards={model_id: llm_model_card(model_id, llm_config)}, lora_paths={})
+
+
 def build_vllm_app(model_path: Optional[str], config: ServeConfig, tracking_uri: Optional[str] = None):
     """The Ray Serve LLM application (OpenAI routes over vLLM) for ``model_path`` or ``config.model_path``.
 
@@ -96,13 +132,13 @@ def build_vllm_app(model_path: Optional[str], config: ServeConfig, tracking_uri:
     if importlib.util.find_spec("vllm") is None:  # before ray.serve.llm, which takes seconds to find out
         raise ConfigError(VLLM_MISSING.format(reason="no module named 'vllm'"))
     try:
-        from ray.serve.llm import LLMConfig, build_openai_app
+        from ray.serve.llm import LLMConfig
     except ImportError as err:
         raise ConfigError(VLLM_MISSING.format(reason=err)) from None
     folder, model_id = resolve_served_model(reference, tracking_uri)
     llm_config = LLMConfig(**llm_config_args(folder, model_id, config))
     try:
-        app = build_openai_app({"llm_configs": [llm_config]})
+        app = build_openai_ingress(llm_config, config)
     except ValueError as err:  # e.g. Ray Serve LLM's "Unknown engine argument: ..."
         raise ConfigError(f"config error: serve.vllm: {str(err).splitlines()[0]}") from None
     logger.info("serve.engine vllm: %s as %r, engine_kwargs %s", folder, model_id, llm_config.engine_kwargs)
