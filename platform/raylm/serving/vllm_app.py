@@ -115,6 +115,10 @@ def build_openai_ingress(llm_config: Any, config: ServeConfig):
 
     ingress = make_fastapi_ingress(OpenAiIngress, app=api)
     options = OpenAiIngress.get_deployment_options([llm_config])
+    # A router, like Serve's proxy and Ray Serve LLM's own request router: no CPU of its own. With Serve's default
+    # of one, `raylm serve`'s local Ray (one replica's CPUs + 1) has none left for it once the engine's worker
+    # takes its CPU, and the app never starts.
+    options["ray_actor_options"] = {**options.get("ray_actor_options", {}), "num_cpus": 0}
     return serve.deployment(ingress, **options).bind(
         llm_deployments={model_id: build_llm_deployment(llm_config)},
         model_cards={model_id: llm_model_card(model_id, llm_config)}, lora_paths={})
