@@ -14,6 +14,7 @@ from raylm.serving.vllm_app import llm_config_args, resolve_served_model
 
 def test_the_default_engine_is_raylms_and_vllm_keys_pass_only_what_is_set():
     assert ServeConfig().engine == "raylm"
+    assert not ServeConfig(engine="vllm").playground_enabled("127.0.0.1", local_server=True)
     config = validate_config({"serve": {"engine": "vllm", "vllm": {"dtype": "bfloat16", "max_model_len": 2048,
                                                                    "enable_prefix_caching": True}}}).serve
     assert config.vllm.engine_kwargs() == {"dtype": "bfloat16", "max_model_len": 2048, "tensor_parallel_size": 1,
@@ -32,6 +33,7 @@ def test_the_default_engine_is_raylms_and_vllm_keys_pass_only_what_is_set():
     (["serve.engine=vllm", "serve.models.sentiment=/m"], "engine vllm serves one model"),
     (["serve.engine=vllm", "serve.num_gpus_per_replica=0.5"], "must be 0 (CPU) or vllm.tensor_parallel_size (1)"),
     (["serve.engine=vllm", "serve.vllm.accelerator_type=H100"], "num_gpus_per_replica is 0"),
+    (["serve.engine=vllm", "serve.playground=true"], "the playground is served by engine raylm only"),
 ])
 def test_bad_vllm_settings_are_one_line_config_errors(overrides, fragment):
     with pytest.raises(ConfigError) as error:

@@ -188,6 +188,8 @@ class ServeConfig(StrictModel):
             # Ray Serve LLM places one GPU per tensor-parallel worker; a fraction or a spare GPU is not expressible.
             raise ValueError(f"with engine vllm, num_gpus_per_replica ({self.num_gpus_per_replica:g}) must be 0 "
                              f"(CPU) or vllm.tensor_parallel_size ({self.vllm.tensor_parallel_size})")
+        if self.engine == "vllm" and self.playground:
+            raise ValueError("the playground is served by engine raylm only; drop playground or use engine raylm")
         if self.engine != "vllm" and self.vllm != VLLMConfig():
             raise ValueError("vllm settings are given but engine is raylm: set engine: vllm or drop them")
         if self.vllm.accelerator_type is not None and self.num_gpus_per_replica == 0:
@@ -259,6 +261,8 @@ class ServeConfig(StrictModel):
     def playground_enabled(self, host: Optional[str], local_server: bool = False) -> bool:
         """Whether the app serves ``GET /playground``: ``playground`` when set; else true only for an app that
         ``raylm serve`` runs in its own process (``local_server``) on a loopback ``host``."""
+        if self.engine == "vllm":
+            return False  # not served by the vLLM app (yet)
         if self.playground is not None:
             return self.playground
         return local_server and host is not None and is_loopback(host)
