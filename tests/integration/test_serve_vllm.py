@@ -27,7 +27,7 @@ from tests.model_folders import convert_smollm2
 pytestmark = [
     pytest.mark.vllm,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
-                       reason="vLLM is not installed here (make install-vllm; run with /work/venv-vllm/bin/python)"),
+                       reason="vLLM is not installed here (make install-vllm, then make test-vllm)"),
 ]
 
 @pytest.fixture(scope="module")
