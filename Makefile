@@ -56,13 +56,13 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/raylm demo --config jobs/configs/demo.yaml
 
 # The suite CI runs: real local Ray, Serve over HTTP, MLflow server, Tune, a two-node cluster;
-# --durations shows where the time goes. One process by default (about 24 minutes on 2 cores).
-# `make test TEST_WORKERS=2` runs it on two pytest-xdist workers, a module per worker at a time, slowest
-# first (tests/conftest.py): 14:54 here, but the two-node kill test failed once in six such runs under the
-# load two workers make, so it is not yet the default. test-fast: unit tests only, no Ray (under 90 s), for
-# use between edits. test-all adds the `slow` tests (the default demo's dev targets, torch.compile parity:
-# about 10 minutes more).
-TEST_WORKERS ?= 0
+# --durations shows where the time goes. Two pytest-xdist workers, a module per worker at a time, slowest first
+# (tests/conftest.py): about 22 minutes on 2 cores (TEST_WORKERS=0: one process, about 35). The two-node kill
+# test's old failure under two workers (blocks lost with the killed node) is fixed and has its own test
+# (tests/integration/test_data_node_loss.py). test-fast: unit tests only, no Ray (under 90 s), for use between
+# edits. test-all adds the `slow` tests (the default demo's dev targets, torch.compile parity: about 10 minutes
+# more).
+TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --no-loadscope-reorder
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest tests -m "not slow" $(XDIST) --durations=25

@@ -94,15 +94,16 @@ def server_runs(ray_session, mlflow_server, tmp_path_factory):
     return train_server_runs(mlflow_server, tmp_path_factory.mktemp("server-runs"))
 
 
-# `make test TEST_WORKERS=2` runs the suite on two pytest-xdist workers (14:54 against about 24 min for one
-# process on this 2-core machine: a single process leaves a core idle while Ray, Serve, MLflow and CLI
-# subprocesses start and stop; the default stays one process until the two-node kill test is steady). Each module runs whole on one worker, so its module fixtures start once; the modules that read the
+# `make test` runs the suite on two pytest-xdist workers (TEST_WORKERS=0: one process; a single process leaves
+# a core idle while Ray, Serve, MLflow and CLI subprocesses start and stop). Each module runs whole on one
+# worker, so its module fixtures start once; the modules that read the
 # trained `server_runs` share a worker, so the runs (and the MLflow server) start once; and the slowest modules
 # start first, so that the two workers finish together.
 _SHARED_WORKER = {"test_registry_server": "server_runs", "test_train_pipeline": "server_runs"}
 _SLOWEST_FIRST = ["test_tune_sweep", "test_cluster", "test_registry_server", "test_train_pipeline", "test_cli",
                   "test_registry_encoders", "test_pretrained_decoder", "test_recipes_sst2",
                   "test_run_identity_cli", "test_prepared_resume", "test_train_checkpoints", "test_train_lora",
+                  "test_train_tensor_parallel", "test_train_elastic",
                   "test_serving", "test_train_parallel", "test_serving_cli", "test_registry_export",
                   "test_serve_deploy_auth", "test_playground", "test_data_pipeline"]
 
