@@ -216,6 +216,21 @@ class ServeConfig(StrictModel):
             return self.max_request_tokens
         return self.max_batch_size * context_length
 
+    def replica_scaling(self) -> dict[str, Any]:
+        """Serve's deployment options for the replica count: ``autoscaling_config`` or ``num_replicas``."""
+        if self.autoscaling is None:
+            return {"num_replicas": self.num_replicas}
+        scaling = self.autoscaling
+        return {"autoscaling_config": {
+            "min_replicas": scaling.min_replicas,
+            "max_replicas": scaling.max_replicas,
+            "initial_replicas": scaling.initial_replicas if scaling.initial_replicas is not None
+            else max(1, scaling.min_replicas),
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": scaling.upscale_delay_s,
+            "downscale_delay_s": scaling.downscale_delay_s,
+        }}
+
     def task_models(self) -> dict[str, str]:
         """Task -> model reference for every task (``models`` entries, the rest ``model_path``)."""
         return {task: self.models.get(task) or self.model_path for task in SERVE_TASKS

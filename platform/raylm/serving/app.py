@@ -131,20 +131,7 @@ def deployment_options(config: ServeConfig) -> dict[str, Any]:
         "graceful_shutdown_timeout_s": config.graceful_shutdown_timeout_s,
         "ray_actor_options": {"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
     }
-    if config.autoscaling is not None:
-        scaling = config.autoscaling
-        options["autoscaling_config"] = {
-            "min_replicas": scaling.min_replicas,
-            "max_replicas": scaling.max_replicas,
-            "initial_replicas": scaling.initial_replicas if scaling.initial_replicas is not None
-            else max(1, scaling.min_replicas),
-            "target_ongoing_requests": scaling.target_ongoing_requests,
-            "upscale_delay_s": scaling.upscale_delay_s,
-            "downscale_delay_s": scaling.downscale_delay_s,
-        }
-    else:
-        options["num_replicas"] = config.num_replicas
-    return options
+    return {**options, **config.replica_scaling()}
 
 
 def build_app(model_path: Optional[str], serve_config: ServeConfig, tracking_uri: Optional[str] = None,
