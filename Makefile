@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning
 
-.PHONY: install install-dev install-vllm test-vllm demo test test-fast test-all clean
+.PHONY: install install-dev install-vllm test-vllm demo test test-fast test-all bytecode clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,14 +64,19 @@ demo: $(VENV)/.installed
 # more).
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --no-loadscope-reorder
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev bytecode
 	$(PY) -m pytest tests -m "not slow" $(XDIST) --durations=25
 
-test-fast: $(VENV)/.installed-dev
+test-fast: $(VENV)/.installed-dev bytecode
 	$(PY) -m pytest tests/unit -m "not slow" --durations=10
 
-test-all: $(VENV)/.installed-dev
+test-all: $(VENV)/.installed-dev bytecode
 	$(PY) -m pytest tests $(XDIST) --durations=25
+
+# raylm's own modules compiled once: with PYTHONDONTWRITEBYTECODE set (as on CI machines), each of the suite's
+# few hundred processes that import raylm (Ray Train workers, Serve replicas, CLI runs) would compile it anew.
+bytecode:
+	$(PY) -m compileall -q platform/raylm
 
 clean:
 	rm -rf runs .pytest_cache

@@ -122,3 +122,49 @@ def test_an_adapter_checkpoint_exports_as_a_peft_folder_that_loads_with_the_trai
         expected = model.eval()(input_ids=ids).logits
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
         assert (expected - untouched(input_ids=ids).logits).abs().max() > 1e-3  # the adapters trained
+
+
+def _llama_folder(folder, rows_short_by: int, vocab_size: int = 300):
+    """A tiny Llama folder with a real BPE tokenizer; its embedding has ``rows_short_by`` rows fewer than the
+    tokenizer has ids (0: exactly as many)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raylm.data.demo import generate_demo_corpus
+    from raylm.data.formatting import format_example
+    from raylm.data.tokenizer import train_bpe_tokenizer
+
+    corpus = generate_demo_corpus(seed=0, num_train=50, num_dev=5)
+    tokenizer = train_bpe_tokenizer((p + a for p, a in map(format_example, corpus["train"])), vocab_size=vocab_size)
+    config = LlamaConfig(vocab_size=len(tokenizer) - rows_short_by, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder, len(tokenizer)
+
+
+def test_a_tokenizer_beyond_the_frozen_embeddings_is_refused_under_lora_only(tmp_path):
+    from raylm.lifecycle.workflow import train
+    from raylm.train.driver import check_lora
+
+    folder, ids = _llama_folder(tmp_path / "longer", rows_short_by=3)
+    workdir = tmp_path / "runs"
+    overrides = [f"workdir={workdir}", f"model.init_from={folder}", "data.seq_len=32"]
+    with pytest.raises(ConfigError) as error:
+        train(load_config(None, [*overrides, "train.lora.r=2"]))  # what `raylm train` runs: one line, exit 2
+    message = str(error.value)
+    assert len(message.splitlines()) == 1 and message.startswith(
+        f"config error: train.lora: the tokenizer's ids reach {ids - 1}, beyond the {ids - 3} embedding rows")
+    assert "fine-tune without train.lora" in message
+    assert not workdir.exists()  # before the run's folder is made
+    check_lora(load_config(None, overrides))  # full fine-tuning grows the embeddings: no objection
+    # A tokenizer given as data.tokenizer_path is the one that trains: a smaller one fits the same rows, a larger
+    # one does not fit a checkpoint whose own tokenizer does.
+    smaller, small_ids = _llama_folder(tmp_path / "smaller", rows_short_by=0, vocab_size=260)
+    larger, _ = _llama_folder(tmp_path / "larger", rows_short_by=0, vocab_size=340)
+    assert small_ids <= ids - 3
+    check_lora(load_config(None, [*overrides, "train.lora.r=2", f"data.tokenizer_path={smaller}"]))
+    check_lora(load_config(None, [*overrides, "train.lora.r=2", f"model.init_from={smaller}"]))
+    with pytest.raises(ConfigError, match="beyond the"):
+        check_lora(load_config(None, [*overrides, "train.lora.r=2", f"model.init_from={smaller}",
+                                      f"data.tokenizer_path={larger}"]))

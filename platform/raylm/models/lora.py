@@ -25,7 +25,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from raylm.common.pretrained import locate_checkpoint
+from raylm.common.pretrained import embedding_rows, locate_checkpoint, tokenizer_vocabulary
 from raylm.models.pretrained import load_pretrained
 
 _LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -79,6 +79,23 @@ def check_targets(init_from: str | Path, lora) -> list[str]:
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     return resolve_targets(skeleton, lora.target_modules)
+
+
+def check_embedding_rows(init_from: str | Path, tokenizer_path: str | Path | None = None) -> None:
+    """:class:`AdapterError` when the tokenizer that trains (``tokenizer_path``, else the checkpoint's own) has
+    ids beyond the checkpoint's embedding rows. Full fine-tuning grows the embeddings for them; LoRA keeps the
+    embeddings frozen, so the new rows would stay random, and an adapter-only checkpoint could not carry them."""
+    checkpoint = locate_checkpoint(init_from)
+    source = tokenizer_path or (checkpoint.folder / checkpoint.gguf_file if checkpoint.gguf_file
+                                else checkpoint.folder)
+    vocabulary, rows = tokenizer_vocabulary(source), embedding_rows(checkpoint)
+    if not vocabulary or rows is None:
+        return
+    needed = max(vocabulary.values()) + 1
+    if needed > rows:
+        raise AdapterError(f"train.lora: the tokenizer's ids reach {needed - 1}, beyond the {rows} embedding rows "
+                           "of model.init_from, and LoRA keeps the embeddings frozen (the added rows would never "
+                           "train): fine-tune without train.lora, or use a tokenizer within the embedding rows")
 
 
 def peft_config(lora, model: torch.nn.Module):

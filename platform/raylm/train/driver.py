@@ -14,7 +14,7 @@ from raylm.common.pretrained import checkpoint_fingerprint, locate_checkpoint
 from raylm.config import ConfigError, JobConfig
 from raylm.data.formatting import CHAT_TEMPLATE
 from raylm.data.tokenizer import special_token_ids
-from raylm.models.lora import ADAPTER_MARKERS, AdapterError, check_targets, write_adapter_folder
+from raylm.models.lora import ADAPTER_MARKERS, AdapterError, check_embedding_rows, check_targets, write_adapter_folder
 from raylm.train.checkpoint import BEST_CHECKPOINT, CorruptCheckpointError, STATE_FILE, fetch_checkpoint, \
     local_valid_checkpoint, read_history, read_state, verify_checkpoint
 from raylm.train.dcp import export_weights, is_sharded_checkpoint, read_model_state, saved_keys
@@ -102,14 +102,17 @@ def check_tensor_parallel_placement(config) -> None:
 
 
 def check_lora(job: JobConfig) -> None:
-    """A ConfigError (one line) unless ``train.lora``'s target modules exist in ``model.init_from``'s architecture.
+    """A ConfigError (one line) unless ``train.lora``'s target modules exist in ``model.init_from``'s architecture
+    and the tokenizer's ids fit the checkpoint's (frozen) embedding rows.
 
-    Needs the checkpoint's config (read locally, no weights), so it runs on the driver before any worker starts.
+    Needs the checkpoint's config and tokenizer (read locally, no weights), so it runs on the driver before any
+    worker starts.
     """
     if job.train.lora is None or not job.model.init_from:
         return
     try:
         check_targets(job.model.init_from, job.train.lora)
+        check_embedding_rows(job.model.init_from, job.data.tokenizer_path)
     except (AdapterError, FileNotFoundError) as err:
         raise ConfigError(f"config error: {err}") from None
 
