@@ -136,7 +136,9 @@ def test_asha_stops_a_trial_early_and_the_rest_finish(asha_sweep, ray_session):
 def test_sweep_folder_holds_table_plots_and_best_model(asha_sweep):
     job, results, _, _ = asha_sweep
     folder = Path(results["sweep_dir"])
-    for name in ("sweep.json", "config.yaml", "results.json", "results.csv", "loss_vs_compute.png"):
+    # asha_state.pkl: ASHA's rungs, read back by a resumed sweep (raylm.tune.scheduler; test_tune_config).
+    for name in ("sweep.json", "config.yaml", "results.json", "results.csv", "loss_vs_compute.png",
+                 "asha_state.pkl"):
         assert (folder / name).is_file(), name
     assert (Path(results["best_model_dir"]) / "model.safetensors").is_file()
     card = json.loads((Path(results["best_model_dir"]) / "raylm.json").read_text())

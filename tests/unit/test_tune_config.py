@@ -134,3 +134,36 @@ def test_non_embedding_parameters_exclude_an_untied_head():
     built = build_model(model, vocab_size=300, max_positions=64)
     head = built.get_output_embeddings().weight.numel()
     assert non_embedding_parameters(model) == count_parameters(built, exclude_embeddings=True) - head
+
+
+def test_asha_rungs_survive_a_new_scheduler_on_the_same_sweep_folder(tmp_path):
+    """What ``raylm tune --resume`` does to ASHA: Tune restores the scheduler object pickled at the start (no
+    rungs); raylm's reads the rungs back, so a trial after the resume meets the rung recorded before it."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from raylm.tune.scheduler import ResumableASHA
+
+    settings = {"time_attr": "evaluations", "max_t": 5, "grace_period": 2, "reduction_factor": 2}
+    path = tmp_path / "asha_state.pkl"
+    good, bad = SimpleNamespace(trial_id="good"), SimpleNamespace(trial_id="bad")
+
+    def start(scheduler):
+        scheduler.set_search_properties("eval_loss", "min")
+        return scheduler
+
+    before = start(ResumableASHA(path, **settings))
+    before.on_trial_add(None, good)
+    for evaluation, loss in ((1, 5.0), (2, 4.0)):
+        assert before.on_trial_result(None, good, {"evaluations": evaluation, "eval_loss": loss}) == \
+            TrialScheduler.CONTINUE
+    after = start(ResumableASHA(path, **settings))  # the sweep resumed: a new object from the same arguments
+    after.on_trial_add(None, bad)
+    assert after.on_trial_result(None, bad, {"evaluations": 1, "eval_loss": 6.0}) == TrialScheduler.CONTINUE
+    assert after.on_trial_result(None, bad, {"evaluations": 2, "eval_loss": 5.5}) == TrialScheduler.STOP
+    # Ray's own ASHA in the same place forgets the first trial and lets the bad one run on.
+    forgetful = start(ASHAScheduler(**settings))
+    forgetful.on_trial_add(None, bad)
+    forgetful.on_trial_result(None, bad, {"evaluations": 1, "eval_loss": 6.0})
+    assert forgetful.on_trial_result(None, bad, {"evaluations": 2, "eval_loss": 5.5}) == TrialScheduler.CONTINUE

@@ -31,7 +31,7 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raylm.common import cluster, tracking
@@ -45,6 +45,7 @@ from raylm.data.pipeline import prepare_data
 from raylm.data.plan import check_sources
 from raylm.tune.outcomes import collect_outcomes, finish_sweep, scaling_points
 from raylm.tune.records import RESULTS_FILE, SWEEP_RECORD, locate_sweep, read_json, write_json
+from raylm.tune.scheduler import STATE_FILE, ResumableASHA
 from raylm.tune.space import tune_param_space, validate_sweep
 from raylm.tune.trial import release_placement_groups, run_trial
 
@@ -131,8 +132,10 @@ def _build_tuner(job: JobConfig, sweep: dict[str, Any], data: dict[str, Any], su
     settings = job.tune
     if settings.scheduler == "asha":
         # max_t one past the last evaluation: ASHA stops any trial that reaches max_t, which would kill a
-        # trial's actor on its final report, before it could close its run.
-        scheduler = ASHAScheduler(time_attr="evaluations", max_t=summary["max_evaluations"] + 1,
+        # trial's actor on its final report, before it could close its run. Its rungs are kept in the sweep
+        # folder: Tuner.restore would start them empty (raylm.tune.scheduler).
+        scheduler = ResumableASHA(Path(sweep["sweep_dir"]) / STATE_FILE, time_attr="evaluations",
+                                  max_t=summary["max_evaluations"] + 1,
                                   grace_period=min(settings.grace_period, summary["max_evaluations"]),
                                   reduction_factor=settings.reduction_factor)
     else:
