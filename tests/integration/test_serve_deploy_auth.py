@@ -69,8 +69,27 @@ class Cluster:
     def deploy(self, config: dict) -> None:
         path = self.root / f"serve-{secrets.token_hex(4)}.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
-        result = self.serve_cli("deploy", "--address", self.ray.dashboard_url, str(path))
+        for attempt in range(3):
+            self.wait_for_serve_api()
+            result = self.serve_cli("deploy", "--address", self.ray.dashboard_url, str(path))
+            # A dashboard that has just started (under a loaded suite: after a `ray start` that timed out and
+            # was tried again) may drop the connection without a response; the request is sent again.
+            if result.returncode == 0 or "RemoteDisconnected" not in result.stderr or attempt == 2:
+                break
+            time.sleep(5)
         assert result.returncode == 0, result.stderr[-3000:]
+
+    def wait_for_serve_api(self, timeout_s: float = 120) -> None:
+        """Until the dashboard's Serve REST API (what `serve deploy` calls) answers."""
+        deadline = time.time() + timeout_s
+        while True:
+            try:
+                self.applications()
+                return
+            except requests.RequestException:
+                if time.time() > deadline:
+                    raise
+                time.sleep(2)
 
     def applications(self) -> dict:
         response = requests.get(f"{self.ray.dashboard_url}/api/serve/applications/", headers=self.ray.headers(),

@@ -90,6 +90,11 @@ def test_an_interrupted_sweep_says_so_and_resume_reruns_no_finished_trial(asha_s
     assert first["status"] == "interrupted" and interrupted["state"] == "interrupted"
     done_before = {row["trial_id"] for row in first["trials"] if row["status"] == "finished"}
     assert 1 <= len(done_before) < 4
+    # A trial in flight when Ctrl-C came (if Tune had started the next one) is unfinished, not "stopped": Tune's
+    # result grid shows it terminated like an ASHA stop, but ASHA stops no trial before its grace period (2
+    # evaluations). Seen before the fix: {'..._00001': ('stopped', 0)}, and a 2-trial sweep then "finished".
+    statuses = {row["trial_id"]: (row["status"], row["evaluations"]) for row in first["trials"]}
+    assert all(status != "stopped" or evaluations >= 2 for status, evaluations in statuses.values()), statuses
     assert any("raylm tune --resume" in line for line in lines)
     assert results["status"] == "finished" and {row["trial_id"] for row in results["trials"]} >= done_before
     for row in results["trials"]:

@@ -143,7 +143,7 @@ def test_asha_rungs_survive_a_new_scheduler_on_the_same_sweep_folder(tmp_path):
 
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from raylm.tune.scheduler import ResumableASHA
+    from raylm.tune.scheduler import ResumableASHA, stopped_trials
 
     settings = {"time_attr": "evaluations", "max_t": 5, "grace_period": 2, "reduction_factor": 2}
     path = tmp_path / "asha_state.pkl"
@@ -162,6 +162,7 @@ def test_asha_rungs_survive_a_new_scheduler_on_the_same_sweep_folder(tmp_path):
     after.on_trial_add(None, bad)
     assert after.on_trial_result(None, bad, {"evaluations": 1, "eval_loss": 6.0}) == TrialScheduler.CONTINUE
     assert after.on_trial_result(None, bad, {"evaluations": 2, "eval_loss": 5.5}) == TrialScheduler.STOP
+    assert stopped_trials(path) == {"bad"}  # what tells an ASHA stop from a trial a Ctrl-C ended
     # Ray's own ASHA in the same place forgets the first trial and lets the bad one run on.
     forgetful = start(ASHAScheduler(**settings))
     forgetful.on_trial_add(None, bad)

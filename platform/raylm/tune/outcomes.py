@@ -28,12 +28,15 @@ from raylm.tune.trial import terminate_run, trial_job
 logger = logging.getLogger(__name__)
 
 
-def collect_outcomes(sweep_dir: Path, result_grid) -> list[dict[str, Any]]:
+def collect_outcomes(sweep_dir: Path, result_grid, stopped: set[str] = frozenset()) -> list[dict[str, Any]]:
     """One row per trial: its params, status (finished / stopped / error / unfinished), N, D, losses, curve.
 
     A trial is *finished* when it reached its ``train.max_steps``; *stopped*
-    when Tune ended it before that (ASHA); *error* when it failed;
-    *unfinished* when the sweep was interrupted before it ended.
+    when the scheduler ended it before that (ASHA: the ids in ``stopped``);
+    *error* when it failed; *unfinished* when the sweep was interrupted before
+    it ended. (Tune's result grid shows the trial in flight at a Ctrl-C as
+    terminated, like an ASHA stop; its saved state keeps it running, and a
+    resume runs it again.)
     """
     outcomes = []
     # ResultGrid keeps its trials in this order; their Tune status tells stopped from interrupted.
@@ -59,8 +62,10 @@ def collect_outcomes(sweep_dir: Path, result_grid) -> list[dict[str, Any]]:
         # was stopped before the trial function returned (its record then still says running).
         if trial.status == "ERROR":
             status = "error"
-        elif trial.status == "TERMINATED":
-            status = "finished" if max_steps and step >= max_steps else "stopped"
+        elif trial.status == "TERMINATED" and max_steps and step >= max_steps:
+            status = "finished"
+        elif trial.status == "TERMINATED" and str(trial_id) in stopped:
+            status = "stopped"
         else:
             status = "unfinished"
         eval_losses = [row["eval_loss"] for row in history]

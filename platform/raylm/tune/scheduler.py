@@ -13,6 +13,7 @@ interrupted one had recorded.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 from ray.tune.schedulers import ASHAScheduler
@@ -21,12 +22,17 @@ STATE_FILE = "asha_state.pkl"
 
 
 class ResumableASHA(ASHAScheduler):
-    """``ASHAScheduler`` (same arguments) with its state kept in ``state_path`` between runs of one sweep."""
+    """``ASHAScheduler`` (same arguments) with its state kept in ``state_path`` between runs of one sweep.
+
+    It also names the trials it stopped (:func:`stopped_trials`): Tune's result grid shows a trial that an
+    interruption ended (Ctrl-C) as terminated, as it shows one ASHA stopped.
+    """
 
     def __init__(self, state_path: str | os.PathLike, **kwargs):
         super().__init__(**kwargs)
         self._state_path = str(state_path)
         self._state_loaded = False
+        self.stopped_ids: set[str] = set()
 
     def _load_once(self) -> None:
         if self._state_loaded:
@@ -50,6 +56,8 @@ class ResumableASHA(ASHAScheduler):
     def on_trial_result(self, tune_controller, trial, result):
         self._load_once()
         decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == self.STOP:
+            self.stopped_ids.add(str(trial.trial_id))
         self._save()
         return decision
 
@@ -62,3 +70,12 @@ class ResumableASHA(ASHAScheduler):
         self._load_once()
         super().on_trial_remove(tune_controller, trial)
         self._save()
+
+
+def stopped_trials(state_path: str | os.PathLike) -> set[str]:
+    """The ids of the trials ASHA stopped in this sweep (every run of it), from its saved state."""
+    path = Path(state_path)
+    if not path.is_file():
+        return set()
+    with path.open("rb") as handle:
+        return set(pickle.load(handle).get("stopped_ids", ()))

@@ -45,7 +45,7 @@ from raylm.data.pipeline import prepare_data
 from raylm.data.plan import check_sources
 from raylm.tune.outcomes import collect_outcomes, finish_sweep, scaling_points
 from raylm.tune.records import RESULTS_FILE, SWEEP_RECORD, locate_sweep, read_json, write_json
-from raylm.tune.scheduler import STATE_FILE, ResumableASHA
+from raylm.tune.scheduler import STATE_FILE, ResumableASHA, stopped_trials
 from raylm.tune.space import tune_param_space, validate_sweep
 from raylm.tune.trial import release_placement_groups, run_trial
 
@@ -229,9 +229,9 @@ def run_sweep(job: JobConfig | None, resume: str | None = None) -> dict[str, Any
         record["status"] = "interrupted"
         write_json(sweep_dir / SWEEP_RECORD, record)
         raise
-    outcomes = collect_outcomes(sweep_dir, result_grid)
+    outcomes = collect_outcomes(sweep_dir, result_grid, stopped_trials(sweep_dir / STATE_FILE))
     for row in outcomes:  # a trial stopped between the callbacks' turns
-        if row["status"] in ("stopped", "error"):
+        if row["status"] in ("stopped", "error", "unfinished"):  # nothing runs once fit() returned
             release_placement_groups(Path(row["run_dir"]))
     done = sum(1 for outcome in outcomes if outcome["status"] in ("finished", "stopped", "error"))
     interrupted = done < summary["num_trials"]
