@@ -5,7 +5,7 @@ the object pickled when the sweep started: ASHA's rungs (the metric each trial r
 start empty again (Ray issue #30838, open). Trials run after a resume were then compared only with each
 other, and a trial that a finished one would have had stopped ran in full.
 
-:class:`ResumableASHA` writes its state to the sweep folder (with ASHA's public ``save``) after every decision,
+:class:`ResumableASHA` writes its state (what ASHA's public ``save`` writes) to the sweep folder after every decision,
 and reads it back (``restore``) the first time Tune calls it, so a resumed sweep continues with the rungs the
 interrupted one had recorded.
 """
@@ -17,6 +17,8 @@ import pickle
 from pathlib import Path
 
 from ray.tune.schedulers import ASHAScheduler
+
+from raylm.common import storage
 
 STATE_FILE = "asha_state.pkl"
 
@@ -43,10 +45,8 @@ class ResumableASHA(ASHAScheduler):
         self._state_path, self._state_loaded = path, True  # this run's folder, even if the sweep moved
 
     def _save(self) -> None:
-        target = Path(self._state_path)
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        self.save(str(temporary))
-        temporary.replace(target)  # a reader never sees half a state
+        # what ASHA's own ``save`` writes (its ``__dict__``), written whole so that a reader never sees half a state
+        storage.write_bytes(self._state_path, pickle.dumps(self.__dict__))
 
     def on_trial_add(self, tune_controller, trial):
         self._load_once()
