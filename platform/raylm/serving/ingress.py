@@ -47,6 +47,7 @@ import shlex
 import signal
 import socket
 import tempfile
+import time
 from typing import Literal
 
 from raylm.compat.ray import HAPROXY_MONITOR_PORTS, haproxy_bind_rewrite
@@ -180,12 +181,17 @@ def _runs_from(pid: int, folder: str) -> bool:
     where that cannot be read (no /proc) it signals nothing.
     """
     prefix = os.fsencode(folder.rstrip(os.sep) + os.sep)
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            arguments = handle.read().split(b"\0")
-    except OSError:
-        return False
-    return any(argument.startswith(prefix) for argument in arguments[1:])
+    for _ in range(50):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                arguments = handle.read().split(b"\0")
+        except OSError:
+            return False
+        if arguments != [b""]:
+            return any(argument.startswith(prefix) for argument in arguments[1:])
+        # Empty while the process execs (the launcher turning into HAProxy) or exits: read it again.
+        time.sleep(0.02)
+    return False
 
 
 def _terminate(pid: int) -> bool:
