@@ -195,7 +195,10 @@ def test_chat_answer_streams_in_as_it_is_generated(app, page):
         if kind == "text" and value > lengths:
             steps.append(value)
             lengths = value
-    assert len(steps) >= 3, f"the answer did not grow in steps before the stream ended: {seen}"
+    # A page that waits for the whole answer shows it once, at "done" (one step). Two or more steps mean the
+    # answer grew while it was generated; more than two is not guaranteed: under load (make test's two workers on
+    # two cores) the browser can read several server-sent events at once (seen: 0 -> 30 -> 48 characters).
+    assert len(steps) >= 2, f"the answer did not grow in steps before the stream ended: {seen}"
     streamed = page.text_content("#chat-output")
     assert len(streamed) == steps[-1]
     model = page.input_value("#chat-model")
