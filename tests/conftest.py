@@ -108,7 +108,7 @@ _SLOWEST_FIRST = ["test_tune_sweep", "test_cluster", "test_registry_server", "te
                   "test_registry_encoders", "test_pretrained_decoder", "test_recipes_sst2",
                   "test_run_identity_cli", "test_prepared_resume", "test_train_checkpoints", "test_train_lora",
                   "test_train_tensor_parallel", "test_train_elastic",
-                  "test_serving", "test_train_parallel", "test_serving_cli", "test_registry_export",
+                  "test_serving", "test_serve_adapters", "test_train_parallel", "test_serving_cli", "test_registry_export",
                   "test_serve_deploy_auth", "test_playground", "test_data_pipeline"]
 
 

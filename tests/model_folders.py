@@ -56,3 +56,26 @@ def convert_smollm2(folder: Path) -> Path:
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == str(folder)
     return folder
+
+
+def build_adapter_folder(base_dir: Path, folder: Path, seed: int, rank: int = 4, run_id: str = "") -> Path:
+    """A LoRA adapter folder on ``base_dir`` as raylm's export writes it (peft's files, the base's tokenizer, a card
+    that records the base's fingerprint), with random matrices large enough to change the base's answers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raylm.common.pretrained import checkpoint_fingerprint, locate_checkpoint
+    from raylm.config.train import LoraConfig
+    from raylm.models.lora import apply_lora, write_adapter_folder
+
+    lora = LoraConfig(r=rank, alpha=2.0 * rank)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), lora)
+    generator = torch.Generator().manual_seed(seed)
+    weights = {name: torch.randn(param.shape, generator=generator) * 0.5
+               for name, param in model.named_parameters() if param.requires_grad}
+    description = write_adapter_folder(base_dir, lora, weights, folder)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(folder)
+    card = {"run_id": run_id or f"adapter-{seed}",
+            "adapter": {**description, "base_fingerprint": checkpoint_fingerprint(locate_checkpoint(base_dir))}}
+    (folder / "raylm.json").write_text(json.dumps(card))
+    return folder

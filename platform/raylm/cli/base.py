@@ -77,9 +77,11 @@ def user_errors():
     from raylm.data.errors import DataError
     from raylm.inference.task_model import ModelLoadError
     from raylm.common.tracking import RegistryError
+    from raylm.models.errors import AdapterError
     from raylm.train.checkpoint import CorruptCheckpointError
 
-    return (ConfigError, DataError, FileNotFoundError, CorruptCheckpointError, RegistryError, ModelLoadError)
+    return (ConfigError, DataError, FileNotFoundError, CorruptCheckpointError, RegistryError, ModelLoadError,
+            AdapterError)
 
 
 def check_model_reference(job: JobConfig, model: Optional[str]) -> None:

@@ -171,7 +171,11 @@ def serve(
     model_path = model or job.serve.model_path
     if not model_path and not job.serve.models:
         fail("give --model, serve.model_path or serve.models", 2)
-    for reference in filter(None, [model_path, *job.serve.models.values()]):
+    adapters = job.serve.adapters
+    if adapters and not model_path:
+        fail("serve.adapters need their base model: give --model or serve.model_path", 2)
+    models = [reference for reference in job.serve.models.values() if reference not in adapters]
+    for reference in filter(None, [model_path, *models, *adapters.values()]):
         if not reference.startswith("models:/") and not Path(reference).is_dir():
             fail(f"model folder not found: {reference}")
     call(job.serve.check_exposure, job.serve.host)  # fail closed before Ray starts (the key file is read too)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -52,6 +53,8 @@ def read_key_file(path: str) -> str:
     return text
 
 
+# An adapter's name is the OpenAI "model" field that selects it.
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SERVE_TASKS: tuple[str, ...] = ("sentiment", "qa", "translate", "completions", "chat")
 SERVE_ENGINES: tuple[str, ...] = ("raylm", "vllm")
 
@@ -127,8 +130,19 @@ class ServeConfig(StrictModel):
                                "proxy: Serve's Python proxy actor (see raylm.serving.ingress)")
     model_path: Optional[str] = Field(None, description="model folder, models:/name/version or models:/name@alias")
     models: dict[Literal["sentiment", "qa", "translate", "completions", "chat"], str] = Field(
-        default_factory=dict, description="task -> model (folder or registry URI) for tasks that use their own "
-                                          "model; the others use model_path")
+        default_factory=dict, description="task -> model (folder or registry URI, or the name of one of adapters) "
+                                          "for tasks that use their own model; the others use model_path")
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="LoRA adapters served on model_path, their base, held in memory once: "
+                                          "name -> adapter folder or registry URI (an alias is looked up again "
+                                          "every adapter_alias_ttl_s). The OpenAI routes pick one by their "
+                                          "'model' field; models may name one for a task route")
+    max_adapters_per_replica: int = Field(
+        4, ge=1, description="adapters a replica keeps loaded; beyond it the least recently used is unloaded "
+                             "(Ray Serve model multiplexing)")
+    adapter_alias_ttl_s: float = Field(
+        5.0, ge=0, description="how long a replica keeps an adapter alias's version before asking the registry "
+                               "again: moving the alias reaches running replicas within this time, no restart")
     num_replicas: int = Field(1, ge=1, description="fixed replica count (without autoscaling)")
     autoscaling: Optional[AutoscalingConfig] = None
     num_cpus_per_replica: float = Field(1.0, gt=0, description="also the replica's torch threads (at least 1)")
@@ -188,6 +202,13 @@ class ServeConfig(StrictModel):
             # Ray Serve LLM places one GPU per tensor-parallel worker; a fraction or a spare GPU is not expressible.
             raise ValueError(f"with engine vllm, num_gpus_per_replica ({self.num_gpus_per_replica:g}) must be 0 "
                              f"(CPU) or vllm.tensor_parallel_size ({self.vllm.tensor_parallel_size})")
+        if self.adapters:
+            if self.engine == "vllm":
+                raise ValueError("adapters are served by engine raylm only; drop adapters or use engine raylm")
+            for name in self.adapters:
+                if not ADAPTER_NAME.fullmatch(name):
+                    raise ValueError(f"adapters: name {name!r} must be letters, digits, '.', '_' or '-' "
+                                     "(it is the OpenAI 'model' field that selects the adapter)")
         if self.engine == "vllm" and self.playground:
             raise ValueError("the playground is served by engine raylm only; drop playground or use engine raylm")
         if self.engine != "vllm" and self.vllm != VLLMConfig():
@@ -232,9 +253,14 @@ class ServeConfig(StrictModel):
         }}
 
     def task_models(self) -> dict[str, str]:
-        """Task -> model reference for every task (``models`` entries, the rest ``model_path``)."""
+        """Task -> model reference for every task (``models`` entries, the rest ``model_path``), less the tasks
+        that ``models`` gives to one of ``adapters`` (:meth:`task_adapters`)."""
         return {task: self.models.get(task) or self.model_path for task in SERVE_TASKS
-                if self.models.get(task) or self.model_path}
+                if (self.models.get(task) or self.model_path) and self.models.get(task) not in self.adapters}
+
+    def task_adapters(self) -> dict[str, str]:
+        """Task -> adapter name, for the tasks ``models`` gives to one of ``adapters``."""
+        return {task: name for task, name in self.models.items() if name in self.adapters}
 
     @model_validator(mode="before")
     @classmethod

@@ -32,6 +32,7 @@ class Decoder:
     def __init__(self, model, tokenizer, max_new_tokens: int = 64, device: str = "cpu", dtype=None):
         self.model = model.to(device=device, dtype=dtype).eval() if dtype is not None else model.to(device).eval()
         self.tokenizer = tokenizer
+        self.architecture = type(self.model).__name__
         self.device = device
         self.max_new_tokens = max_new_tokens
         self.max_positions = int(getattr(model.config, "n_positions", None)

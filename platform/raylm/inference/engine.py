@@ -72,10 +72,14 @@ class Engine(Decoder, TaskModel):
         tokenizer = load_tokenizer(path, extend=False)  # as the folder saved it
         return cls(model, tokenizer, max_new_tokens=options.max_new_tokens, device=resolved_device)
 
+    # The base model's id when this engine answers with a LoRA adapter on it (raylm.inference.adapters).
+    parent: Optional[str] = None
+
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "architecture": type(self.model).__name__,
+        return {**super().describe(), "architecture": self.architecture,
                 "max_positions": self.max_positions, "device": str(self.device),
-                "dtype": str(next(self.model.parameters()).dtype).replace("torch.", "")}
+                "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+                **({"parent": self.parent} if self.parent else {})}
 
     # ----------------------------------------------------------------- task adapters
 

@@ -25,7 +25,9 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from raylm.common.pretrained import embedding_rows, locate_checkpoint, tokenizer_vocabulary
+from raylm.common.fingerprints import fingerprint
+from raylm.common.pretrained import checkpoint_fingerprint, embedding_rows, locate_checkpoint, tokenizer_vocabulary
+from raylm.models.errors import AdapterError
 from raylm.models.pretrained import load_pretrained
 
 _LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -38,10 +40,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 # The parameters peft's LoRA adds: the two matrices of each adapted module.
 ADAPTER_MARKERS = re.compile(r"\.lora_[AB]\.")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-class AdapterError(ValueError):
-    """A LoRA config that does not apply to the model, or an adapter folder that cannot be loaded."""
 
 
 def _adaptable_modules(model: torch.nn.Module) -> list[str]:
@@ -203,3 +201,134 @@ def load_adapted_model(folder: str | Path, dtype: Optional[torch.dtype] = None) 
     base = _load_base(config["base_model_name_or_path"], dtype)
     with _without_peft_deprecation():
         return PeftModel.from_pretrained(base, folder, is_trainable=False).merge_and_unload()
+
+
+# --------------------------------------------------------------------------- several adapters on one base
+
+
+def read_adapter_folder(folder: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """peft's LoraConfig and the adapter matrices (names as the folder stores them) of a LoRA adapter folder.
+    Safetensors only; :class:`AdapterError` with one line for anything else."""
+    from peft import LoraConfig as PeftLoraConfig
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise AdapterError(f"{folder.name}: unreadable {ADAPTER_CONFIG} ({err})") from None
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{folder.name}: not a LoRA adapter (peft_type {config.get('peft_type')!r})")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        raise AdapterError(f"{folder.name}: no {ADAPTER_WEIGHTS} (adapters are read from safetensors only)")
+    return PeftLoraConfig.from_pretrained(str(folder)), load_file(str(folder / ADAPTER_WEIGHTS))
+
+
+def base_identities(folder: str | Path) -> set[str]:
+    """The fingerprints an adapter trained on the model in ``folder`` may record as its base: the folder's own
+    (:func:`checkpoint_fingerprint`) and, for a folder ``raylm convert`` wrote from a GGUF file, that file's."""
+    folder = Path(folder)
+    identities = {checkpoint_fingerprint(locate_checkpoint(folder))}
+    try:
+        card = json.loads((folder / "raylm.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        card = {}
+    source, digest = card.get("converted_from"), card.get("source_sha256")
+    if isinstance(source, str) and source.lower().endswith(".gguf") and digest:
+        identities.add(fingerprint({source: digest}))
+    return identities
+
+
+def check_adapter_base(adapter: str | Path, served_base: set[str], label: str) -> None:
+    """:class:`AdapterError` unless the adapter folder ``adapter`` was trained on the served base, whose
+    :func:`base_identities` are ``served_base``. An adapter without raylm's card (one peft wrote elsewhere) is
+    held to peft's own check when it loads: its matrices must fit the base's modules."""
+    try:
+        card = json.loads((Path(adapter) / "raylm.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    recorded = (card.get("adapter") or {}).get("base_fingerprint")
+    if recorded and recorded not in served_base:
+        raise AdapterError(f"adapter {label} was trained on another base model (base fingerprint "
+                           f"{recorded[:12]}..., the served base is {sorted(served_base)[0][:12]}...)")
+
+
+_UNSET = object()
+
+
+class AdapterSlots:
+    """LoRA adapters side by side on one model: each loaded under its own name into the same peft LoRA layers,
+    one of them (or none: the base alone) active at a time.
+
+    Not thread-safe: the caller serialises :meth:`activate` + forward, :meth:`load` and :meth:`unload` (the
+    serving engine holds one lock around each; :class:`raylm.inference.adapters.SharedBase`).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.active: object = _UNSET  # the slot every LoRA layer has active: None for the base alone
+        self._layers: list = []
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(getattr(self.model, "peft_config", {}) or {})
+
+    def load(self, slot: str, folder: str | Path) -> int:
+        """Load the adapter folder into slot ``slot`` (a new name); returns its parameter count."""
+        from peft import inject_adapter_in_model
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        config, weights = read_adapter_folder(folder)
+        config.inference_mode = True
+        with _without_peft_deprecation(), warnings.catch_warnings():
+            # "Already found a peft_config attribute in the model": several adapters are the point here.
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*", category=UserWarning)
+            inject_adapter_in_model(config, self.model, adapter_name=slot)
+        named = {name.removeprefix("base_model.model.").replace(".lora_A.weight", f".lora_A.{slot}.weight")
+                 .replace(".lora_B.weight", f".lora_B.{slot}.weight"): tensor for name, tensor in weights.items()}
+        expected = {name for name, _ in self.model.named_parameters() if f".{slot}." in name}
+        if set(named) != expected:
+            self._drop(slot)
+            missing, extra = sorted(expected - set(named)), sorted(set(named) - expected)
+            raise AdapterError(f"{Path(folder).name}: its matrices do not fit the base model "
+                               + (f"(missing {missing[0]})" if missing else f"(unknown {extra[0]})"))
+        try:
+            self.model.load_state_dict(named, strict=False)
+        except RuntimeError as err:  # shapes that do not fit this base
+            self._drop(slot)
+            raise AdapterError(f"{Path(folder).name}: its matrices do not fit the base model "
+                               f"({str(err).splitlines()[-1].strip()})") from None
+        self.model.eval()  # new LoRA layers start in training mode (dropout on)
+        self._layers = [module for module in self.model.modules() if isinstance(module, BaseTunerLayer)]
+        self.active = _UNSET  # peft made the new adapter active in the layers it wraps
+        return sum(tensor.numel() for tensor in named.values())
+
+    def activate(self, slot: Optional[str]) -> None:
+        """Make ``slot`` the adapter every forward uses; None: the base model alone."""
+        if slot == self.active:
+            return
+        for layer in self._layers:
+            if slot is None:
+                layer.enable_adapters(False)
+            else:
+                layer.enable_adapters(True)
+                layer.set_adapter(slot)
+        self.active = slot
+
+    def unload(self, slot: str) -> None:
+        """Remove the adapter in ``slot`` and free its matrices."""
+        self._drop(slot)
+
+    def _drop(self, slot: str) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        others = [name for name in self.loaded if name != slot]
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer) and slot in getattr(module, "lora_A", {}):
+                # peft picks another adapter to stay active when the active one goes; with none left the layer
+                # keeps only its base weights.
+                module.delete_adapter(slot)
+        (getattr(self.model, "peft_config", None) or {}).pop(slot, None)
+        self.active = _UNSET  # peft may have made another adapter active
+        if not others:
+            self._layers = []

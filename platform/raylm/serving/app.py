@@ -33,6 +33,9 @@ from raylm.common.tracking import get_model_version, resolve_model_path
 from raylm.compat.ray import running_serve_http_host
 from raylm.config import ConfigError, ServeConfig, validate_config
 from raylm.inference.task_model import InferenceOptions, load_task_model, model_kind, public_model_name
+from raylm.inference.adapters import SharedBase
+from raylm.models.lora import AdapterError, base_identities, check_adapter_base, is_adapter_folder
+from raylm.serving.adapters import AdapterPool
 from raylm.serving.batching import BatchStats, ModelWorker
 from raylm.serving.guard import APIError
 from raylm.serving.routes import build_api
@@ -75,18 +78,29 @@ class RaylmServer:
         self.generation_executor = ThreadPoolExecutor(max_workers=self.config.max_concurrent_batches,
                                                       thread_name_prefix="raylm-generate")
         self.stats = BatchStats()
+        self.adapters: Optional[AdapterPool] = None
         by_reference: dict[str, ModelWorker] = {}
-        for reference in dict.fromkeys(task_models.values()):
+        base = [self.config.model_path] if self.config.adapters else []  # even when no task uses the base alone
+        for reference in dict.fromkeys([*task_models.values(), *base]):
             folder = resolve_model_path(reference, tracking_uri)
             name = reference if reference.startswith("models:/") else public_model_name(folder)
             model = load_task_model(folder, options, name=name)
-            by_reference[reference] = ModelWorker(
-                model, self.executor, self.generation_executor, self.stats, max_batch_size=self.config.max_batch_size,
-                batch_wait_timeout_s=self.config.batch_wait_timeout_s,
-                max_concurrent_batches=self.config.max_concurrent_batches,
-                max_ongoing=self.config.max_ongoing_requests)
+            if self.config.adapters and reference == self.config.model_path:
+                # The adapters' base: in memory once, each forward pass with one adapter (or none) active.
+                shared = SharedBase(model, folder)
+                model = shared.view(None, name)
+                self.adapters = AdapterPool(shared, name, self.config, tracking_uri, self._worker)
+            by_reference[reference] = self._worker(model)
         self.workers = {task: by_reference[reference] for task, reference in task_models.items()}
+        self.base_worker = by_reference.get(self.config.model_path) if base else None
         self.started = time.time()
+
+    def _worker(self, model) -> ModelWorker:
+        return ModelWorker(model, self.executor, self.generation_executor, self.stats,
+                           max_batch_size=self.config.max_batch_size,
+                           batch_wait_timeout_s=self.config.batch_wait_timeout_s,
+                           max_concurrent_batches=self.config.max_concurrent_batches,
+                           max_ongoing=self.config.max_ongoing_requests)
 
     def __serve_build_asgi_app__(self):
         return build_api(self)
@@ -94,18 +108,39 @@ class RaylmServer:
     # ----------------------------------------------------------------- used by the routes
 
     def distinct_workers(self) -> list:
-        return list({id(worker): worker for worker in self.workers.values()}.values())
+        workers = [*self.workers.values(), *([self.base_worker] if self.base_worker is not None else [])]
+        return list({id(worker): worker for worker in workers}.values())
 
-    def worker_for(self, task: str, requested_model: Optional[str] = None):
-        """The worker that answers ``task``: the one named by ``requested_model``, else the task's model."""
+    def adapter_names(self) -> list[str]:
+        return self.adapters.names if self.adapters is not None else []
+
+    def adapter_models(self) -> list[dict[str, Any]]:
+        """``/v1/models`` entries of the adapters: id, parent (the base's id) and tasks."""
+        if self.base_worker is None:
+            return []
+        base = self.base_worker.model
+        return [{"id": name, "parent": base.name, "tasks": sorted(base.supported_tasks)}
+                for name in self.adapter_names()]
+
+    async def worker_for(self, task: str, requested_model: Optional[str] = None):
+        """The worker that answers ``task``: the model or adapter named by ``requested_model``, else the task's."""
         if requested_model:
             for worker in self.distinct_workers():
                 if worker.model.name == requested_model:
                     worker.model.require(task)
                     return worker
-            known = ", ".join(worker.model.name for worker in self.distinct_workers())
+            if requested_model in self.adapter_names():
+                worker = await self.adapters.worker(requested_model)
+                worker.model.require(task)
+                return worker
+            known = ", ".join([worker.model.name for worker in self.distinct_workers()] + self.adapter_names())
             raise APIError(404, f"model {requested_model!r} is not served here (served: {known})", "model",
                            "model_not_found")
+        adapter = self.config.task_adapters().get(task)
+        if adapter is not None:
+            worker = await self.adapters.worker(adapter)
+            worker.model.require(task)
+            return worker
         worker = self.workers.get(task)
         if worker is None:
             raise APIError(404, f"no model is configured for task {task!r}", None, "model_not_found")
@@ -116,7 +151,11 @@ class RaylmServer:
         """Public state of this replica: model ids, kinds and tasks, batching statistics; no file paths."""
         return {"status": "ok", "uptime_s": round(time.time() - self.started, 1),
                 "models": [worker.model.describe() for worker in self.distinct_workers()],
-                "tasks": {task: worker.model.name for task, worker in self.workers.items()},
+                "tasks": {**{task: worker.model.name for task, worker in self.workers.items()},
+                          **self.config.task_adapters()},
+                **({"adapters": {"configured": self.adapter_names(), "loaded": self.adapters.loaded(),
+                                 "max_per_replica": self.config.max_adapters_per_replica}}
+                   if self.adapters is not None else {}),
                 "batching": self.stats.snapshot()}
 
 
@@ -147,6 +186,8 @@ def build_app(model_path: Optional[str], serve_config: ServeConfig, tracking_uri
     config = serve_config
     if model_path and model_path != config.model_path:
         config = config.model_copy(update={"model_path": model_path})
+    if config.adapters and not config.model_path:
+        raise ConfigError("config error: serve.adapters need their base model: give --model or serve.model_path")
     task_models = config.task_models()
     if not task_models:
         raise ValueError("nothing to serve: give a model (model_path) or serve.models")
@@ -183,7 +224,8 @@ def app_builder(args: dict[str, Any]):
 
 def check_model_references(config: ServeConfig, tracking_uri: Optional[str] = None) -> None:
     """Fail before deploying when a served model does not exist: a folder that is missing or holds no model
-    raylm can load (FileNotFoundError, ModelLoadError), a registry URI that does not resolve (RegistryError)."""
+    raylm can load (FileNotFoundError, ModelLoadError), a registry URI that does not resolve (RegistryError);
+    an adapter that is no LoRA adapter folder or was trained on another base than model_path (AdapterError)."""
     for reference in dict.fromkeys(config.task_models().values()):
         if reference.startswith("models:/"):
             get_model_version(tracking_uri, reference)
@@ -191,6 +233,23 @@ def check_model_references(config: ServeConfig, tracking_uri: Optional[str] = No
             raise FileNotFoundError(f"model folder not found: {reference}")
         else:
             model_kind(reference)
+    if not config.adapters:
+        return
+    local_base = not config.model_path.startswith("models:/") and Path(config.model_path).is_dir()
+    if local_base and model_kind(config.model_path) != "causal_lm":
+        raise AdapterError(f"serve.adapters: the base model_path is a {model_kind(config.model_path)} model; "
+                           "adapters are served on a causal language model")
+    identities = base_identities(config.model_path) if local_base else None
+    for name, reference in config.adapters.items():
+        if reference.startswith("models:/"):
+            get_model_version(tracking_uri, reference)  # its base is checked when a replica loads it
+        elif not Path(reference).is_dir():
+            raise FileNotFoundError(f"serve.adapters.{name}: adapter folder not found: {reference}")
+        elif not is_adapter_folder(reference):
+            raise AdapterError(f"serve.adapters.{name}: {reference} is not a LoRA adapter folder "
+                               "(no adapter_config.json)")
+        elif identities is not None:
+            check_adapter_base(reference, identities, repr(name))
 
 
 def verify_registered_models(config: ServeConfig, tracking_uri: Optional[str] = None) -> None:

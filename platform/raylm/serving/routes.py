@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raylm.config import ServeConfig
 from raylm.inference.task_model import GenerationRequest, InputError, SamplingParams, UnsupportedTaskError
+from raylm.serving.adapters import AdapterLeases
 from raylm.serving.batching import ModelWorker
 from raylm.serving.guard import (
     OPEN_PATHS,
@@ -83,9 +84,13 @@ class ModelServer(Protocol):
     config: ServeConfig
     started: float
 
-    def worker_for(self, task: str, requested_model: Optional[str] = None) -> ModelWorker: ...
+    async def worker_for(self, task: str, requested_model: Optional[str] = None) -> ModelWorker: ...
 
     def distinct_workers(self) -> list[ModelWorker]: ...
+
+    def adapter_names(self) -> list[str]: ...
+
+    def adapter_models(self) -> list[dict[str, Any]]: ...
 
     def health(self) -> dict[str, Any]: ...
 
@@ -171,7 +176,7 @@ def build_api(server: ModelServer) -> FastAPI:
 
     @api.post("/v1/sentiment", response_model=SentimentResponse)
     async def sentiment(body: SentimentRequest):
-        worker = server.worker_for("sentiment")
+        worker = await server.worker_for("sentiment")
         items = task_inputs(body)
         for index, item in enumerate(items):
             check_chars(text=item.text)
@@ -180,7 +185,7 @@ def build_api(server: ModelServer) -> FastAPI:
 
     @api.post("/v1/qa", response_model=QAResponse)
     async def qa(body: QARequest):
-        worker = server.worker_for("qa")
+        worker = await server.worker_for("qa")
         items = task_inputs(body)
         for item in items:
             check_chars(context=item.context, question=item.question)
@@ -189,7 +194,7 @@ def build_api(server: ModelServer) -> FastAPI:
 
     @api.post("/v1/translate", response_model=TranslateResponse)
     async def translate(body: TranslateRequest):
-        worker = server.worker_for("translate")
+        worker = await server.worker_for("translate")
         items = task_inputs(body)
         for item in items:
             check_chars(text=item.text)
@@ -202,10 +207,12 @@ def build_api(server: ModelServer) -> FastAPI:
 
     @api.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": worker.model.name, "object": "model", "created": int(server.started), "owned_by": "raylm",
-             "tasks": sorted(worker.model.supported_tasks)}
-            for worker in server.distinct_workers()]}
+        models = [{"id": worker.model.name, "object": "model", "created": int(server.started), "owned_by": "raylm",
+                   "tasks": sorted(worker.model.supported_tasks)} for worker in server.distinct_workers()]
+        # serve.adapters, loaded or not, with their base as "parent" (as vLLM lists LoRA adapters).
+        models += [{"object": "model", "created": int(server.started), "owned_by": "raylm", **adapter}
+                   for adapter in server.adapter_models()]
+        return {"object": "list", "data": models}
 
     def sampling(worker: ModelWorker, body, max_tokens: int, stops: tuple[str, ...], logprobs: Optional[int],
                  seed_offset: int):
@@ -232,7 +239,7 @@ def build_api(server: ModelServer) -> FastAPI:
 
     @api.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        worker = server.worker_for("completions", body.model)
+        worker = await server.worker_for("completions", body.model)
         prompts = body.prompts()
         for prompt in prompts:
             if isinstance(prompt, str):
@@ -261,7 +268,7 @@ def build_api(server: ModelServer) -> FastAPI:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):
-        worker = server.worker_for("chat", body.model)
+        worker = await server.worker_for("chat", body.model)
         messages = [{"role": message.role, "content": message.text()} for message in body.messages]
         for index, message in enumerate(messages):
             check_chars(**{f"messages[{index}].content": message["content"]})
@@ -291,6 +298,8 @@ def build_api(server: ModelServer) -> FastAPI:
         add_playground(api)
     # With a key set, the guard asks for it on every path but /healthz (and the playground's files, which hold
     # no data): /docs and /openapi.json included.
+    if config.adapters:
+        api.add_middleware(AdapterLeases)  # inside the guard: a refused request takes no lease
     api.add_middleware(GuardMiddleware, api_key=config.api_key_value(), max_body_bytes=config.max_body_bytes,
                        open_paths=OPEN_PATHS + (PLAYGROUND_PATHS if config.playground else ()))
     return api
