@@ -174,22 +174,34 @@ class LocalRayCluster:
                    "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                    f"--ray-client-server-port={self.client_port}", f"--num-cpus={num_cpus}",
                    f"--temp-dir={self.temp_dir}", "--disable-usage-stats", *self.head_ports.flags()]
-        self.head = start_group(command, self.env(), self.root / "head.log")
+        self._start_head(command)
+
+    def _start_head(self, command: list[str]) -> None:
+        log = self.root / "head.log"
+        self._head_log_offset = log.stat().st_size if log.exists() else 0  # this attempt's lines start here
+        self.head = start_group(command, self.env(), log)
+
+    def _head_started(self) -> bool:
+        """`ray start` said "Ray runtime started." in this attempt: the node registered. The dashboard answers
+        before that, and a start that then times out takes it down again."""
+        with (self.root / "head.log").open("rb") as log:
+            log.seek(self._head_log_offset)
+            return b"Ray runtime started." in log.read()
 
     def wait_for_head(self, timeout_s: float = 300, attempts: int = 3) -> None:
         """Wait until the Jobs API answers. `ray start` gives a node 30 s (fixed) to register with the GCS,
         which a machine busy with other work can miss: such a start is tried again."""
         for attempt in range(attempts):
             try:
-                _wait_for(lambda: requests.get(f"{self.dashboard_url}/api/version", headers=self.headers(),
-                                               timeout=5).status_code == 200,
+                _wait_for(lambda: self._head_started() and requests.get(
+                    f"{self.dashboard_url}/api/version", headers=self.headers(), timeout=5).status_code == 200,
                           "Ray head", timeout_s, self.head, self.root / "head.log")
                 return
             except RuntimeError as err:
                 if "timed out during startup" not in str(err) or attempt == attempts - 1:
                     raise
                 kill_group(self.head, grace_s=5)
-                self.head = start_group(self.head.args, self.env(), self.root / "head.log")
+                self._start_head(self.head.args)
 
     def add_node(self, ports: NodePorts, num_cpus: int, name: str) -> subprocess.Popen:
         """Start a worker node. It gets a temp dir of its own, as a machine of its own would: nodes sharing
