@@ -59,7 +59,8 @@ demo: $(VENV)/.installed
 
 # The suite CI runs: real local Ray, Serve over HTTP, MLflow server, Tune, a two-node cluster;
 # --durations shows where the time goes. Two pytest-xdist workers, a module per worker at a time, slowest first
-# (tests/conftest.py): 23 to 31 minutes on 2 cores (measured 2026-12-02/03), CPU-bound (2% idle; half of it is Ray Train's start-up of
+# (tests/conftest.py): 23 to 31 minutes on 2 cores (measured 2026-12-02/03; 47 min on the evening of 12-03, when the
+# machine ran ~35% slower, as did CI's run), CPU-bound (2% idle; half of it is Ray Train's start-up of
 # some 35 runs; TEST_WORKERS=0: one process, about 35 minutes). The two-node kill
 # test's old failure under two workers (blocks lost with the killed node) is fixed and has its own test
 # (tests/integration/test_data_node_loss.py). test-fast: unit tests only, no Ray (under 90 s), for use between

@@ -41,20 +41,14 @@ from raylm.serving.guard import APIError
 
 logger = logging.getLogger(__name__)
 
-def mlflow_tracking_uri() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
-
-
 _LEASES: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("raylm_adapter_leases", default=None)
 
 
 class _Loaded:
     """One version of an adapter in the base model: its slot, its worker and the requests that use it."""
 
-    def __init__(self, shared: SharedBase, reference: str, slot: str, worker: ModelWorker):
-        self.shared, self.reference, self.slot, self.worker = shared, reference, slot, worker
+    def __init__(self, shared: SharedBase, name: str, reference: str, slot: str, worker: ModelWorker):
+        self.shared, self.name, self.reference, self.slot, self.worker = shared, name, reference, slot, worker
         self.leases = 0
         self.retired = False
 
@@ -75,7 +69,7 @@ class _Loaded:
             self.leases = -1  # once
             # Off the event loop: the base's lock may be held by a forward pass on a model thread.
             asyncio.get_running_loop().run_in_executor(None, self.shared.unload, self.slot)
-            logger.info("unloaded adapter %s", self.reference)
+            logger.info("unloading adapter %s (%s)", self.name, _shown(self.reference))
 
 
 class _Adapter:
@@ -174,7 +168,7 @@ class AdapterPool:
         if cached is not None and time.monotonic() - cached[0] < self.alias_ttl_s:
             return cached[1]
         try:
-            version = await asyncio.to_thread(get_model_version, self.tracking_uri or mlflow_tracking_uri(),
+            version = await asyncio.to_thread(get_model_version, self.tracking_uri or _default_tracking_uri(),
                                               reference)
         except RegistryError as err:
             raise APIError(404, f"adapter {name!r}: {err}", "model", "model_not_found") from None
@@ -197,6 +191,16 @@ class AdapterPool:
                 shutil.rmtree(scratch, ignore_errors=True)  # the weights are in memory now
         view = self.shared.view(slot, name)
         view.parent = self.base_name
-        logger.info("loaded adapter %s (%s) into %s", name, reference if reference.startswith("models:/")
-                    else "folder", slot)
-        return _Loaded(self.shared, reference, slot, self.make_worker(view))
+        logger.info("loaded adapter %s (%s)", name, _shown(reference))
+        return _Loaded(self.shared, name, reference, slot, self.make_worker(view))
+
+
+def _shown(reference: str) -> str:
+    """A reference as logs show it: a registry URI, never a local path."""
+    return reference if reference.startswith("models:/") else "a folder"
+
+
+def _default_tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
