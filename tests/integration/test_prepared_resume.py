@@ -84,7 +84,7 @@ def test_the_corpus_spans_several_files_and_epochs(uninterrupted_and_resumed):
     steps_per_epoch = data.stats["num_train_blocks"] // 8  # 2 workers x 4 blocks per step
     assert 2 <= steps_per_epoch < RESUME_AT // 2
     # The checkpoint the second run starts from lies inside a later epoch, not at its start.
-    assert state["epoch"] >= 2 and state["batches_in_epoch"] > 0
+    assert state["epoch"] >= 2 and state["rows_in_epoch"] > 0
 
 
 def test_resume_on_prepared_parquet_repeats_the_uninterrupted_losses(uninterrupted_and_resumed):

@@ -16,7 +16,7 @@ dozen steps), so they do not depend on the demo data.
   under the same run name with 1 worker (same global batch through gradient
   accumulation): it skips the corrupt checkpoint (one byte of worker 1's part
   flipped), loads the previous one (saved by 2 FSDP workers, resharded for 1)
-  and continues at the same step and learning rate. (One
+  and continues at the same step, learning rate and rows, so with the losses of the 2-worker run. (One
   2-worker run serves both: a worker group start costs more than its training.)
 """
 
@@ -250,9 +250,9 @@ def test_one_worker_resumes_from_the_last_good_two_worker_checkpoint(fsdp_then_o
         assert after[step]["loss"] == first[step]["loss"]
     for step in range(31, MAX_STEPS + 1):  # the schedule continues where it was
         assert after[step]["lr"] == pytest.approx(first[step]["lr"], rel=1e-12)
-        # Loaded weights: the loss continues from the checkpoint's level, not from scratch.
-        # (The rows in each global batch differ between 2 and 1 workers, hence the tolerance.)
-        assert after[step]["loss"] == pytest.approx(first[step]["loss"], rel=0.05)
+        # Loaded weights, and the same rows in each global batch on 1 worker as on 2 (the run-wide sample
+        # order): the first run's losses, up to the order of the reductions (FSDP2 on 2 ranks vs 1 DDP rank).
+        assert after[step]["loss"] == pytest.approx(first[step]["loss"], rel=2e-4)
     assert after[31]["loss"] < 0.9 * first[1]["loss"]
 
 

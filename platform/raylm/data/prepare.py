@@ -320,8 +320,8 @@ def open_prepared(manifest: dict[str, Any], seed: int):
     epoch, as the demo corpus's is: Ray Data would reseed a file shuffle on each
     execution of the dataset, counting executions from zero again when a worker
     group restarts, so a resumed epoch would read its rows in another order than
-    the interrupted one. Each epoch still sees another order, from the workers'
-    local shuffle, which is seeded by the epoch (``train.loop.iterate_micro_batches``).
+    the interrupted one. Each epoch still sees another order, from the run-wide
+    windowed shuffle seeded by the epoch (``raylm.train.sample_order``).
     """
     import ray.data
     from ray.data import FileShuffleConfig

@@ -140,8 +140,9 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
     if config.use_gpu:
         resources["GPU"] = 1
     vocab_size, special_ids = _tokenizer_facts(tokenizer)
-    # Ordered, deterministic shards: a restarted worker sees the same rows in the same
-    # order, so skipping the consumed micro-batches resumes the data stream exactly.
+    # Ordered, deterministic reads: every worker reads the whole training split in the same order and
+    # takes its micro-batches of each global batch (raylm.train.sample_order), so the data position is
+    # the same on any worker count. Only the dev split is sharded.
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
     return TorchTrainer(
@@ -172,7 +173,7 @@ def build_trainer(job: JobConfig, train_dataset, dev_dataset, tokenizer, mlflow_
         ),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
         datasets={"train": train_dataset, "dev": dev_dataset},
-        dataset_config=DataConfig(execution_options=ingest),
+        dataset_config=DataConfig(datasets_to_split=["dev"], execution_options=ingest),
     )
 
 

@@ -1,7 +1,8 @@
 """The per-worker function Ray Train runs: small, and delegating to :class:`LMTrainer`.
 
-Per step it gathers ``grad_accum_steps`` micro-batches from this worker's
-shard and calls ``LMTrainer.train_step``. Every ``log_every`` steps rank 0 logs
+Per step it takes this worker's ``grad_accum_steps`` micro-batches of the
+step's global batch (:mod:`raylm.train.sample_order`: one order for the run,
+whatever the worker count) and calls ``LMTrainer.train_step``. Every ``log_every`` steps rank 0 logs
 the metrics (stdout, MLflow, and the history saved with each checkpoint);
 every ``eval_every`` steps it evaluates on the dev shard; every
 ``checkpoint_every`` steps and at the end it writes a checkpoint. On a
@@ -42,6 +43,7 @@ from raylm.train.allocator import keep_freed_memory
 from raylm.train import parallel
 from raylm.train.checkpoint import BEST_CHECKPOINT, choose_valid_checkpoint, open_checkpoint, publish_folder, read_history
 from raylm.train.metrics import ThroughputMeter, device_peak_flops
+from raylm.train.sample_order import global_steps, rows_position
 from raylm.train.tensor_parallel import check_groups_share_nodes
 from raylm.train.trainer import LMTrainer
 
@@ -108,20 +110,6 @@ def publish_best(directory: str, storage, rank: int) -> None:
         publish_folder(directory, destination, storage.filesystem, replace=False, files=False)
 
 
-def resume_position(state: dict[str, Any], world_size: int, micro_batch_size: int) -> tuple[int, int]:
-    """(epoch, micro-batches to skip in it) for this worker after a restore.
-
-    With the same worker count and micro-batch size the shards are the same, so
-    the position is exact. With a different count the same fraction of the
-    epoch is skipped: each worker's equal shard holds 1/world_size of it.
-    """
-    epoch = int(state.get("epoch", 0))
-    position = int(state.get("batches_in_epoch", 0))
-    saved_rows = position * int(state.get("world_size", world_size)) * int(state.get("micro_batch_size",
-                                                                                        micro_batch_size))
-    return epoch, round(saved_rows / (world_size * micro_batch_size))
-
-
 def host_batches(shard, batch_size: int, pin_memory: bool = False, **options) -> Iterator[dict]:
     """``shard``'s batches as CPU tensors (pinned for a CUDA worker): the trainer moves them itself.
 
@@ -132,37 +120,6 @@ def host_batches(shard, batch_size: int, pin_memory: bool = False, **options) ->
     is asynchronous.
     """
     return shard.iter_torch_batches(batch_size=batch_size, device="cpu", pin_memory=pin_memory, **options)
-
-
-def iterate_micro_batches(shard, micro_batch_size: int, seed: int, start_epoch: int,
-                          skip: int, pin_memory: bool = False) -> Iterator[tuple[int, int, dict]]:
-    """Endless micro-batches from this worker's shard, as (epoch, batches consumed in epoch, batch).
-
-    Every worker runs the same number of steps and its shard is split with
-    equal=True, so no worker waits on another at an epoch boundary. The local
-    shuffle is seeded by epoch, so a resumed worker replays the same order and
-    skips what it had already consumed.
-    """
-    epoch = start_epoch
-    while True:
-        produced = 0
-        for index, batch in enumerate(
-            host_batches(
-                shard,
-                micro_batch_size,
-                pin_memory,
-                drop_last=True,
-                local_shuffle_buffer_size=max(4 * micro_batch_size, 64),
-                local_shuffle_seed=seed + epoch,
-            )
-        ):
-            produced += 1
-            if epoch == start_epoch and index < skip:
-                continue
-            yield epoch, index + 1, batch
-        if produced == 0:
-            raise RuntimeError("the training shard of this worker is empty: use more data or fewer workers")
-        epoch += 1
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -177,8 +134,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(config.threads_per_worker)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    # First: each shard's Ray Data coordinator actor then starts in its own process while this one builds the model.
-    train_shard = ray.train.get_dataset_shard("train")
+    # First: the dev shard's Ray Data coordinator actor then starts in its own process while this one builds the model.
+    train_split = ray.train.get_dataset_shard("train")  # the whole split: see raylm.train.sample_order
     dev_shard = ray.train.get_dataset_shard("dev")
     device = ray.train.torch.get_device()
     seq_len = int(loop_config.get("seq_len") or job.data.seq_len)
@@ -213,10 +170,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _log(rank, f"{world} of up to {config.num_workers} workers: {grad_accum_steps} micro-batches per step "
                    f"keep the global batch of {config.effective_global_batch_size}")
     meter = ThroughputMeter(model_flops_per_token, device_peak_flops(config.precision, device), world)
-    epoch, position = resume_position(state, world, config.micro_batch_size)
+    epoch, position = rows_position(state)
     pin = device.type == "cuda"
-    batch_stream = iterate_micro_batches(train_shard, config.micro_batch_size, config.seed + rank, epoch, position,
-                                         pin_memory=pin)
+    step_stream = global_steps(lambda: train_split.iter_batches(batch_size=None, batch_format="numpy"),
+                               rank=rank, world=world, micro_batch_size=config.micro_batch_size,
+                               grad_accum_steps=grad_accum_steps, seed=config.seed, start_epoch=epoch,
+                               start_row=position, pin_memory=pin)
 
     def dev_batches():
         # Equal shards and the same batch size give every worker the same number of
@@ -227,10 +186,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             yield batch
 
     while trainer.step < config.max_steps:
-        micro_batches = []
-        for _ in range(grad_accum_steps):
-            epoch, position, batch = next(batch_stream)
-            micro_batches.append(batch)
+        epoch, position, micro_batches = next(step_stream)
         step = trainer.step + 1
         is_last = step >= config.max_steps
         should_log = step % config.log_every == 0 or is_last
@@ -250,6 +206,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "grad_norm": step_metrics["grad_norm"],
             "skipped_steps": step_metrics["skipped_steps"],
             "resumed_from_step": resumed_from_step,
+            "workers": world,  # changes in an elastic run
             "tokens_seen": tokens_seen,
             "flops_seen": float(model_flops_per_token) * tokens_seen,
             **meter.read(),
@@ -283,7 +240,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="raylm-ckpt-") as directory:
             trainer.save_checkpoint(
                 Path(directory),
-                {"epoch": epoch, "batches_in_epoch": position, "micro_batch_size": config.micro_batch_size,
+                {"epoch": epoch, "rows_in_epoch": position, "micro_batch_size": config.micro_batch_size,
                  "eval_loss": eval_loss, "best_eval_loss": best_eval_loss, "tokens_seen": tokens_seen,
                  "best_metric": best_metric, "best_value": best_value, best_metric: value,
                  "evaluations": evaluations, "time": time.time(),
