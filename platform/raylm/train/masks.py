@@ -42,3 +42,15 @@ def packed_attention_mask(model: torch.nn.Module, position_ids: torch.Tensor | N
     if attention_implementation(model) != "sdpa":
         return None
     return packed_causal_mask(position_ids)
+
+
+def single_documents(position_ids: torch.Tensor | None) -> bool:
+    """Whether every row of a (batch, seq) host tensor is one document counted from position 0.
+
+    Such rows need no document mask: the plain causal mask, and the positions a
+    model uses when given none. Meant for the host copy of a batch (on a GPU
+    tensor the answer would be a device sync).
+    """
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] == 0:
+        return False
+    return not bool(position_ids[:, 0].any()) and bool((torch.diff(position_ids, dim=-1) == 1).all())

@@ -39,7 +39,7 @@ from raylm.train import parallel
 from raylm.train.checkpoint import HISTORY_FILE, STATE_FILE, capture_rng_state, file_entries, restore_rng_state, \
     write_manifest
 from raylm.train.dcp import DCP_DIR, MissingStateError, is_sharded_checkpoint, load_sharded, save_sharded
-from raylm.train.masks import packed_attention_mask
+from raylm.train.masks import packed_attention_mask, single_documents
 from raylm.train.optim import build_optimizer, clip_grad_norm, lr_lambda
 from raylm.train.tensor_parallel import build_mesh, gather_rows
 
@@ -169,6 +169,11 @@ class LMTrainer:
                 for key in ("input_ids", "attention_mask", "token_type_ids"):
                     if key in tensors and tensors[key].dim() == 2:
                         tensors[key] = tensors[key][:, first:end]
+        if self.task == "causal_lm" and self.mesh is None and not self.config.compile \
+                and single_documents(tensors.get("position_ids")):
+            # Rows of one document each need no document mask: without position ids SDPA runs its causal
+            # kernel (is_causal), cheaper than a (seq x seq) mask. Checked here, on the host copy: no device sync.
+            del tensors["position_ids"]
         tensors = {key: value.to(self.device, dtype=torch.long, non_blocking=True) for key, value in tensors.items()}
         return gather_rows(tensors, self.mesh["tp"].get_group()) if self.mesh is not None else tensors
 
